@@ -1,0 +1,223 @@
+"""The driver: the Python API behind every CLI verb.
+
+Each function takes a frozen options dataclass (or plain arguments), does the work, and
+returns a summary dict; the CLI only parses options and prints. User mistakes raise
+``SparseccError`` with one sentence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from compiler import __version__
+from compiler.onnx_io import load_model
+from compiler.pipeline import run_onnx_phases
+from compiler.progress import SILENT, Progress
+from runtime.artifact import Manifest, TensorSpec, WeightSpec, read_manifest, staging_dir, write_artifact
+from runtime.errors import SparseccError
+
+# The ONNX element types a compiled model can take as inputs.
+ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
+               onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BOOL: "bool"}
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """What ``sparsecc compile`` does.
+
+    Attributes:
+        model: path of the ONNX model.
+        output: the artifact folder to write (``NAME.sccx``).
+        target: ``cpu``, ``cuda`` or ``neuro:<chip>``.
+        shapes: sizes for symbolic input dimensions, ``{input name: [dims]}``.
+        dump_dir: where to write the model after every phase, or None.
+        explain: collect one line per decision the passes and the target made.
+    """
+
+    model: str
+    output: str
+    target: str = "cpu"
+    shapes: dict = field(default_factory=dict)
+    dump_dir: str | None = None
+    explain: bool = False
+
+
+def parse_shape(text: str) -> tuple[str, list[int]]:
+    """Parses ``NAME=D0,D1,...`` (as given to ``--shape``)."""
+    name, sep, dims = text.partition("=")
+    try:
+        shape = [int(d) for d in dims.split(",")]
+    except ValueError:
+        shape = []
+    if not sep or not name or not shape or any(d < 1 for d in shape):
+        raise SparseccError(f"--shape {text!r} is not of the form NAME=D0,D1,... with positive sizes.")
+    return name, shape
+
+
+def input_signature(model: onnx.ModelProto, overrides: dict[str, list[int]]) -> list[TensorSpec]:
+    """The model's real inputs (not initializers) with concrete shapes."""
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [value for value in model.graph.input if value.name not in initializers]
+    known = {value.name for value in inputs}
+    for name in overrides:
+        if name not in known:
+            raise SparseccError(f"--shape names {name!r}, but the model's inputs are {', '.join(sorted(known))}.")
+    specs = []
+    for value in inputs:
+        tensor_type = value.type.tensor_type
+        dtype = ONNX_DTYPES.get(tensor_type.elem_type)
+        if dtype is None:
+            raise SparseccError(f"input {value.name!r} has an element type sparsecc cannot compile ({onnx.TensorProto.DataType.Name(tensor_type.elem_type)}).")
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim]
+        if value.name in overrides:
+            shape = overrides[value.name]
+            if len(shape) != len(dims) or any(isinstance(d, int) and d != s for d, s in zip(dims, shape)):
+                raise SparseccError(f"--shape {value.name}={','.join(map(str, shape))} does not fit the model's shape {dims}.")
+        else:
+            symbolic = [d for d in dims if not isinstance(d, int)]
+            if symbolic:
+                raise SparseccError(
+                    f"input {value.name!r} has symbolic dimensions {symbolic}; give sizes with "
+                    f"--shape {value.name}={','.join(str(d) if isinstance(d, int) else 'N' for d in dims)}."
+                )
+            shape = dims
+        specs.append(TensorSpec(value.name, tuple(shape), dtype))
+    return specs
+
+
+def output_signature(model: onnx.ModelProto) -> list[TensorSpec]:
+    specs = []
+    for value in model.graph.output:
+        tensor_type = value.type.tensor_type
+        dims = [d.dim_value for d in tensor_type.shape.dim]
+        specs.append(TensorSpec(value.name, tuple(dims), ONNX_DTYPES.get(tensor_type.elem_type, "float32")))
+    return specs
+
+
+def compile_model(options: CompileOptions, progress: Progress = SILENT) -> dict:
+    """Compiles an ONNX model into an artifact folder; returns a summary.
+
+    Nothing is written at ``options.output`` unless the whole build succeeds.
+    """
+    from passes.analyze_sparsity import analyze_sparsity
+    from targets import get_target
+
+    target = get_target(options.target)
+    start = time.perf_counter()
+    with progress.step(f"loading {options.model}"):
+        model = load_model(options.model)
+    inputs = input_signature(model, options.shapes)
+    from targets.cpu.lower import unsupported_ops
+
+    missing = unsupported_ops(model)
+    if missing:
+        raise SparseccError(f"{options.model} uses ops sparsecc cannot compile: {', '.join(missing)}.")
+
+    dump_dir = Path(options.dump_dir) if options.dump_dir else None
+    if dump_dir is not None:
+        dump_dir.mkdir(parents=True, exist_ok=True)
+    explanations: list[str] = []
+    model = run_onnx_phases(model, {spec.name: list(spec.shape) for spec in inputs}, progress, dump_dir, explanations)
+    report = analyze_sparsity(model)
+    outputs = output_signature(model)
+
+    def dump(name: str, text: str) -> None:
+        if dump_dir is not None:
+            (dump_dir / name).write_text(text)
+
+    with progress.step(f"legalizing for {options.target}"):
+        model, weights, target_notes = target.legalize(model)
+    explanations.extend(target_notes)
+    with progress.step("importing into TVM Relax"):
+        lowered = target.lower(model, weights, {spec.name: list(spec.shape) for spec in inputs}, dump)
+    staging = staging_dir(options.output)
+    try:
+        with progress.step("building with TVM"):
+            built = target.build(lowered, staging, dump)
+        manifest = Manifest(
+            sparsecc_version=__version__,
+            target=built["target"],
+            inputs=inputs,
+            outputs=outputs,
+            weights=[WeightSpec.from_dict(entry) for entry in built["weights"]],
+            files={},
+            library=built["library"],
+            weights_file=built["weights_file"],
+            summary={
+                "source": os.path.abspath(options.model),
+                "linear_layers": len(report.layers),
+                "weight_sparsity": report.sparsity,
+                "compile_seconds": time.perf_counter() - start,
+            },
+        )
+        write_artifact(options.output, manifest, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {
+        "artifact": str(options.output),
+        "seconds": time.perf_counter() - start,
+        "weight_sparsity": report.sparsity,
+        "artifact_bytes": artifact_bytes(options.output),
+        "explanations": explanations if options.explain else [],
+    }
+
+
+def artifact_bytes(path: str | os.PathLike) -> int:
+    return sum(entry.stat().st_size for entry in Path(path).iterdir() if entry.is_file())
+
+
+def inspect(path: str) -> dict:
+    """Sparsity of an ONNX model's linear layers, or an artifact's manifest summary."""
+    from passes.analyze_sparsity import analyze_sparsity
+
+    if Path(path).is_dir():
+        manifest = read_manifest(path)
+        return {"kind": "artifact", "path": path, "manifest": manifest.to_dict(), "bytes": artifact_bytes(path)}
+    report = analyze_sparsity(load_model(path))
+    return {"kind": "onnx", "path": path, **report.to_dict()}
+
+
+def load_inputs(specs: list[str]) -> dict[str, np.ndarray]:
+    """Reads ``NAME=FILE.npy`` pairs into arrays."""
+    inputs = {}
+    for text in specs:
+        name, sep, file = text.partition("=")
+        if not sep or not name or not file:
+            raise SparseccError(f"--input {text!r} is not of the form NAME=FILE.npy.")
+        if not os.path.isfile(file):
+            raise SparseccError(f"{file}: no such file.")
+        try:
+            inputs[name] = np.load(file, allow_pickle=False)
+        except Exception as exc:
+            raise SparseccError(f"{file} is not a .npy array file ({exc.__class__.__name__}).") from None
+        if not isinstance(inputs[name], np.ndarray):
+            raise SparseccError(f"{file} holds several arrays; give one .npy file per input.")
+    return inputs
+
+
+def save_outputs(outputs: dict[str, np.ndarray], path: str) -> None:
+    """Writes outputs to an .npz file atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.partial.npz")
+    np.savez(temporary, **outputs)
+    os.replace(temporary, path)
+
+
+def run(artifact: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Runs an artifact on arrays (the Python API is ``runtime.load(path).run``)."""
+    import runtime
+
+    return runtime.load(artifact).run(inputs)
+
+
+def manifest_json(manifest: Manifest) -> str:
+    return json.dumps(manifest.to_dict(), indent=2)

@@ -1,0 +1,34 @@
+"""Fix the input shapes and fold the shape arithmetic around them.
+
+Graphs from ``torch.onnx.export(dynamo=True)`` compute reshape targets from the runtime
+shape (``Shape -> Gather -> Concat -> Reshape``). TVM's importer cannot follow those
+chains (notes/tvm-0.27.md, section 7), so the inputs get their concrete shapes and onnxslim
+folds every subgraph that is constant once they are known (shape chains, transposes of
+initializers).
+
+Precondition: every symbolic input dimension has a value in ``input_shapes``.
+Postcondition: same function on inputs of those shapes; no shape arithmetic left that
+depends only on static shapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import onnx
+
+from passes.base import PassResult
+
+
+def simplify_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> PassResult:
+    """Fixes ``input_shapes`` and constant-folds the model with onnxslim."""
+    import onnxslim
+
+    before = len(model.graph.node)
+    spec = [f"{name}:{','.join(str(d) for d in shape)}" for name, shape in input_shapes.items()]
+    # onnxslim prints a summary table to stdout; the driver reports progress itself.
+    with contextlib.redirect_stdout(io.StringIO()):
+        slimmed = onnxslim.slim(model, input_shapes=spec, no_shape_infer=False)
+    after = len(slimmed.graph.node)
+    return PassResult(slimmed, True, [f"simplify_shapes: {before} -> {after} nodes with inputs {', '.join(spec)}."])

@@ -1,0 +1,181 @@
+"""The artifact: a folder ``NAME.sccx/`` with a manifest, a compiled library and weights.
+
+The manifest is a few dataclasses with ``to_dict`` / ``from_dict``; this module is the only
+place that reads or writes them. Reading checks everything a damaged or foreign artifact
+could get wrong (format, version, the sha256 of every file) before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from runtime.errors import SparseccError
+
+FORMAT = "sparsecc-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A named tensor of fixed shape and dtype (an input, output or weight)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TensorSpec":
+        return cls(str(data["name"]), tuple(int(d) for d in data["shape"]), str(data["dtype"]))
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """A weight stored at ``offset`` in the weights file, passed to the library in order."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    offset: int
+    nbytes: int
+    source: str = ""  # the ONNX initializer it came from, for people reading the manifest
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "WeightSpec":
+        return cls(
+            str(data["name"]), tuple(int(d) for d in data["shape"]), str(data["dtype"]),
+            int(data["offset"]), int(data["nbytes"]), str(data.get("source", "")),
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything needed to check and run an artifact."""
+
+    sparsecc_version: str
+    target: dict
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    weights: list[WeightSpec]
+    files: dict[str, str]  # file name -> sha256
+    library: str = "model.so"
+    weights_file: str = "weights.bin"
+    summary: dict = field(default_factory=dict)
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        return {
+            "format": self.format,
+            "format_version": self.format_version,
+            "sparsecc_version": self.sparsecc_version,
+            "target": self.target,
+            "library": self.library,
+            "weights_file": self.weights_file,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "weights": [w.to_dict() for w in self.weights],
+            "files": self.files,
+            "summary": self.summary,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Manifest":
+        return cls(
+            sparsecc_version=str(data["sparsecc_version"]),
+            target=dict(data["target"]),
+            inputs=[TensorSpec.from_dict(t) for t in data["inputs"]],
+            outputs=[TensorSpec.from_dict(t) for t in data["outputs"]],
+            weights=[WeightSpec.from_dict(w) for w in data["weights"]],
+            files={str(k): str(v) for k, v in data["files"].items()},
+            library=str(data.get("library", "model.so")),
+            weights_file=str(data.get("weights_file", "weights.bin")),
+            summary=dict(data.get("summary", {})),
+            format=str(data["format"]),
+            format_version=int(data["format_version"]),
+        )
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(path: str | os.PathLike, verify: bool = True) -> Manifest:
+    """Reads and checks an artifact's manifest (and, with ``verify``, every file's sha256).
+
+    Raises:
+        SparseccError: when the folder is missing, not an artifact, of a newer format, or
+            any file is missing or differs from its recorded hash.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SparseccError(f"{path}: no such artifact.")
+    if not path.is_dir():
+        raise SparseccError(f"{path} is not a sparsecc artifact (expected a folder NAME.sccx/ with {MANIFEST}).")
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        raise SparseccError(f"{path} is not a sparsecc artifact (it has no {MANIFEST}).")
+    try:
+        data = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SparseccError(f"{manifest_path} is corrupt ({exc.__class__.__name__}: {exc}).") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise SparseccError(f"{path} is not a sparsecc artifact (its manifest has format {data.get('format') if isinstance(data, dict) else None!r}).")
+    version = data.get("format_version")
+    if not isinstance(version, int):
+        raise SparseccError(f"{manifest_path} is corrupt (format_version is {version!r}).")
+    if version > FORMAT_VERSION:
+        raise SparseccError(
+            f"{path} uses artifact format {version}, newer than the {FORMAT_VERSION} this sparsecc reads; upgrade sparsecc."
+        )
+    try:
+        manifest = Manifest.from_dict(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SparseccError(f"{manifest_path} is corrupt (bad or missing field {exc}).") from None
+    if verify:
+        for name, expected in manifest.files.items():
+            file_path = path / name
+            if not file_path.is_file():
+                raise SparseccError(f"{path} is incomplete: {name} is missing.")
+            if sha256_file(file_path) != expected:
+                raise SparseccError(f"{path} is corrupt: {name} does not match its sha256 in the manifest.")
+    return manifest
+
+
+def write_artifact(path: str | os.PathLike, manifest: Manifest, staged: Path) -> None:
+    """Finishes an artifact staged in ``staged``: hashes its files, writes the manifest and
+    moves the folder to ``path`` in one rename, replacing an older artifact there."""
+    path = Path(path)
+    files = {
+        entry.name: sha256_file(entry) for entry in sorted(staged.iterdir()) if entry.is_file() and entry.name != MANIFEST
+    }
+    final = Manifest(**{**manifest.__dict__, "files": files})
+    (staged / MANIFEST).write_text(json.dumps(final.to_dict(), indent=2) + "\n")
+    if path.exists():
+        if not (path / MANIFEST).exists() and any(path.iterdir()):
+            raise SparseccError(f"{path} exists and is not a sparsecc artifact; refusing to replace it.")
+        shutil.rmtree(path)
+    os.replace(staged, path)
+
+
+def staging_dir(path: str | os.PathLike) -> Path:
+    """A fresh folder beside ``path`` to build an artifact in before it is renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))

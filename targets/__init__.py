@@ -1,0 +1,39 @@
+"""Compilation targets, found by name in one table.
+
+Every target package exposes the same functions (see ``targets.base.Target``); a new target
+is a new folder plus one row here.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from runtime.errors import SparseccError
+
+# name -> (package, built). Targets not yet built are listed so that users get an
+# honest "not built yet" instead of "unknown target".
+TARGETS = {
+    "cpu": ("targets.cpu", True),
+    "cuda": ("targets.cuda", False),
+    "neuro": ("targets.neuro", False),
+}
+
+
+def target_names() -> list[str]:
+    return ["cpu", "cuda", "neuro:<chip>"]
+
+
+def get_target(spec: str):
+    """Returns the target for ``spec`` (``cpu``, ``cuda``, ``neuro:<chip>``).
+
+    Raises:
+        SparseccError: for an unknown name (listing the choices) or a target not built yet.
+    """
+    name, _, option = spec.partition(":")
+    if name not in TARGETS or (name == "neuro") != bool(option):
+        raise SparseccError(f"unknown target {spec!r}; choose one of {', '.join(target_names())}.")
+    package, built = TARGETS[name]
+    if not built:
+        raise SparseccError(f"target {spec!r} is not built yet; only 'cpu' compiles today (see the README's feature table).")
+    module = importlib.import_module(package)
+    return module.make_target(option) if option else module.make_target()

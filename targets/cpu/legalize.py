@@ -1,0 +1,128 @@
+"""CPU legalisation: linear layers become panel-packed matmuls; weights leave the graph.
+
+Math: ``y = x @ W`` (``MatMul``) and ``y = x @ op(B) + C`` (``Gemm`` with alpha = beta = 1)
+with a constant 2-D weight become ``y = PanelMatMul(x, pack(W)) [+ C]`` in the private
+domain ``ai.sparsecc.cpu``, where ``pack`` is the CPU kernel's weight layout
+(``targets.cpu.kernels.pack_dense_weight``). The op only exists between this pass and the
+TVM import; it never appears in a model a user sees.
+
+Every packed weight, and every other floating-point initializer of at least
+``LIFT_MIN_BYTES``, is moved from the initializers to the graph inputs so that it is stored
+in the artifact's weights file and passed to the library at run time, not compiled into
+the library (which would make LLVM build a 500 MB object for SmolLM2).
+
+Precondition: input shapes fixed and constants folded (``compiler.simplify``).
+Postcondition: the graph's inputs are the user's inputs followed by the lifted weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from passes.base import Graph, node_label, remove_unused_initializers
+from targets.cpu import kernels
+
+DOMAIN = "ai.sparsecc.cpu"
+PANEL_MATMUL = "PanelMatMul"
+LIFT_MIN_BYTES = 64 * 1024
+
+
+def _gemm_weight(node: onnx.NodeProto, graph: Graph) -> tuple[np.ndarray, str] | str:
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+        return "alpha or beta is not 1"
+    if attrs.get("transA", 0):
+        return "transA is set"
+    weight = graph.constant(node.input[1])
+    if weight is None:
+        return graph.why_not_constant(node.input[1])
+    return (weight.T if attrs.get("transB", 0) else weight), node.input[1]
+
+
+def _linear_weight(node: onnx.NodeProto, graph: Graph) -> tuple[np.ndarray, str] | str:
+    """The [K, N] fp32 weight of a linear node, or why it is not packable."""
+    if node.op_type == "Gemm":
+        found = _gemm_weight(node, graph)
+    else:
+        weight = graph.constant(node.input[1])
+        found = (weight, node.input[1]) if weight is not None else graph.why_not_constant(node.input[1])
+    if isinstance(found, str):
+        return found
+    weight, name = found
+    if weight.ndim != 2:
+        return f"weight {name} is {weight.ndim}-D, not a matrix"
+    if weight.dtype != np.float32:
+        return f"weight {name} is {weight.dtype}; the CPU kernels take float32"
+    return found
+
+
+def legalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, np.ndarray, str]], list[str]]:
+    """Rewrites linear layers to ``PanelMatMul`` and lifts weights to graph inputs.
+
+    Returns:
+        The rewritten model, the lifted weights as (input name, array, source name) in
+        graph-input order, and one explanation per linear layer.
+    """
+    graph = Graph(model.graph)
+    explanations: list[str] = []
+    weights: list[tuple[str, np.ndarray, str]] = []
+    packed_names: dict[tuple[str, bool], str] = {}
+    new_nodes: list[onnx.NodeProto] = []
+
+    def lift(array: np.ndarray, source: str) -> str:
+        name = f"w{len(weights)}"
+        weights.append((name, np.ascontiguousarray(array), source))
+        model.graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype), list(array.shape)))
+        return name
+
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+            new_nodes.append(node)
+            continue
+        found = _linear_weight(node, graph)
+        if isinstance(found, str):
+            explanations.append(f"cpu: {node_label(node)} stays a TVM matmul: {found}.")
+            new_nodes.append(node)
+            continue
+        weight, source = found
+        k, n = weight.shape
+        key = (source, node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute))
+        if key not in packed_names:
+            packed_names[key] = lift(kernels.pack_dense_weight(weight), source)
+        output = node.output[0]
+        has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
+        matmul_out = output + "_panel" if has_bias else output
+        new_nodes.append(
+            helper.make_node(PANEL_MATMUL, [node.input[0], packed_names[key]], [matmul_out],
+                             name=(node.name or output) + "_panel", domain=DOMAIN, k=int(k), n=int(n))
+        )
+        if has_bias:
+            new_nodes.append(helper.make_node("Add", [matmul_out, node.input[2]], [output], name=(node.name or output) + "_bias"))
+        explanations.append(f"cpu: {node_label(node)} [{k}x{n}] -> panel-packed dense kernel.")
+
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    remove_unused_initializers(model.graph)
+
+    # Large constants that are not matmul weights (embedding tables, position tables)
+    # are lifted too, so the library stays small.
+    lifted: dict[str, str] = {}
+    keep = []
+    for init in model.graph.initializer:
+        is_float = init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+        size = int(np.prod(init.dims)) * (4 if init.data_type == onnx.TensorProto.FLOAT else 2)
+        if is_float and size >= LIFT_MIN_BYTES:
+            lifted[init.name] = lift(numpy_helper.to_array(init), init.name)
+        else:
+            keep.append(init)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            if name in lifted:
+                node.input[index] = lifted[name]
+    if not any(opset.domain == DOMAIN for opset in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return model, weights, explanations

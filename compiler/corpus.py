@@ -1,0 +1,10 @@
+"""Built-in text: Python's own documentation topics, always installed with CPython."""
+
+from __future__ import annotations
+
+
+def pydoc_text() -> str:
+    """The text of ``pydoc_data.topics`` (about 750 KB of English technical prose)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))

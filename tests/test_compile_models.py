@@ -1,0 +1,73 @@
+"""Compile-and-run against onnxruntime on the original (masked) ONNX model.
+
+Tolerance: our kernels sum in a different order than onnxruntime's MLAS, so float32
+results differ by rounding only. Logits of these models are O(1); 1e-4 absolute
+(about 100 ulp at that scale) allows for reordered sums over K <= 256 and nothing more.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import runtime
+from conftest import onnxruntime_reference
+
+ABSOLUTE_TOLERANCE = 1e-4
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-opt"])
+@pytest.mark.parametrize("prune", [0.0, 0.5])
+def test_tiny_models_match_onnxruntime(name, prune, exported, compiled, token_ids):
+    reference = onnxruntime_reference(exported(name, prune), {"input_ids": token_ids})[0]
+    ours = runtime.load(compiled(name, prune)).run({"input_ids": token_ids})["logits"]
+    assert ours.shape == reference.shape
+    np.testing.assert_allclose(ours, reference, atol=ABSOLUTE_TOLERANCE, rtol=0)
+
+
+def test_pruned_artifact_records_its_sparsity(compiled):
+    manifest = runtime.load(compiled("tiny-llama", 0.5)).manifest
+    # 12 of 15 linear layers are pruned to 50 %; the output projection stays dense.
+    assert 0.3 < manifest.summary["weight_sparsity"] < 0.5
+
+
+def _pruned_mlp():
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 200), torch.nn.GELU(), torch.nn.Linear(200, 10)
+    ).eval()
+    for layer in (mlp[0], mlp[2], mlp[4]):
+        prune.l1_unstructured(layer, "weight", amount=0.7)
+    return mlp
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_torch_pruned_mlp_matches_onnxruntime(tmp_path, batch):
+    from compiler.driver import CompileOptions, compile_model
+    from compiler.export import export_torch
+
+    mlp = _pruned_mlp()
+    x = torch.randn(batch, 64)
+    path = tmp_path / "mlp.onnx"
+    export_torch(mlp, path, (x,), ["x"], ["y"])
+    summary = compile_model(CompileOptions(str(path), str(tmp_path / "mlp.sccx")))
+    assert summary["weight_sparsity"] == pytest.approx(0.7, abs=0.01)
+    feeds = {"x": np.random.default_rng(1).standard_normal((batch, 64)).astype(np.float32)}
+    reference = onnxruntime_reference(path, feeds)[0]
+    ours = runtime.load(tmp_path / "mlp.sccx").run(feeds)["y"]
+    np.testing.assert_allclose(ours, reference, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        np.testing.assert_allclose(ours, mlp(torch.from_numpy(feeds["x"])).numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_dynamic_export_compiles_with_given_shapes(tmp_path, token_ids):
+    from compiler.driver import CompileOptions, compile_model
+    from compiler.export import ExportOptions, export
+
+    path = tmp_path / "dyn.onnx"
+    export(ExportOptions("tiny-llama", str(path), dynamic=True), progress=lambda *_: None)
+    compile_model(CompileOptions(str(path), str(tmp_path / "dyn.sccx"), shapes={"input_ids": [1, 16]}))
+    reference = onnxruntime_reference(path, {"input_ids": token_ids})[0]
+    ours = runtime.load(tmp_path / "dyn.sccx").run({"input_ids": token_ids})["logits"]
+    np.testing.assert_allclose(ours, reference, atol=ABSOLUTE_TOLERANCE, rtol=0)

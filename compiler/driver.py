@@ -115,9 +115,7 @@ def compile_model(options: CompileOptions, progress: Progress = SILENT) -> dict:
     with progress.step(f"loading {options.model}"):
         model = load_model(options.model)
     inputs = input_signature(model, options.shapes)
-    from targets.cpu.lower import unsupported_ops
-
-    missing = unsupported_ops(model)
+    missing = target.unsupported_ops(model)
     if missing:
         raise SparseccError(f"{options.model} uses ops sparsecc cannot compile: {', '.join(missing)}.")
 

@@ -155,6 +155,7 @@ def load_torch_model(source: str, seed: int = 0, progress: Callable[[str], None]
     import transformers
 
     resolved = resolve_source(source, progress)
+    transformers.utils.logging.disable_progress_bar()
     if isinstance(resolved, str):
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(_tiny_config(resolved))

@@ -29,6 +29,9 @@ class Lowered:
 class Target(Protocol):
     name: str
 
+    def unsupported_ops(self, model: onnx.ModelProto) -> list[str]:
+        """Op types in ``model`` this target cannot compile, sorted, each once."""
+
     def legalize(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, np.ndarray, str]], list[str]]:
         """Target-specific ONNX rewrites; returns the model, the weights lifted out of it,
         and explanations."""

@@ -77,4 +77,10 @@ def import_onnx(model: onnx.ModelProto, input_shapes: dict[str, list[int]], inpu
     if missing:
         raise SparseccError(f"the model uses ops sparsecc cannot compile: {', '.join(missing)}.")
     with _custom_converters():
-        return from_onnx(model, shape_dict=input_shapes, dtype_dict=input_dtypes, sanitize_input_names=False)
+        try:
+            return from_onnx(model, shape_dict=input_shapes, dtype_dict=input_dtypes, sanitize_input_names=False)
+        except SparseccError:
+            raise
+        except Exception as exc:  # the importer's errors are many types; the message matters
+            detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise SparseccError(f"TVM cannot import this model: {detail[:300]}") from None

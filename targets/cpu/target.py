@@ -50,6 +50,11 @@ class CpuTarget:
 
     name = "cpu"
 
+    def unsupported_ops(self, model: onnx.ModelProto) -> list[str]:
+        from targets.cpu.lower import unsupported_ops
+
+        return unsupported_ops(model)
+
     def legalize(self, model: onnx.ModelProto):
         return cpu_legalize.legalize(model)
 

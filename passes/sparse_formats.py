@@ -7,7 +7,8 @@ by output row (``N`` rows of length ``K``), so a kernel computes each output fro
 - ``csr``: values plus one column index per nonzero (int16 when ``K < 32768``, else int32)
   plus ``N + 1`` int32 row pointers.
 - ``bsr RxC``: each stored block holds ``R x C`` values and one index; ``N / R + 1`` pointers.
-- ``bitmask``: one bit per element plus the nonzero values.
+- ``bitmask``: one bit per element (rows padded to whole bytes), the nonzero values, and
+  ``N + 1`` int32 row offsets into the values.
 
 At batch 1 a matmul is memory-bound, so the predicted speedup over dense is
 ``bytes(dense) / bytes(format)``; the format with the fewest bytes wins.
@@ -45,11 +46,11 @@ def csr_bytes(k: int, n: int, nnz: int) -> int:
 
 def bsr_bytes(k: int, n: int, block: tuple[int, int], nonzero_blocks: int) -> int:
     rows, cols = block
-    return nonzero_blocks * (rows * cols * VALUE_BYTES + index_bytes(k // cols)) + (n // rows + 1) * POINTER_BYTES
+    return nonzero_blocks * (rows * cols * VALUE_BYTES + index_bytes(-(-k // cols))) + (-(-n // rows) + 1) * POINTER_BYTES
 
 
 def bitmask_bytes(k: int, n: int, nnz: int) -> int:
-    return (k * n + 7) // 8 + nnz * VALUE_BYTES
+    return n * ((k + 7) // 8) + nnz * VALUE_BYTES + (n + 1) * POINTER_BYTES
 
 
 def nonzero_blocks(weight_t: np.ndarray, block: tuple[int, int]) -> int | None:
@@ -117,3 +118,84 @@ def choose_format(weight: np.ndarray) -> FormatChoice:
         dense_bytes=candidates["dense"],
         candidates=candidates,
     )
+
+
+# --- Encoding and decoding -------------------------------------------------------------
+#
+# Every format stores W^T ([N, K]) by output row; the arrays are what SparseMatMul takes
+# after X, in this order:
+#
+#   dense    weight [K, N] float32
+#   csr      indptr int32 [N + 1], indices int16|int32 [nnz] (k), values float32 [nnz]
+#   bsr      indptr int32 [ceil(N / R) + 1], indices int16|int32 [nnzb] (k // C),
+#            values float32 [nnzb, R, C]; W^T is zero-padded to whole blocks
+#   bitmask  bits uint8 [N, ceil(K / 8)] (bit b of byte j is k = 8 j + b),
+#            row_offsets int32 [N + 1], values float32 [nnz] (row-major order of W^T)
+
+FORMATS = ("dense", "csr", "bsr", "bitmask")
+
+
+def index_dtype(extent: int) -> np.dtype:
+    return np.dtype(np.int16) if index_bytes(extent) == 2 else np.dtype(np.int32)
+
+
+def encode(weight: np.ndarray, format: str, block: tuple[int, int] | None = None) -> list[np.ndarray]:
+    """Encodes a [K, N] weight in ``format``; returns the arrays in SparseMatMul order."""
+    k, n = weight.shape
+    if format == "dense":
+        return [np.ascontiguousarray(weight)]
+    weight_t = np.ascontiguousarray(weight.T)
+    if format == "csr":
+        rows, cols = np.nonzero(weight_t)
+        indptr = np.zeros(n + 1, dtype=np.int32)
+        np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
+        return [indptr, cols.astype(index_dtype(k)), weight_t[rows, cols].astype(weight.dtype)]
+    if format == "bsr":
+        if block is None:
+            raise ValueError("bsr needs a block shape")
+        r, c = block
+        padded = np.zeros((-(-n // r) * r, -(-k // c) * c), dtype=weight.dtype)
+        padded[:n, :k] = weight_t
+        tiles = padded.reshape(padded.shape[0] // r, r, padded.shape[1] // c, c).transpose(0, 2, 1, 3)
+        present = tiles.any(axis=(2, 3))
+        block_rows, block_cols = np.nonzero(present)
+        indptr = np.zeros(padded.shape[0] // r + 1, dtype=np.int32)
+        np.cumsum(np.bincount(block_rows, minlength=padded.shape[0] // r), out=indptr[1:])
+        values = np.ascontiguousarray(tiles[block_rows, block_cols])
+        return [indptr, block_cols.astype(index_dtype(padded.shape[1] // c)), values.reshape(-1, r, c)]
+    if format == "bitmask":
+        mask = weight_t != 0
+        bits = np.packbits(mask, axis=1, bitorder="little")
+        row_offsets = np.zeros(n + 1, dtype=np.int32)
+        np.cumsum(mask.sum(axis=1), out=row_offsets[1:])
+        return [bits, row_offsets, weight_t[mask].astype(weight.dtype)]
+    raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+
+
+def decode(arrays: list[np.ndarray], format: str, shape: tuple[int, int],
+           block: tuple[int, int] | None = None) -> np.ndarray:
+    """Rebuilds the dense [K, N] weight from ``encode``'s arrays."""
+    k, n = shape
+    if format == "dense":
+        return arrays[0].copy()
+    if format == "csr":
+        indptr, indices, values = arrays
+        weight_t = np.zeros((n, k), dtype=values.dtype)
+        rows = np.repeat(np.arange(n), np.diff(indptr))
+        weight_t[rows, indices.astype(np.int64)] = values
+        return weight_t.T.copy()
+    if format == "bsr":
+        r, c = block
+        indptr, indices, values = arrays
+        block_rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+        padded = np.zeros((len(indptr) - 1, -(-k // c), r, c), dtype=values.dtype)
+        padded[block_rows, indices.astype(np.int64)] = values
+        weight_t = padded.transpose(0, 2, 1, 3).reshape((len(indptr) - 1) * r, -1)
+        return weight_t[:n, :k].T.copy()
+    if format == "bitmask":
+        bits, _, values = arrays
+        mask = np.unpackbits(bits, axis=1, count=k, bitorder="little").astype(bool)
+        weight_t = np.zeros((n, k), dtype=values.dtype)
+        weight_t[mask] = values
+        return weight_t.T.copy()
+    raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")

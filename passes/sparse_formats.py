@@ -78,6 +78,47 @@ class FormatChoice:
         return self.dense_bytes / self.bytes
 
 
+# Bytes per second each kernel streams relative to the dense kernel (1.0 = as fast per byte).
+# Gathers and bit tests cost instructions that the dense kernel does not spend, so a
+# format must save more bytes than its inefficiency costs. Figures from
+# `sparsecc bench kernels` on the development machine (README, "Measured figures").
+KERNEL_EFFICIENCY = {"dense": 1.0, "csr": 0.75, "bsr": 0.95, "bitmask": 0.5}
+
+# A sparse kernel replaces the dense one only when predicted at least this much faster;
+# below it the prediction is within the noise of the measurements behind it.
+MIN_PREDICTED_SPEEDUP = 1.1
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What ``dense_to_sparse`` does with one weight, and why."""
+
+    format: str
+    block: tuple[int, int] | None
+    predicted_speedup: float
+    candidates: dict[str, float]  # format name -> predicted speedup over dense
+    reason: str
+
+
+def decide(weight: np.ndarray) -> Decision:
+    """Chooses the format predicted fastest at batch 1 (bytes moved / kernel efficiency)."""
+    choice = choose_format(weight)
+    predicted = {
+        name: choice.dense_bytes / size * KERNEL_EFFICIENCY["bsr" if name.startswith("bsr") else name]
+        for name, size in choice.candidates.items()
+    }
+    best = max(predicted, key=predicted.get)
+    listing = ", ".join(f"{name} {speed:.2f}x" for name, speed in sorted(predicted.items(), key=lambda kv: -kv[1]))
+    if best == "dense" or predicted[best] < MIN_PREDICTED_SPEEDUP:
+        return Decision("dense", None, 1.0, predicted,
+                        f"kept dense: best sparse prediction {max((v for n, v in predicted.items() if n != 'dense'), default=0):.2f}x "
+                        f"< {MIN_PREDICTED_SPEEDUP}x ({listing})")
+    block = None
+    if best.startswith("bsr"):
+        block = tuple(int(v) for v in best[3:].split("x"))
+    return Decision("bsr" if block else best, block, predicted[best], predicted, f"{best}: predicted {predicted[best]:.2f}x ({listing})")
+
+
 def block_structure(weight_t: np.ndarray) -> tuple[tuple[int, int] | None, int | None]:
     """The largest block shape whose zero blocks hold nearly all zeros, and its block count."""
     total = weight_t.size

@@ -119,12 +119,22 @@ def inspect(model, as_json):
               help="Size of an input with symbolic dimensions; repeat for several inputs.")
 @click.option("--dump-dir", type=click.Path(file_okay=False), help="Write the model after every phase here.")
 @click.option("--explain", is_flag=True, help="Print every decision the passes and the target made, with its reason.")
-def compile_command(model, target, output, shapes, dump_dir, explain):
-    """Compile MODEL (ONNX) into an artifact folder for a target."""
+@click.option("--activation-sparsity", type=float, metavar="S",
+              help="Gate every linear input with a magnitude threshold calibrated to zero this fraction (e.g. 0.5).")
+@click.option("--calib", metavar="CORPUS", help="Calibration data for the gates: 'pydoc', a text file, or an .npz of input arrays.")
+@click.option("--calib-tokens", default=2048, show_default=True, type=int, help="Tokens of text to calibrate on.")
+@click.option("--thresholds", type=click.Path(dir_okay=False), help="JSON file {tensor name: threshold} giving the gates directly.")
+def compile_command(model, target, output, shapes, dump_dir, explain, activation_sparsity, calib, calib_tokens, thresholds):
+    """Compile MODEL (ONNX) into an artifact folder for a target.
+
+    Linear layers whose weights are sparse enough become sparse operators (--explain says
+    which and why); with --activation-sparsity their inputs are gated too.
+    """
     from compiler import driver
     from compiler.progress import Progress
 
-    options = driver.CompileOptions(model, output, target, dict(driver.parse_shape(s) for s in shapes), dump_dir, explain)
+    options = driver.CompileOptions(model, output, target, dict(driver.parse_shape(s) for s in shapes), dump_dir, explain,
+                                    activation_sparsity, calib, calib_tokens, thresholds)
     summary = driver.compile_model(options, Progress())
     for line in summary["explanations"]:
         click.echo(line)

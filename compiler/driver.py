@@ -40,6 +40,11 @@ class CompileOptions:
         shapes: sizes for symbolic input dimensions, ``{input name: [dims]}``.
         dump_dir: where to write the model after every phase, or None.
         explain: collect one line per decision the passes and the target made.
+        activation_sparsity: target fraction of zeros for a magnitude gate on every
+            linear input, calibrated on ``calib`` (None: no gates).
+        calib: calibration data: ``pydoc``, a text file, or an ``.npz`` of inputs.
+        calib_tokens: tokens of text to calibrate on.
+        thresholds: a JSON file ``{tensor name: threshold}`` giving the gates directly.
     """
 
     model: str
@@ -48,6 +53,46 @@ class CompileOptions:
     shapes: dict = field(default_factory=dict)
     dump_dir: str | None = None
     explain: bool = False
+    activation_sparsity: float | None = None
+    calib: str | None = None
+    calib_tokens: int = 2048
+    thresholds: str | None = None
+
+
+def gating_for(options: CompileOptions, input_shapes: dict[str, list[int]], progress: Progress):
+    """The pipeline's activation-gate settings from the options (None: no gates)."""
+    from compiler.pipeline import Gating
+
+    if options.thresholds:
+        if options.activation_sparsity is not None:
+            raise SparseccError("give either --thresholds or --activation-sparsity, not both.")
+        try:
+            thresholds = json.loads(Path(options.thresholds).read_text())
+        except FileNotFoundError:
+            raise SparseccError(f"{options.thresholds}: no such file.") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise SparseccError(f"{options.thresholds} is not a JSON file of {{tensor name: threshold}}.") from None
+        if not isinstance(thresholds, dict) or not all(isinstance(v, (int, float)) for v in thresholds.values()):
+            raise SparseccError(f"{options.thresholds} must map tensor names to numbers.")
+        return Gating(thresholds={str(k): float(v) for k, v in thresholds.items()})
+    if options.activation_sparsity is None:
+        if options.calib:
+            raise SparseccError("--calib needs --activation-sparsity.")
+        return None
+    if not 0.0 <= options.activation_sparsity < 1.0:
+        raise SparseccError(f"--activation-sparsity must be in [0, 1), not {options.activation_sparsity}.")
+    if not options.calib:
+        raise SparseccError("--activation-sparsity needs calibration data: --calib pydoc, a text file or an .npz of inputs.")
+
+    def calibrate(model: onnx.ModelProto):
+        from compiler.calibration import calibration_feeds
+        from passes.insert_activation_gates import calibrate_thresholds, gated_inputs
+
+        feeds = calibration_feeds(model, options.calib, input_shapes, options.calib_tokens)
+        progress(f"calibrating {len(gated_inputs(model))} gates on {len(feeds)} batches of {options.calib}")
+        return calibrate_thresholds(model, sorted(gated_inputs(model)), feeds, options.activation_sparsity)
+
+    return Gating(calibrate=calibrate)
 
 
 def parse_shape(text: str) -> tuple[str, list[int]]:
@@ -123,7 +168,9 @@ def compile_model(options: CompileOptions, progress: Progress = SILENT) -> dict:
     if dump_dir is not None:
         dump_dir.mkdir(parents=True, exist_ok=True)
     explanations: list[str] = []
-    model = run_onnx_phases(model, {spec.name: list(spec.shape) for spec in inputs}, progress, dump_dir, explanations)
+    shapes = {spec.name: list(spec.shape) for spec in inputs}
+    gating = gating_for(options, shapes, progress)
+    model = run_onnx_phases(model, shapes, progress, dump_dir, explanations, gating)
     report = analyze_sparsity(model)
     outputs = output_signature(model)
 
@@ -153,6 +200,7 @@ def compile_model(options: CompileOptions, progress: Progress = SILENT) -> dict:
                 "source": os.path.abspath(options.model),
                 "linear_layers": len(report.layers),
                 "weight_sparsity": report.sparsity,
+                "activation_sparsity_target": options.activation_sparsity,
                 "compile_seconds": time.perf_counter() - start,
             },
         )

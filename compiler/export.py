@@ -212,21 +212,32 @@ def prune_magnitude(model, level: float) -> int:
     return count
 
 
-class _LogitsOnly:
+def _logits_only(model):
     """Wraps a causal LM so the exported graph is ``input_ids -> logits``."""
+    import torch
 
-    def __new__(cls, model):
-        import torch
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
 
-        class LogitsOnly(torch.nn.Module):
-            def __init__(self, inner):
-                super().__init__()
-                self.inner = inner
+        def forward(self, input_ids):
+            return self.inner(input_ids=input_ids, use_cache=False).logits
 
-            def forward(self, input_ids):
-                return self.inner(input_ids=input_ids, use_cache=False).logits
+    return LogitsOnly(model)
 
-        return LogitsOnly(model)
+
+def _strip_prefix(model, prefix: str) -> None:
+    """Renames initializers ``prefix + name`` to ``name`` (the wrapper's attribute name)."""
+    renames = {init.name: init.name[len(prefix):] for init in model.graph.initializer if init.name.startswith(prefix)}
+    taken = {init.name for init in model.graph.initializer} | {out for node in model.graph.node for out in node.output}
+    renames = {old: new for old, new in renames.items() if new not in taken}
+    for init in model.graph.initializer:
+        init.name = renames.get(init.name, init.name)
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            if name in renames:
+                node.input[index] = renames[name]
 
 
 @contextlib.contextmanager
@@ -246,7 +257,7 @@ def _quiet_exporter():
 
 
 def export_torch(model, output: str | os.PathLike, example_inputs: tuple, input_names: list[str],
-                 output_names: list[str], dynamic_shapes=None) -> None:
+                 output_names: list[str], dynamic_shapes=None, metadata: dict[str, str] | None = None) -> None:
     """Exports a torch module with the dynamo exporter and saves it atomically."""
     import torch
 
@@ -261,7 +272,11 @@ def export_torch(model, output: str | os.PathLike, example_inputs: tuple, input_
         program.save(os.path.join(tmp, "model.onnx"), external_data=True)
         from compiler.onnx_io import load_model
 
-        save_model(load_model(os.path.join(tmp, "model.onnx")), output)
+        exported = load_model(os.path.join(tmp, "model.onnx"))
+        _strip_prefix(exported, "inner.")
+        for key, value in (metadata or {}).items():
+            exported.metadata_props.add(key=key, value=value)
+        save_model(exported, output)
 
 
 def export(options: ExportOptions, progress: Callable[[str], None] = print) -> dict:
@@ -283,8 +298,9 @@ def export(options: ExportOptions, progress: Callable[[str], None] = print) -> d
         dynamic_shapes = {"input_ids": {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}}
     progress(f"exporting {options.source} to ONNX with the dynamo exporter")
     start = time.perf_counter()
-    export_torch(_LogitsOnly(model), options.output, (input_ids,), ["input_ids"], ["logits"],
-                 {"input_ids": dynamic_shapes["input_ids"]} if dynamic_shapes else None)
+    export_torch(_logits_only(model), options.output, (input_ids,), ["input_ids"], ["logits"],
+                 {"input_ids": dynamic_shapes["input_ids"]} if dynamic_shapes else None,
+                 metadata={"sparsecc.source": options.source if options.source in (SMOLLM2, *TINY_CONFIGS) else str(Path(options.source).resolve())})
     return {
         "output": str(options.output),
         "pruned_layers": pruned,

@@ -92,8 +92,29 @@ def constant_weight(name: str, graph: Graph) -> tuple[np.ndarray, str] | None:
     return None
 
 
+def _sparse_op_weight(node: onnx.NodeProto, graph: Graph) -> tuple[np.ndarray, str] | None:
+    """The dense [K, N] weight behind a SparseMatMul or GatedMatMul node."""
+    from onnx import helper
+
+    from passes.sparse_formats import decode
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "GatedMatMul":
+        mode, _, format = node.overload.partition("_")
+        names = node.input[2:] if mode == "threshold" else node.input[1:]
+    else:
+        format, names = node.overload, node.input[1:]
+    arrays = [graph.constant(name) for name in names]
+    if any(array is None for array in arrays):
+        return None
+    block = tuple(attrs["block"]) if format == "bsr" else None
+    return decode(arrays, format, tuple(attrs["shape"]), block), names[-1]
+
+
 def linear_weight(node: onnx.NodeProto, graph: Graph) -> tuple[np.ndarray, str] | None:
     """The [K, N] weight of a MatMul or Gemm node, or None when it is not constant 2-D."""
+    if node.op_type in ("SparseMatMul", "GatedMatMul") and node.domain == "ai.sparsecc":
+        return _sparse_op_weight(node, graph)
     if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
         return None
     found = constant_weight(node.input[1], graph)

@@ -57,7 +57,8 @@ def test_export_inspect_compile_run(capsys, tmp_path, token_ids):
                             "--dump-dir", str(tmp_path / "dump"), "--explain")
     assert code == 0, out
     assert (artifact / "manifest.json").exists()
-    assert sorted(p.name for p in (tmp_path / "dump").glob("*.onnx")) == ["01-fold_pruning_masks.onnx", "02-simplify_shapes.onnx"]
+    assert sorted(p.name for p in (tmp_path / "dump").glob("*.onnx")) == [
+        "01-fold_pruning_masks.onnx", "02-simplify_shapes.onnx", "03-dense_to_sparse.onnx", "04-fuse_gated_matmul.onnx"]
     assert (tmp_path / "dump" / "relax-imported.py").exists()
     assert "fold_pruning_masks: folded" in out
 

@@ -22,7 +22,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from passes.analyze_sparsity import constant_weight
+from passes import sparse_ops
 from passes.base import Graph, node_label, remove_unused_initializers
+from passes.sparse_formats import decode
+from runtime.errors import SparseccError
 from targets.cpu import kernels
 
 DOMAIN = "ai.sparsecc.cpu"
@@ -63,6 +66,52 @@ def _linear_weight(node: onnx.NodeProto, graph: Graph) -> tuple[np.ndarray, str]
     return found
 
 
+def _attribute(node: onnx.NodeProto, name: str):
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
+
+
+def _gate_as_standard_ops(gate: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """``x * (|x| > t)`` (or ``relu(x)``) in standard ops, for TVM to fuse with its neighbours."""
+    x, y, stem = gate.input[0], gate.output[0], gate.name or gate.output[0]
+    if gate.overload == "relu":
+        return [helper.make_node("Relu", [x], [y], name=stem)]
+    return [
+        helper.make_node("Abs", [x], [f"{stem}_abs"], name=f"{stem}_abs"),
+        helper.make_node("Greater", [f"{stem}_abs", gate.input[1]], [f"{stem}_active"], name=f"{stem}_active"),
+        helper.make_node("Cast", [f"{stem}_active"], [f"{stem}_mask"], to=onnx.TensorProto.FLOAT, name=f"{stem}_mask"),
+        helper.make_node("Mul", [x, f"{stem}_mask"], [y], name=stem),
+    ]
+
+
+def _legalize_sparse_op(node: onnx.NodeProto, graph: Graph, panel_matmul, explanations: list[str]) -> list[onnx.NodeProto]:
+    """Nodes that compute an ``ai.sparsecc`` op with the CPU kernels we have."""
+    label = node_label(node)
+    if node.op_type == "ActivationGate":
+        return _gate_as_standard_ops(node)
+    if node.op_type not in ("SparseMatMul", "GatedMatMul"):
+        raise SparseccError(f"the cpu target has no kernel for {sparse_ops.DOMAIN}.{node.op_type}.")
+    gated = node.op_type == "GatedMatMul"
+    mode, _, format = node.overload.partition("_") if gated else ("", "", node.overload)
+    weight_inputs = node.input[2:] if gated and mode == "threshold" else node.input[1:]
+    arrays = [graph.constant(name) for name in weight_inputs]
+    if any(array is None for array in arrays):
+        raise SparseccError(f"{label}: its weight arrays must be initializers.")
+    shape = tuple(_attribute(node, "shape"))
+    block = tuple(_attribute(node, "block")) if format == "bsr" else None
+    weight = decode(arrays, format, shape, block)
+    x = node.input[0]
+    nodes = []
+    if gated:
+        # The gate runs as its own elementwise op in front of the dense kernel.
+        x = node.output[0] + "_gated_input"
+        nodes.extend(_gate_as_standard_ops(sparse_ops.activation_gate_node(
+            node.input[0], node.input[1] if mode == "threshold" else None, x, mode, name=label + "_gate")))
+    nodes.append(panel_matmul(x, weight, (weight_inputs[0], False), weight_inputs[-1], node.output[0], node.name or node.output[0]))
+    explanations.append(f"cpu: {label} ({node.op_type} {node.overload}) [{shape[0]}x{shape[1]}] -> dense kernel "
+                        f"(no {node.overload} kernel for the cpu target yet).")
+    return nodes
+
+
 def legalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, np.ndarray, str]], list[str]]:
     """Rewrites linear layers to ``PanelMatMul`` and lifts weights to graph inputs.
 
@@ -82,7 +131,17 @@ def legalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, n
         model.graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype), list(array.shape)))
         return name
 
+    def panel_matmul(x: str, weight: np.ndarray, key: tuple, source: str, output: str, name: str) -> onnx.NodeProto:
+        if key not in packed_names:
+            packed_names[key] = lift(kernels.pack_dense_weight(weight), source)
+        k, n = weight.shape
+        return helper.make_node(PANEL_MATMUL, [x, packed_names[key]], [output], name=name + "_panel",
+                                domain=DOMAIN, k=int(k), n=int(n))
+
     for node in model.graph.node:
+        if node.domain == sparse_ops.DOMAIN:
+            new_nodes.extend(_legalize_sparse_op(node, graph, panel_matmul, explanations))
+            continue
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
             new_nodes.append(node)
             continue
@@ -97,15 +156,10 @@ def legalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, n
         # tied output projection reads the embedding table through a Transpose, which
         # is a different tensor name and so gets its own copy.
         key = (node.input[1], node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute))
-        if key not in packed_names:
-            packed_names[key] = lift(kernels.pack_dense_weight(weight), source)
         output = node.output[0]
         has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
         matmul_out = output + "_panel" if has_bias else output
-        new_nodes.append(
-            helper.make_node(PANEL_MATMUL, [node.input[0], packed_names[key]], [matmul_out],
-                             name=(node.name or output) + "_panel", domain=DOMAIN, k=int(k), n=int(n))
-        )
+        new_nodes.append(panel_matmul(node.input[0], weight, key, source, matmul_out, node.name or output))
         if has_bias:
             new_nodes.append(helper.make_node("Add", [matmul_out, node.input[2]], [output], name=(node.name or output) + "_bias"))
         explanations.append(f"cpu: {node_label(node)} [{k}x{n}] -> panel-packed dense kernel.")
@@ -131,6 +185,10 @@ def legalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, n
         for index, name in enumerate(node.input):
             if name in lifted:
                 node.input[index] = lifted[name]
+    # The reference functions of the ai.sparsecc ops are no longer used.
+    keep_functions = [f for f in model.functions if f.domain != sparse_ops.DOMAIN]
+    del model.functions[:]
+    model.functions.extend(keep_functions)
     if not any(opset.domain == DOMAIN for opset in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return model, weights, explanations

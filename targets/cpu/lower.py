@@ -65,8 +65,14 @@ def supported_ops() -> set[str]:
 
 def unsupported_ops(model: onnx.ModelProto) -> list[str]:
     """Op types in ``model`` that cannot be compiled, sorted, each once."""
+    from passes import sparse_ops
+
     known = supported_ops()
-    return sorted({node.op_type for node in model.graph.node if node.op_type not in known})
+    ours = {"SparseMatMul", "ActivationGate", "GatedMatMul"}
+    return sorted({
+        node.op_type for node in model.graph.node
+        if not (node.domain == sparse_ops.DOMAIN and node.op_type in ours) and node.op_type not in known
+    })
 
 
 def import_onnx(model: onnx.ModelProto, input_shapes: dict[str, list[int]], input_dtypes: dict[str, str]):

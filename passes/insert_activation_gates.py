@@ -1,0 +1,126 @@
+"""Insert ``ai.sparsecc.ActivationGate`` on the inputs of linear layers.
+
+Math, for each distinct input tensor X of linear layers (attention q/k/v share one, the
+MLP's gate/up share one, o and down have their own)::
+
+    y = X @ W   ->   y = Gate(X) @ W,   Gate(X) = X * (|X| > t)
+
+with one threshold ``t`` per tensor, chosen on calibration data as the quantile of |X|
+that zeros the target fraction of its entries (TEAL's per-layer magnitude threshold).
+When X comes straight from a ``Relu`` its zeros are already there: the gate is inserted
+in ``relu`` mode (no threshold), so the kernels can skip them.
+
+Precondition: linear weights are constants (MatMul, Gemm or SparseMatMul); the model runs
+in onnxruntime on the calibration feeds. Postcondition: every such input goes through
+one gate; the model is no longer exactly the original (that is the point), and the
+calibrated sparsity of each gate is reported.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from passes import sparse_ops
+from passes.analyze_sparsity import linear_weight
+from passes.base import Graph, PassResult
+
+# Values kept per tensor to estimate its quantile; enough for a threshold within a
+# fraction of a percent of sparsity, small enough to keep calibration memory bounded.
+SAMPLES_PER_TENSOR = 1 << 18
+LINEAR_OPS = ("MatMul", "Gemm", "SparseMatMul")
+
+
+def gated_inputs(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """Input tensor name -> the linear nodes (with constant weights) that read it."""
+    graph = Graph(model.graph)
+    found: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        if node.op_type not in LINEAR_OPS:
+            continue
+        if node.op_type == "SparseMatMul" or linear_weight(node, graph) is not None:
+            found.setdefault(node.input[0], []).append(node)
+    return found
+
+
+def calibrate_thresholds(model: onnx.ModelProto, tensors: list[str], feeds: list[dict[str, np.ndarray]],
+                         sparsity: float, seed: int = 0) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-tensor magnitude thresholds reaching ``sparsity`` on ``feeds``.
+
+    The tensors are exposed as extra outputs and the model is run in onnxruntime one
+    batch at a time; only a bounded random sample of each tensor's magnitudes is kept.
+
+    Returns:
+        (thresholds, measured sparsity on the calibration data) per tensor.
+    """
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {out.name for out in probe.graph.output}
+    for name in tensors:
+        if name not in existing:
+            probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[np.ndarray]] = {name: [] for name in tensors}
+    per_batch = max(1, SAMPLES_PER_TENSOR // max(1, len(feeds)))
+    for feed in feeds:
+        values = session.run(tensors, feed)
+        for name, value in zip(tensors, values):
+            magnitudes = np.abs(value).ravel()
+            if magnitudes.size > per_batch:
+                magnitudes = rng.choice(magnitudes, per_batch, replace=False)
+            samples[name].append(magnitudes)
+    thresholds, measured = {}, {}
+    for name in tensors:
+        magnitudes = np.concatenate(samples[name])
+        threshold = float(np.quantile(magnitudes, sparsity)) if sparsity > 0 else 0.0
+        thresholds[name] = threshold
+        measured[name] = float((magnitudes <= threshold).mean()) if sparsity > 0 else float((magnitudes == 0).mean())
+    return thresholds, measured
+
+
+def insert_activation_gates(model: onnx.ModelProto, thresholds: dict[str, float],
+                            measured: dict[str, float] | None = None) -> PassResult:
+    """Gates every linear input named in ``thresholds`` (inputs produced by a Relu get
+    ``relu`` mode and need no threshold)."""
+    graph = Graph(model.graph)
+    consumers = gated_inputs(model)
+    explanations: list[str] = []
+    gates: dict[str, onnx.NodeProto] = {}
+    for tensor, nodes in consumers.items():
+        producer = graph.producers.get(tensor)
+        relu = producer is not None and producer.op_type == "Relu"
+        if tensor not in thresholds and not relu:
+            continue
+        gated = f"{tensor}_gated"
+        if relu:
+            gates[tensor] = sparse_ops.activation_gate_node(tensor, None, gated, "relu", name=f"{tensor}_gate")
+            explanations.append(f"insert_activation_gates: {tensor} -> relu gate (zeros made by {producer.name or 'a Relu'}).")
+        else:
+            threshold_name = f"{tensor}_threshold"
+            model.graph.initializer.append(numpy_helper.from_array(np.array([thresholds[tensor]], np.float32), threshold_name))
+            gates[tensor] = sparse_ops.activation_gate_node(tensor, threshold_name, gated, "threshold", name=f"{tensor}_gate")
+            sparsity = f", {measured[tensor]:.1%} zeros on calibration data" if measured and tensor in measured else ""
+            explanations.append(f"insert_activation_gates: {tensor} -> threshold {thresholds[tensor]:.4g}{sparsity}, "
+                                f"feeding {len(nodes)} linear layer(s).")
+        for node in nodes:
+            node.input[0] = gated
+    if not gates:
+        return PassResult(model, False, explanations)
+    new_nodes = []
+    for node in model.graph.node:
+        new_nodes.append(node)
+        for output in node.output:
+            if output in gates:
+                new_nodes.append(gates.pop(output))
+    # Gates on graph inputs go first.
+    new_nodes = list(gates.values()) + new_nodes
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    sparse_ops.attach_reference_functions(model)
+    return PassResult(model, True, explanations)

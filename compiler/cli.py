@@ -159,6 +159,29 @@ def run(artifact, inputs, output):
 
 
 @cli.command()
+@click.argument("sparse", type=click.Path())
+@click.option("--against", "dense", required=True, type=click.Path(), help="The original (dense or masked) ONNX model.")
+@click.option("--input", "inputs", multiple=True, metavar="NAME=FILE.npy", help="Inputs to use (default: random inputs of the model's shapes).")
+@click.option("--atol", type=float, help="Fail (exit 1) when any output differs by more than this.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def check(sparse, dense, inputs, atol, as_json):
+    """Compare SPARSE.onnx (which may use ai.sparsecc ops) with the original in onnxruntime."""
+    from compiler import driver
+
+    report = driver.check(sparse, dense, driver.load_inputs(inputs) if inputs else None, atol)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for entry in report["outputs"]:
+            top1 = f", top-1 agreement {entry['top1_agreement']:.1%}" if "top1_agreement" in entry else ""
+            click.echo(f"{entry['output']}: max |diff| {entry['max_abs_diff']:.3g} "
+                       f"(relative {entry['max_relative_diff']:.3g}){top1}")
+    if not report["ok"]:
+        worst = max(entry["max_abs_diff"] for entry in report["outputs"])
+        raise SparseccError(f"{sparse} differs from {dense} by {worst:.3g}, more than --atol {atol:g}.")
+
+
+@cli.command()
 @click.option("--workdir", default="sparsecc-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the exported model and the artifact.")
 @click.option("--prune", default=0.5, show_default=True, type=float, help="Magnitude pruning level.")

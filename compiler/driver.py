@@ -231,6 +231,55 @@ def inspect(path: str) -> dict:
     return {"kind": "onnx", "path": path, **report.to_dict()}
 
 
+def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs of the model's static shapes: token ids below the embedding size for integer
+    inputs, standard normal values for floating-point ones."""
+    from compiler.calibration import _embedding_rows
+
+    rng = np.random.default_rng(seed)
+    vocab = _embedding_rows(model) or 100
+    feeds = {}
+    for spec in input_signature(model, {}):
+        if spec.dtype.startswith("int"):
+            feeds[spec.name] = rng.integers(0, vocab, size=spec.shape).astype(spec.dtype)
+        else:
+            feeds[spec.name] = rng.standard_normal(spec.shape).astype(spec.dtype)
+    return feeds
+
+
+def check(sparse: str, dense: str, inputs: dict[str, np.ndarray] | None = None, atol: float | None = None) -> dict:
+    """Runs two ONNX models in onnxruntime on the same inputs and compares their outputs.
+
+    ``sparse`` may use ``ai.sparsecc`` ops (their reference functions run); ``dense`` is
+    the original. Returns the largest absolute and relative differences per output, the
+    top-1 agreement for outputs with a class axis, and ``ok`` against ``atol``.
+    """
+    import onnxruntime as ort
+
+    sparse_model, dense_model = load_model(sparse), load_model(dense)
+    feeds = inputs or random_inputs(dense_model)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    results = []
+    try:
+        sessions = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+                    for m in (sparse_model, dense_model)]
+        outputs = [session.run(None, feeds) for session in sessions]
+    except Exception as exc:
+        raise SparseccError(f"onnxruntime cannot run the two models on the same inputs ({str(exc).splitlines()[0][:200]}).") from None
+    for spec, ours, reference in zip(dense_model.graph.output, *outputs):
+        if ours.shape != reference.shape:
+            raise SparseccError(f"output {spec.name!r} has shape {list(ours.shape)} in {sparse} but {list(reference.shape)} in {dense}.")
+        difference = float(np.abs(ours.astype(np.float64) - reference).max()) if ours.size else 0.0
+        scale = float(np.abs(reference).max()) if reference.size else 0.0
+        entry = {"output": spec.name, "max_abs_diff": difference, "max_relative_diff": difference / scale if scale else difference}
+        if ours.ndim >= 2 and ours.shape[-1] > 1 and np.issubdtype(ours.dtype, np.floating):
+            entry["top1_agreement"] = float((ours.argmax(-1) == reference.argmax(-1)).mean())
+        results.append(entry)
+    ok = atol is None or all(entry["max_abs_diff"] <= atol for entry in results)
+    return {"sparse": sparse, "dense": dense, "outputs": results, "atol": atol, "ok": ok}
+
+
 def load_inputs(specs: list[str]) -> dict[str, np.ndarray]:
     """Reads ``NAME=FILE.npy`` pairs into arrays."""
     inputs = {}

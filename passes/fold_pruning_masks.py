@@ -68,9 +68,12 @@ def fold_pruning_masks(model: onnx.ModelProto) -> PassResult:
     for node in model.graph.node:
         outcome = check(node, graph) if node.op_type == "Mul" else None
         if not isinstance(outcome, tuple):
-            # Only a Mul with a constant matrix operand could have been a mask product.
+            # Only a Mul with an operand that looks like a mask (a 0/1 constant matrix, or
+            # a tensor named like one) could have been a mask product.
             if outcome and any(
-                graph.is_constant(name) and graph.constant(name).ndim >= 2 for name in node.input
+                "mask" in name or (graph.is_constant(name) and graph.constant(name).ndim >= 2
+                                   and _is_binary_mask(graph.constant(name)))
+                for name in node.input
             ):
                 explanations.append(f"fold_pruning_masks: kept {node_label(node)}: {outcome}.")
             new_nodes.append(node)

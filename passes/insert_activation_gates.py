@@ -5,7 +5,8 @@ MLP's gate/up share one, o and down have their own)::
 
     y = X @ W   ->   y = Gate(X) @ W,   Gate(X) = X * (|X| > t)
 
-with one threshold ``t`` per tensor, chosen on calibration data as the quantile of |X|
+(the output projection, whose result is a model output, is left alone) with one
+threshold ``t`` per tensor, chosen on calibration data as the quantile of |X|
 that zeros the target fraction of its entries (TEAL's per-layer magnitude threshold).
 When X comes straight from a ``Relu`` its zeros are already there: the gate is inserted
 in ``relu`` mode (no threshold), so the kernels can skip them.
@@ -37,7 +38,9 @@ def gated_inputs(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     graph = Graph(model.graph)
     found: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
-        if node.op_type not in LINEAR_OPS:
+        # The output projection (whose result is the model's output) stays ungated, as
+        # in TEAL: its errors reach the logits undamped.
+        if node.op_type not in LINEAR_OPS or node.output[0] in graph.graph_outputs:
             continue
         if node.op_type == "SparseMatMul" or linear_weight(node, graph) is not None:
             found.setdefault(node.input[0], []).append(node)

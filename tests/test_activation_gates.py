@@ -12,20 +12,22 @@ from passes.insert_activation_gates import calibrate_thresholds, gated_inputs, i
 
 MLP = """
 <ir_version: 10, opset_import: ["" : 18]>
-mlp (float[4, 32] x) => (float[4, 8] y) <float[32, 24] up, float[32, 24] gate, float[24, 8] down> {
+mlp (float[4, 32] x) => (float[4, 8] y) <float[32, 24] up, float[32, 24] gate, float[24, 8] down, float[8] bias> {
     u = MatMul(x, up)
     g = MatMul(x, gate)
     h = Mul(u, g)
     r = Relu(h)
-    y = MatMul(r, down)
+    d = MatMul(r, down)
+    y = Add(d, bias)
 }
 """
 
 
-def _mlp(rng, sparsity=0.0):
-    model = onnx.parser.parse_model(MLP)
+def _mlp(rng, sparsity=0.0, text=MLP):
+    model = onnx.parser.parse_model(text)
     del model.graph.initializer[:]
-    for name, shape in [("up", (32, 24)), ("gate", (32, 24)), ("down", (24, 8))]:
+    shapes = [("up", (32, 24)), ("gate", (32, 24)), ("down", (24, 8)), ("bias", (8,))]
+    for name, shape in shapes[: 4 if "bias" in text else 3]:
         value = rng.standard_normal(shape).astype(np.float32)
         value[rng.random(shape) < sparsity] = 0
         model.graph.initializer.append(numpy_helper.from_array(value, name))
@@ -42,6 +44,11 @@ def test_gates_go_on_each_distinct_linear_input():
     assert [n.input[0] for n in result.model.graph.node if n.op_type == "MatMul"] == ["x_gated", "x_gated", "r_gated"]
 
 
+def test_output_projection_is_not_gated():
+    text = MLP.replace("d = MatMul(r, down)\n    y = Add(d, bias)", "y = MatMul(r, down)").replace(", float[8] bias", "")
+    assert sorted(gated_inputs(_mlp(np.random.default_rng(0), text=text))) == ["x"]
+
+
 def test_calibrated_threshold_reaches_the_target_sparsity():
     rng = np.random.default_rng(1)
     model = _mlp(rng)
@@ -50,12 +57,12 @@ def test_calibrated_threshold_reaches_the_target_sparsity():
     # For a standard normal, the 60 % quantile of |x| is about 0.84.
     assert thresholds["x"] == pytest.approx(0.84, abs=0.08)
     assert measured["x"] == pytest.approx(0.6, abs=0.01)
-    up, gate, down = (numpy_helper.to_array(i) for i in model.graph.initializer)
+    up, gate, down, bias = (numpy_helper.to_array(i) for i in model.graph.initializer)
     gated = insert_activation_gates(model, thresholds).model
     x = feeds[0]["x"]
     y = onnxruntime_reference(gated, {"x": x})[0]
     xg = np.where(np.abs(x) > thresholds["x"], x, 0)
-    np.testing.assert_allclose(y, np.maximum((xg @ up) * (xg @ gate), 0) @ down, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y, np.maximum((xg @ up) * (xg @ gate), 0) @ down + bias, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("weight_sparsity", [0.0, 0.9])

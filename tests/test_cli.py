@@ -178,3 +178,16 @@ def test_compile_replaces_an_existing_artifact_only_when_done(capsys, exported, 
     assert code != 0
     assert (artifact / "manifest.json").read_text() == before
     runtime.load(artifact)
+
+
+def test_check_compares_a_sparse_model_with_its_original(capsys, exported, tmp_path):
+    dump = tmp_path / "dump"
+    code, _, _ = sparsecc(capsys, "compile", str(exported("tiny-llama", 0.9)), "-o", str(tmp_path / "s.sccx"), "--dump-dir", str(dump))
+    assert code == 0
+    sparse = dump / "03-dense_to_sparse.onnx"
+    code, out, _ = sparsecc(capsys, "check", str(sparse), "--against", str(exported("tiny-llama", 0.9)), "--atol", "1e-4", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["ok"] and report["outputs"][0]["top1_agreement"] == 1.0
+    # Against a different model the check fails with one sentence.
+    code, _, err = sparsecc(capsys, "check", str(sparse), "--against", str(exported("tiny-llama", 0.0)), "--atol", "1e-4")
+    assert_one_sentence_error(code, err, "more than --atol")

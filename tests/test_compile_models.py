@@ -71,3 +71,22 @@ def test_dynamic_export_compiles_with_given_shapes(tmp_path, token_ids):
     reference = onnxruntime_reference(path, {"input_ids": token_ids})[0]
     ours = runtime.load(tmp_path / "dyn.sccx").run({"input_ids": token_ids})["logits"]
     np.testing.assert_allclose(ours, reference, atol=ABSOLUTE_TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
+def test_gated_sparse_model_matches_onnxruntime_on_the_same_gated_onnx(name, exported, tmp_path, token_ids):
+    """The compiled gated model against onnxruntime running the gated sparse ONNX (the last
+    phase in the dump folder), which uses the ai.sparsecc reference functions."""
+    from compiler.driver import CompileOptions, compile_model
+
+    dump = tmp_path / "dump"
+    compile_model(CompileOptions(str(exported(name, 0.5)), str(tmp_path / "g.sccx"), dump_dir=str(dump),
+                                 activation_sparsity=0.5, calib="pydoc", calib_tokens=256))
+    final = sorted(dump.glob("*.onnx"))[-1]
+    assert final.name.endswith("fuse_gated_matmul.onnx")
+    reference = onnxruntime_reference(final, {"input_ids": token_ids})[0]
+    ours = runtime.load(tmp_path / "g.sccx").run({"input_ids": token_ids})["logits"]
+    np.testing.assert_allclose(ours, reference, atol=ABSOLUTE_TOLERANCE, rtol=0)
+    # The gates changed the function: the dense model gives other logits.
+    dense = onnxruntime_reference(exported(name, 0.5), {"input_ids": token_ids})[0]
+    assert np.abs(dense - reference).max() > 10 * ABSOLUTE_TOLERANCE

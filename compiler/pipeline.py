@@ -15,6 +15,7 @@ import onnx
 from compiler.progress import Progress
 from passes.base import PassResult
 from passes.dense_to_sparse import dense_to_sparse
+from passes.drop_dead_neurons import drop_dead_neurons
 from passes.fold_pruning_masks import fold_pruning_masks
 from passes.fuse_gated_matmul import fuse_gated_matmul
 from passes.insert_activation_gates import insert_activation_gates
@@ -52,6 +53,8 @@ def onnx_phases(input_shapes: dict[str, list[int]], gating: Gating | None = None
         Phase("fold_pruning_masks", fold_pruning_masks),
         # Concrete input shapes; shape arithmetic and weight transposes folded away.
         Phase("simplify_shapes", lambda model: simplify_shapes(model, input_shapes)),
+        # Neurons whose outgoing weights are all zero leave the matmuls (structured pruning).
+        Phase("drop_dead_neurons", drop_dead_neurons),
     ]
     if gating is not None:
         # Activation sparsity: a calibrated magnitude gate on every linear input.

@@ -58,7 +58,8 @@ def test_export_inspect_compile_run(capsys, tmp_path, token_ids):
     assert code == 0, out
     assert (artifact / "manifest.json").exists()
     assert sorted(p.name for p in (tmp_path / "dump").glob("*.onnx")) == [
-        "01-fold_pruning_masks.onnx", "02-simplify_shapes.onnx", "03-dense_to_sparse.onnx", "04-fuse_gated_matmul.onnx"]
+        "01-fold_pruning_masks.onnx", "02-simplify_shapes.onnx", "03-drop_dead_neurons.onnx",
+        "04-dense_to_sparse.onnx", "05-fuse_gated_matmul.onnx"]
     assert (tmp_path / "dump" / "relax-imported.py").exists()
     assert "fold_pruning_masks: folded" in out
 
@@ -184,7 +185,7 @@ def test_check_compares_a_sparse_model_with_its_original(capsys, exported, tmp_p
     dump = tmp_path / "dump"
     code, _, _ = sparsecc(capsys, "compile", str(exported("tiny-llama", 0.9)), "-o", str(tmp_path / "s.sccx"), "--dump-dir", str(dump))
     assert code == 0
-    sparse = dump / "03-dense_to_sparse.onnx"
+    sparse = dump / "04-dense_to_sparse.onnx"
     code, out, _ = sparsecc(capsys, "check", str(sparse), "--against", str(exported("tiny-llama", 0.9)), "--atol", "1e-4", "--json")
     report = json.loads(out)
     assert code == 0 and report["ok"] and report["outputs"][0]["top1_agreement"] == 1.0

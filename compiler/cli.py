@@ -181,6 +181,23 @@ def check(sparse, dense, inputs, atol, as_json):
         raise SparseccError(f"{sparse} differs from {dense} by {worst:.3g}, more than --atol {atol:g}.")
 
 
+@cli.group()
+def bench():
+    """Benchmarks, measured side by side in one process (see the README's figures)."""
+
+
+@bench.command(name="kernels")
+@click.option("--quick", is_flag=True, help="Only the three smaller shapes.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the results as JSON here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG plot of the speedups here.")
+def bench_kernels(quick, json_path, plot_path):
+    """Our sparse, gated and dense kernels against onnxruntime's and numpy's dense matmul."""
+    from compiler.bench_kernels import run_kernel_bench
+    from compiler.progress import Progress
+
+    run_kernel_bench(quick, json_path, plot_path, Progress())
+
+
 @cli.command()
 @click.option("--workdir", default="sparsecc-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the exported model and the artifact.")

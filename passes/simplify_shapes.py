@@ -18,6 +18,7 @@ import io
 
 import onnx
 
+from passes import sparse_ops
 from passes.base import PassResult
 
 
@@ -27,8 +28,15 @@ def simplify_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) 
 
     before = len(model.graph.node)
     spec = [f"{name}:{','.join(str(d) for d in shape)}" for name, shape in input_shapes.items()]
+    # onnxslim rebuilds nodes without their function overload, which names the format
+    # of an ai.sparsecc op; remember it by output name.
+    overloads = {node.output[0]: node.overload for node in model.graph.node if node.overload}
     # onnxslim prints a summary table to stdout; the driver reports progress itself.
     with contextlib.redirect_stdout(io.StringIO()):
         slimmed = onnxslim.slim(model, input_shapes=spec, no_shape_infer=False)
+    for node in slimmed.graph.node:
+        if node.output and node.output[0] in overloads:
+            node.overload = overloads[node.output[0]]
+    sparse_ops.attach_reference_functions(slimmed)
     after = len(slimmed.graph.node)
     return PassResult(slimmed, True, [f"simplify_shapes: {before} -> {after} nodes with inputs {', '.join(spec)}."])

@@ -26,10 +26,14 @@ from passes import sparse_ops
 from passes.base import Graph, node_label, remove_unused_initializers
 from passes.sparse_formats import decode
 from runtime.errors import SparseccError
-from targets.cpu import kernels
+from targets.cpu import kernels, sparse_kernels
 
 DOMAIN = "ai.sparsecc.cpu"
 PANEL_MATMUL = "PanelMatMul"
+SPARSE_MATMUL = "CpuSparseMatMul"
+GATED_MATMUL = "CpuGatedMatMul"
+# The most rows of x a sparse or gated kernel takes (decode, small batches).
+SPARSE_MAX_ROWS = 8
 LIFT_MIN_BYTES = 64 * 1024
 
 
@@ -83,8 +87,24 @@ def _gate_as_standard_ops(gate: onnx.NodeProto) -> list[onnx.NodeProto]:
     ]
 
 
-def _legalize_sparse_op(node: onnx.NodeProto, graph: Graph, panel_matmul, explanations: list[str]) -> list[onnx.NodeProto]:
-    """Nodes that compute an ``ai.sparsecc`` op with the CPU kernels we have."""
+def _rows(model: onnx.ModelProto, tensor: str) -> int | None:
+    """Rows of the matmul reading ``tensor`` (product of all but its last dimension)."""
+    for info in list(model.graph.value_info) + list(model.graph.input):
+        if info.name == tensor:
+            dims = [d.dim_value for d in info.type.tensor_type.shape.dim]
+            if dims and all(d > 0 for d in dims):
+                return int(np.prod(dims[:-1]))
+    return None
+
+
+def _legalize_sparse_op(node: onnx.NodeProto, model: onnx.ModelProto, graph: Graph, panel_matmul, lift,
+                        explanations: list[str]) -> list[onnx.NodeProto]:
+    """Nodes that compute an ``ai.sparsecc`` op with the CPU kernels.
+
+    Sparse and gated kernels serve decode-sized matmuls (at most ``SPARSE_MAX_ROWS`` rows),
+    where reading fewer bytes is what makes them faster; a larger matmul (a prompt) is
+    compute-bound, and the dense panel kernel on the decoded weight does it better.
+    """
     label = node_label(node)
     if node.op_type == "ActivationGate":
         return _gate_as_standard_ops(node)
@@ -96,20 +116,48 @@ def _legalize_sparse_op(node: onnx.NodeProto, graph: Graph, panel_matmul, explan
     arrays = [graph.constant(name) for name in weight_inputs]
     if any(array is None for array in arrays):
         raise SparseccError(f"{label}: its weight arrays must be initializers.")
-    shape = tuple(_attribute(node, "shape"))
-    block = tuple(_attribute(node, "block")) if format == "bsr" else None
-    weight = decode(arrays, format, shape, block)
+    k, n = (int(d) for d in _attribute(node, "shape"))
+    block = tuple(int(d) for d in _attribute(node, "block")) if format == "bsr" else None
+    rows = _rows(model, node.input[0])
+    source = weight_inputs[-1]
     x = node.input[0]
+    if rows is not None and rows <= SPARSE_MAX_ROWS:
+        if not gated:
+            names = [lift(array, f"{source}:{part}") for array, part in zip(arrays, ("a", "b", "c"))]
+            attrs = {"format": format, "k": k, "n": n}
+            if block:
+                attrs["block"] = list(block)
+            explanations.append(f"cpu: {label} [{k}x{n}] -> {node.overload} sparse kernel.")
+            return [helper.make_node(SPARSE_MATMUL, [x, *names], [node.output[0]], name=label, domain=DOMAIN, **attrs)]
+        threshold = node.input[1] if mode == "threshold" else _zero_threshold(model)
+        weight = decode(arrays, format, (k, n), block)
+        if format == "dense":
+            names = [lift(weight, source)]
+            explanations.append(f"cpu: {label} [{k}x{n}] -> gated kernel (skips the weight rows of inactive inputs).")
+        else:
+            names = [lift(array, f"{source}:dual{i}") for i, array in enumerate(sparse_kernels.pack_dual_weight(weight))]
+            explanations.append(f"cpu: {label} [{k}x{n}] -> dual-sparse kernel (inactive inputs and zero weights skipped).")
+        return [helper.make_node(GATED_MATMUL, [x, threshold, *names], [node.output[0]], name=label, domain=DOMAIN,
+                                 k=k, n=n, dual=int(format != "dense"))]
+    weight = decode(arrays, format, (k, n), block)
     nodes = []
     if gated:
         # The gate runs as its own elementwise op in front of the dense kernel.
         x = node.output[0] + "_gated_input"
         nodes.extend(_gate_as_standard_ops(sparse_ops.activation_gate_node(
             node.input[0], node.input[1] if mode == "threshold" else None, x, mode, name=label + "_gate")))
-    nodes.append(panel_matmul(x, weight, (weight_inputs[0], False), weight_inputs[-1], node.output[0], node.name or node.output[0]))
-    explanations.append(f"cpu: {label} ({node.op_type} {node.overload}) [{shape[0]}x{shape[1]}] -> dense kernel "
-                        f"(no {node.overload} kernel for the cpu target yet).")
+    nodes.append(panel_matmul(x, weight, (weight_inputs[0], False), source, node.output[0], node.name or node.output[0]))
+    explanations.append(f"cpu: {label} ({node.op_type} {node.overload}) [{k}x{n}] -> dense kernel on the decoded weight "
+                        f"({rows if rows is not None else 'unknown'} rows: a prompt-sized matmul is compute-bound).")
     return nodes
+
+
+def _zero_threshold(model: onnx.ModelProto) -> str:
+    """A [1] zero threshold: a relu gate keeps exactly the nonzero inputs."""
+    name = "sparsecc_zero_threshold"
+    if not any(init.name == name for init in model.graph.initializer):
+        model.graph.initializer.append(numpy_helper.from_array(np.zeros(1, np.float32), name))
+    return name
 
 
 def legalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, np.ndarray, str]], list[str]]:
@@ -125,8 +173,13 @@ def legalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, n
     packed_names: dict[tuple[str, bool], str] = {}
     new_nodes: list[onnx.NodeProto] = []
 
+    taken = set(graph.initializers) | set(graph.producers) | set(graph.graph_inputs)
+
     def lift(array: np.ndarray, source: str) -> str:
-        name = f"w{len(weights)}"
+        name = f"weight{len(weights)}"
+        while name in taken:
+            name = "_" + name
+        taken.add(name)
         weights.append((name, np.ascontiguousarray(array), source))
         model.graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype), list(array.shape)))
         return name
@@ -140,7 +193,7 @@ def legalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, n
 
     for node in model.graph.node:
         if node.domain == sparse_ops.DOMAIN:
-            new_nodes.extend(_legalize_sparse_op(node, graph, panel_matmul, explanations))
+            new_nodes.extend(_legalize_sparse_op(node, model, graph, panel_matmul, lift, explanations))
             continue
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
             new_nodes.append(node)

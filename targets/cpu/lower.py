@@ -13,8 +13,8 @@ import math
 import onnx
 
 from runtime.errors import SparseccError
-from targets.cpu import kernels
-from targets.cpu.legalize import PANEL_MATMUL
+from targets.cpu import kernels, sparse_kernels
+from targets.cpu.legalize import GATED_MATMUL, PANEL_MATMUL, SPARSE_MATMUL
 
 
 def _panel_matmul_converter(function_cache: dict):
@@ -42,13 +42,75 @@ def _panel_matmul_converter(function_cache: dict):
     return PanelMatMul
 
 
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _kernel_call(bb, cache: dict, key: tuple, build, x, args: list, n: int):
+    """Reshapes ``x`` to [m, k], calls the kernel ``build(m)`` on it, reshapes back."""
+    from tvm import relax
+
+    shape = [int(d) for d in x.ty.shape]
+    m = math.prod(shape[:-1])
+    if (m, *key) not in cache:
+        function = build(m)
+        cache[(m, *key)] = bb.add_func(function, str(function.attrs["global_symbol"]))
+    flat = bb.emit(relax.op.reshape(x, (m, shape[-1])))
+    y = bb.emit(relax.call_tir(cache[(m, *key)], [flat, *args], relax.TensorType((m, n), "float32")))
+    return relax.op.reshape(y, shape[:-1] + [n])
+
+
+def _sparse_converters(cache: dict):
+    import tvm.relax.frontend.onnx.onnx_frontend as onnx_frontend
+
+    class CpuSparseMatMul(onnx_frontend.OnnxOpConverter):
+        """``y = x @ W`` with W in csr, bsr or bitmask (``passes.sparse_formats.encode``)."""
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            x, *arrays = inputs
+            format, k, n = _text(attr["format"]), int(attr["k"]), int(attr["n"])
+            stored = int(arrays[-1].ty.shape[0]) if format != "bsr" else int(arrays[1].ty.shape[0])
+            if format == "csr":
+                index = str(arrays[1].ty.dtype)
+                build = lambda m: sparse_kernels.csr_matmul_func(m, k, n, stored, index)  # noqa: E731
+                key = ("csr", k, n, stored, index)
+            elif format == "bsr":
+                block, index = tuple(int(v) for v in attr["block"]), str(arrays[1].ty.dtype)
+                build = lambda m: sparse_kernels.bsr_matmul_func(m, k, n, block, stored, index)  # noqa: E731
+                key = ("bsr", k, n, block, stored, index)
+            else:
+                build = lambda m: sparse_kernels.bitmask_matmul_func(m, k, n, stored)  # noqa: E731
+                key = ("bitmask", k, n, stored)
+            return _kernel_call(bb, cache, key, build, x, arrays, n)
+
+    class CpuGatedMatMul(onnx_frontend.OnnxOpConverter):
+        """``y = gate(x) @ W``; W dense [K, N] or ``pack_dual_weight`` arrays (``dual``)."""
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            x, threshold, *arrays = inputs
+            k, n, dual = int(attr["k"]), int(attr["n"]), bool(attr.get("dual", 0))
+            per_channel = int(threshold.ty.shape[0]) == k and k > 1
+            if dual:
+                nnz = int(arrays[-1].ty.shape[0])
+                build = lambda m: sparse_kernels.dual_matmul_func(m, k, n, nnz, per_channel)  # noqa: E731
+                key = ("dual", k, n, nnz, per_channel)
+            else:
+                build = lambda m: sparse_kernels.gated_matmul_func(m, k, n, per_channel)  # noqa: E731
+                key = ("gated", k, n, per_channel)
+            return _kernel_call(bb, cache, key, build, x, [threshold, *arrays], n)
+
+    return {SPARSE_MATMUL: CpuSparseMatMul, GATED_MATMUL: CpuGatedMatMul}
+
+
 @contextlib.contextmanager
 def _custom_converters():
     import tvm.relax.frontend.onnx.onnx_frontend as onnx_frontend
 
     original = onnx_frontend._get_convert_map
     cache: dict = {}
-    converters = {PANEL_MATMUL: _panel_matmul_converter(cache)}
+    converters = {PANEL_MATMUL: _panel_matmul_converter(cache), **_sparse_converters(cache)}
     onnx_frontend._get_convert_map = lambda: {**original(), **converters}
     try:
         yield
@@ -60,7 +122,7 @@ def supported_ops() -> set[str]:
     """ONNX op types the TVM importer can convert, plus ours."""
     import tvm.relax.frontend.onnx.onnx_frontend as onnx_frontend
 
-    return set(onnx_frontend._get_convert_map()) | {PANEL_MATMUL}
+    return set(onnx_frontend._get_convert_map()) | {PANEL_MATMUL, SPARSE_MATMUL, GATED_MATMUL}
 
 
 def unsupported_ops(model: onnx.ModelProto) -> list[str]:

@@ -25,10 +25,7 @@ from onnx import helper, numpy_helper
 from passes import sparse_ops
 from passes.analyze_sparsity import linear_weight
 from passes.base import Graph, PassResult, node_label, remove_unused_initializers
-from passes.sparse_formats import decide, encode
-
-_ARRAY_NAMES = {"csr": ("indptr", "indices", "values"), "bsr": ("indptr", "indices", "values"),
-                "bitmask": ("bits", "row_offsets", "values")}
+from passes.sparse_formats import ARRAY_NAMES, decide, encode
 
 
 def _gemm_refusal(node: onnx.NodeProto) -> str | None:
@@ -74,7 +71,7 @@ def dense_to_sparse(model: onnx.ModelProto) -> PassResult:
         key = f"{source}:{node.input[1]}:{node.op_type}"
         if key not in encoded:
             arrays = encode(weight, decision.format, decision.block)
-            names = [f"{source}.{decision.format}.{part}" for part in _ARRAY_NAMES[decision.format]]
+            names = [f"{source}.{decision.format}.{part}" for part in ARRAY_NAMES[decision.format]]
             model.graph.initializer.extend(numpy_helper.from_array(a, nm) for a, nm in zip(arrays, names))
             encoded[key] = names
         has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]

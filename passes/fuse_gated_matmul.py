@@ -24,10 +24,7 @@ from onnx import helper, numpy_helper
 from passes import sparse_ops
 from passes.analyze_sparsity import linear_weight
 from passes.base import Graph, PassResult, node_label, remove_unused_initializers
-from passes.sparse_formats import decode, encode
-
-_ARRAY_NAMES = {"dense": ("weight",), "csr": ("indptr", "indices", "values"), "bsr": ("indptr", "indices", "values"),
-                "bitmask": ("bits", "row_offsets", "values")}
+from passes.sparse_formats import ARRAY_NAMES, decode, encode
 
 
 def _attribute(node: onnx.NodeProto, name: str):
@@ -84,7 +81,7 @@ def fuse_gated_matmul(model: onnx.ModelProto) -> PassResult:
             k, n = combined.shape
             stem = f"{gate.input[0]}.gated{len(emitted)}"
             arrays = encode(combined, format, block)
-            names = [f"{stem}.{format}.{part}" for part in _ARRAY_NAMES[format]]
+            names = [f"{stem}.{format}.{part}" for part in ARRAY_NAMES[format]]
             model.graph.initializer.extend(numpy_helper.from_array(a, nm) for a, nm in zip(arrays, names))
             outputs = []
             for i in members:

@@ -174,6 +174,9 @@ def choose_format(weight: np.ndarray) -> FormatChoice:
 #            row_offsets int32 [N + 1], values float32 [nnz] (row-major order of W^T)
 
 FORMATS = ("dense", "csr", "bsr", "bitmask")
+# The names of each format's arrays, in ``encode`` order (initializer name suffixes).
+ARRAY_NAMES = {"dense": ("weight",), "csr": ("indptr", "indices", "values"), "bsr": ("indptr", "indices", "values"),
+               "bitmask": ("bits", "row_offsets", "values")}
 
 
 def index_dtype(extent: int) -> np.dtype:

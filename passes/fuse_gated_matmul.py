@@ -24,7 +24,7 @@ from onnx import helper, numpy_helper
 from passes import sparse_ops
 from passes.analyze_sparsity import linear_weight
 from passes.base import Graph, PassResult, node_label, remove_unused_initializers
-from passes.sparse_formats import ARRAY_NAMES, decode, encode
+from passes.sparse_formats import ARRAY_NAMES, decide_gated, decode, encode
 
 
 def _attribute(node: onnx.NodeProto, name: str):
@@ -71,7 +71,13 @@ def fuse_gated_matmul(model: onnx.ModelProto) -> PassResult:
         mode = gate.overload
         threshold = gate.input[1] if mode == "threshold" else None
         groups: dict[tuple, list[int]] = {}
-        for index, (_, format, block, _) in enumerate(weights):
+        for index, (matrix, format, block, _) in enumerate(weights):
+            if format == "dense":
+                # Behind a gate, a sparse weight pays off sooner than alone: both kernels
+                # skip inactive rows, and only the active rows' bytes differ.
+                decision = decide_gated(matrix)
+                explanations.append(f"fuse_gated_matmul: {node_label(consumers[index])} -> {decision.reason}.")
+                format = decision.format
             groups.setdefault((format, block), []).append(index)
         emitted: list[onnx.NodeProto] = []
         for (format, block), members in groups.items():

@@ -82,7 +82,7 @@ class FormatChoice:
 # Gathers and bit tests cost instructions that the dense kernel does not spend, so a
 # format must save more bytes than its inefficiency costs. Figures from
 # `sparsecc bench kernels` on the development machine (README, "Measured figures").
-KERNEL_EFFICIENCY = {"dense": 1.0, "csr": 0.75, "bsr": 0.95, "bitmask": 0.5}
+KERNEL_EFFICIENCY = {"dense": 1.0, "csr": 0.75, "bsr": 0.95, "bitmask": 0.5, "dual": 0.8}
 
 # A sparse kernel replaces the dense one only when predicted at least this much faster;
 # below it the prediction is within the noise of the measurements behind it.
@@ -117,6 +117,23 @@ def decide(weight: np.ndarray) -> Decision:
     if best.startswith("bsr"):
         block = tuple(int(v) for v in best[3:].split("x"))
     return Decision("bsr" if block else best, block, predicted[best], predicted, f"{best}: predicted {predicted[best]:.2f}x ({listing})")
+
+
+def decide_gated(weight: np.ndarray) -> Decision:
+    """Dense or dual-sparse storage for a weight behind an activation gate.
+
+    Both kernels skip the rows of inactive inputs, so activation sparsity scales them
+    alike; what differs is the bytes of each active row: ``4 N`` dense, or ``N / 8`` bits
+    plus 4 bytes per nonzero for the dual kernel's row bitmask.
+    """
+    k, n = weight.shape
+    nnz = int(np.count_nonzero(weight))
+    dual_bytes = k * ((n + 7) // 8) + nnz * VALUE_BYTES + (k + 1) * POINTER_BYTES
+    predicted = {"dense": 1.0, "dual": dense_bytes(k, n) / dual_bytes * KERNEL_EFFICIENCY["dual"]}
+    listing = f"dual {predicted['dual']:.2f}x"
+    if predicted["dual"] < MIN_PREDICTED_SPEEDUP:
+        return Decision("dense", None, 1.0, predicted, f"gated dense: dual-sparse predicted {listing} < {MIN_PREDICTED_SPEEDUP}x")
+    return Decision("bitmask", None, predicted["dual"], predicted, f"dual-sparse: predicted {listing} over gated dense")
 
 
 def block_structure(weight_t: np.ndarray) -> tuple[tuple[int, int] | None, int | None]:

@@ -1,34 +1,45 @@
 """Dense fp32 matmul kernels for the CPU, written directly in low-level TIR.
 
-The kernel computes ``y[M, N] = x[M, K] @ W[K, N]`` where ``W`` is a constant weight
-that is packed once, ahead of time, into column panels::
+The kernel computes ``y[M, N] = x[M, K] @ W[K, N]`` where ``W`` is a constant weight that
+is packed once, ahead of time, into column panels::
 
     Wp[p, k, j] = W[k, p * PANEL_WIDTH + j]        (zero where p * PANEL_WIDTH + j >= N)
     Wp.shape    = (ceil(N / PANEL_WIDTH), K, PANEL_WIDTH)
 
-so each panel, the ``PANEL_WIDTH`` columns one task owns, is one contiguous stream of
-``K * PANEL_WIDTH`` floats. The kernel runs the panels in parallel; inside a panel it walks
-``x`` in tiles of ``ROW_TILE`` rows, keeps a ``ROW_TILE x PANEL_WIDTH`` block of ``y`` in
-vector registers, and streams the panel once per row tile, doing one broadcast-FMA per
-row and ``k``. At decode (``M = 1``) the kernel is bound by the bandwidth of reading ``W``
-and the panel stream is what the hardware prefetchers like best; at prefill the panel
-(``K * 64`` bytes) stays in L2 while every row tile reuses it.
+so each panel, ``PANEL_WIDTH`` columns of ``W``, is one contiguous run of
+``K * PANEL_WIDTH`` floats: one cache line per ``k``.
 
-The output is ``y[M, N]``: the zero padding of the last panel is never written out.
+Each parallel task owns a pair of adjacent panels (32 output columns). It walks ``x`` in
+tiles of ``ROW_TILE`` rows, keeps the ``ROW_TILE x 32`` block of ``y`` in 16 vector
+registers, and streams both panels once per row tile: per ``k``, two vector loads of
+``Wp``, one broadcast of each ``x[m, k]`` and two FMAs per row. At decode (``M = 1``) the
+kernel is bound by the bandwidth of reading ``Wp`` from DRAM, and the two concurrent
+streams plus a software prefetch ``PREFETCH_BYTES`` ahead in each keep enough reads in
+flight to saturate it. At prefill the pair of panels (``K * 128`` bytes) stays in L2 while
+every row tile reuses it.
+
+The kernel's output is ``y[M, N]``: the zero padding of the last panel is never written.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-#: Columns per panel: one 512-bit vector of fp32, so a row of a panel is one zmm load.
+#: Columns per panel: one 512-bit vector of fp32, so one row of a panel is one cache line.
 PANEL_WIDTH = 16
-#: Rows of ``x`` whose accumulators live in registers at once. ``ROW_TILE * PANEL_WIDTH``
-#: floats must stay under TVM's 1024-byte stack-allocation limit: above it the buffer
-#: becomes a heap workspace and LLVM can no longer keep it in registers.
+#: Rows of ``x`` per register tile. ``ROW_TILE`` rows times two panels is 16 accumulators,
+#: half of the 32 AVX-512 registers; and one panel's accumulators, ``ROW_TILE *
+#: PANEL_WIDTH`` floats (512 bytes), stay below TVM's 1024-byte stack-allocation limit.
+#: A larger buffer would go to the heap workspace, where LLVM cannot keep it in registers.
 ROW_TILE = 8
+#: How far ahead of the current row each panel stream is prefetched. One hardware
+#: prefetcher stream keeps too few reads in flight to reach DRAM bandwidth.
+PREFETCH_BYTES = 4096
 
 _SUPPORTED_DTYPES = ("float32",)
+_LLVM_PREFETCH_READ = 0
+_LLVM_PREFETCH_KEEP_IN_ALL_CACHES = 3  # prefill reuses the panels from L2
+_LLVM_PREFETCH_DATA_CACHE = 1
 
 
 def packed_dense_shape(k: int, n: int) -> tuple[int, int, int]:
@@ -58,9 +69,7 @@ def pack_dense_weight(weight: np.ndarray) -> np.ndarray:
         ValueError: if ``weight`` is not a 2-D float32 array.
     """
     if weight.ndim != 2 or weight.dtype != np.float32:
-        raise ValueError(
-            f"expected a 2-D float32 weight, got {weight.ndim}-D {weight.dtype}"
-        )
+        raise ValueError(f"expected a 2-D float32 weight, got {weight.ndim}-D {weight.dtype}")
     k, n = weight.shape
     panels, _, width = packed_dense_shape(k, n)
     padded = np.zeros((k, panels * width), dtype=np.float32)
@@ -71,11 +80,11 @@ def pack_dense_weight(weight: np.ndarray) -> np.ndarray:
 def dense_matmul_func(m: int, k: int, n: int, dtype: str = "float32"):
     """A TIR PrimFunc computing ``y = x @ W`` from the packed ``W``, specialised to one shape.
 
-    The PrimFunc has parameters ``(x [m, k], w_packed packed_dense_shape(k, n), y [m, n])``,
-    writes all of ``y`` (only the valid ``n`` columns exist) and carries the attributes
-    ``tir.noalias`` and ``tirx.is_scheduled``, so that it can be passed to
-    ``relax.call_tir`` and the default schedules leave it alone. Its global symbol is
-    ``dense_matmul_m{m}_k{k}_n{n}``.
+    The PrimFunc's parameters are ``x [m, k]``, ``w_packed`` of shape
+    ``packed_dense_shape(k, n)`` (from ``pack_dense_weight``) and the output ``y [m, n]``,
+    every element of which it writes. It carries ``tir.noalias`` and ``tirx.is_scheduled``,
+    so it can be passed to ``relax.call_tir`` and the default schedules leave it alone. Its
+    global symbol is ``dense_matmul_m{m}_k{k}_n{n}``.
 
     Args:
         m: rows of ``x`` (tokens); any positive value, tiled by ``ROW_TILE``.
@@ -100,19 +109,42 @@ def dense_matmul_func(m: int, k: int, n: int, dtype: str = "float32"):
     panels = packed_dense_shape(k, n)[0]
     full_panels = n // width
     tail_cols = n - full_panels * width
+    pairs, lone_panel = divmod(panels, 2)
     row_tiles, tail_rows = divmod(m, ROW_TILE)
+    prefetch_rows = PREFETCH_BYTES // (width * np.dtype(dtype).itemsize)
+    # The last prefetch_rows rows of a panel run without a prefetch rather than reach
+    # past its end.
+    prefetched_rows = max(k - prefetch_rows, 0)
 
     @T.macro
-    def row_tile(x, w, y, p, m0, rows):
-        # "global" scope, not "local": TVM 0.27 puts every "local" buffer on the heap
-        # workspace, which keeps LLVM from promoting the accumulators to registers.
-        acc = T.alloc_buffer((rows * width,), dtype, scope="global")
-        for t in T.vectorized(rows * width):
-            acc[t] = T.cast(0, dtype)
-        for kk in range(k):
-            for r in T.unroll(rows):
-                for j in T.vectorized(width):
-                    acc[r * width + j] = acc[r * width + j] + x[m0 + r, kk] * w[p, kk, j]
+    def prefetch(w, p, kk):
+        T.evaluate(
+            T.call_llvm_intrin(
+                "void",
+                "llvm.prefetch.p0",
+                T.address_of(w[p, kk + prefetch_rows, 0]),
+                _LLVM_PREFETCH_READ,
+                _LLVM_PREFETCH_KEEP_IN_ALL_CACHES,
+                _LLVM_PREFETCH_DATA_CACHE,
+            )
+        )
+
+    @T.macro
+    def clear(acc, rows):
+        # Row by row: one whole-buffer vector of, say, 48 lanes leads LLVM to split the
+        # accumulators into scalars instead of registers.
+        for r in T.unroll(rows):
+            for j in T.vectorized(width):
+                acc[r * width + j] = T.cast(0, dtype)
+
+    @T.macro
+    def accumulate(acc, x, w, p, m0, kk, rows):
+        for r in T.unroll(rows):
+            for j in T.vectorized(width):
+                acc[r * width + j] = acc[r * width + j] + x[m0 + r, kk] * w[p, kk, j]
+
+    @T.macro
+    def store(acc, y, p, m0, rows):
         if tail_cols == 0:
             for r in T.unroll(rows):
                 for j in T.vectorized(width):
@@ -127,6 +159,41 @@ def dense_matmul_func(m: int, k: int, n: int, dtype: str = "float32"):
                     for j in range(tail_cols):
                         y[m0 + r, p * width + j] = acc[r * width + j]
 
+    @T.macro
+    def row_tile(x, w, y, p, m0, rows, pair):
+        # y[m0:m0+rows] for panel p, and panel p + 1 too when `pair`. One buffer per panel
+        # keeps each under the stack limit; the default ("global") scope is deliberate,
+        # as TVM 0.27 sends every "local" buffer to the heap workspace whatever its size.
+        first = T.alloc_buffer((rows * width,), dtype)
+        clear(first, rows)
+        if pair:
+            second = T.alloc_buffer((rows * width,), dtype)
+            clear(second, rows)
+        if prefetched_rows > 0:
+            for kk in range(prefetched_rows):
+                prefetch(w, p, kk)
+                accumulate(first, x, w, p, m0, kk, rows)
+                if pair:
+                    prefetch(w, p + 1, kk)
+                    accumulate(second, x, w, p + 1, m0, kk, rows)
+        for kk in range(prefetched_rows, k):
+            accumulate(first, x, w, p, m0, kk, rows)
+            if pair:
+                accumulate(second, x, w, p + 1, m0, kk, rows)
+        store(first, y, p, m0, rows)
+        if pair:
+            store(second, y, p + 1, m0, rows)
+
+    # The `if` on Python ints around loops (here and in row_tile) drop loops that would run
+    # zero times; TVM would otherwise keep their buffer allocations.
+    @T.macro
+    def column_task(x, w, y, p, pair):
+        if row_tiles > 0:
+            for t in range(row_tiles):
+                row_tile(x, w, y, p, t * ROW_TILE, ROW_TILE, pair)
+        if tail_rows > 0:
+            row_tile(x, w, y, p, row_tiles * ROW_TILE, tail_rows, pair)
+
     @T.prim_func
     def dense_matmul(
         x: T.Buffer((m, k), dtype),
@@ -140,11 +207,13 @@ def dense_matmul_func(m: int, k: int, n: int, dtype: str = "float32"):
                 "tirx.is_scheduled": True,
             }
         )
-        for p in T.parallel(panels):
-            if row_tiles > 0:
-                for t in range(row_tiles):
-                    row_tile(x, w, y, p, t * ROW_TILE, ROW_TILE)
-            if tail_rows > 0:
-                row_tile(x, w, y, p, row_tiles * ROW_TILE, tail_rows)
+        for task in T.parallel(pairs + lone_panel):
+            if lone_panel == 0:
+                column_task(x, w, y, task * 2, True)
+            else:
+                if task < pairs:
+                    column_task(x, w, y, task * 2, True)
+                else:
+                    column_task(x, w, y, task * 2, False)
 
     return dense_matmul

@@ -20,7 +20,7 @@ worker threads of the runtime timed before (which spin for a while after a call)
 idle; and the first shape starts with ``WARM_UP_SECONDS`` of untimed streaming.
 
 Cases, per shape: the dense kernel; unstructured weight sparsity 50/70/90 % in the format
-``passes.sparse_formats.choose_format`` picks, and in CSR (only at 90 % with ``quick``);
+``passes.sparse_formats.decide`` (the compiler's choice) picks, and in CSR (only at 90 % with ``quick``);
 16x1-block sparsity 50/70/90 % (BSR, again as chosen); activation sparsity 0/40/50/70 %
 (gated kernel on the dense weight); and 50 % weights plus 50 % activations (dual kernel).
 The full run adds batch 8 for a subset of the cases on one shape. The activation-sparse
@@ -29,6 +29,7 @@ inputs are inactive in the same channels in every row of a batch.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -123,16 +124,21 @@ class _OrtSessions:
     cores (a model with many MatMuls in one session shares one pool, and so do these).
     """
 
+    #: Whether this process's global pool exists (it can be created once per process).
+    _global_pool = False
+
     def __init__(self, threads: int):
         import onnxruntime as ort
 
         self.ort = ort
         self.threads = threads
-        try:
-            ort.capi._pybind_state.set_global_thread_pool_sizes(threads, 1)
-            self.global_pool = True
-        except Exception:  # already set in this process, or not supported
-            self.global_pool = False
+        if not _OrtSessions._global_pool:
+            try:
+                ort.capi._pybind_state.set_global_thread_pool_sizes(threads, 1)
+                _OrtSessions._global_pool = True
+            except Exception:  # created by other code first, or not supported: own pools
+                pass
+        self.global_pool = _OrtSessions._global_pool
 
     def session(self, model: bytes):
         options = self.ort.SessionOptions()
@@ -284,7 +290,7 @@ def _cases(quick: bool, m: int):
     """(kernel kind, weight sparsity, block or None, activation sparsity, format or None)."""
     cases = [("dense", 0.0, None, 0.0, "dense")]
     for s in WEIGHT_SPARSITIES:
-        cases.append(("sparse", s, None, 0.0, None))  # the format choose_format picks
+        cases.append(("sparse", s, None, 0.0, None))  # the format the compiler's cost model picks
         if not quick or s == 0.9:
             cases.append(("sparse", s, None, 0.0, "csr"))
     for s in WEIGHT_SPARSITIES:
@@ -360,7 +366,7 @@ def _warm_up(baselines: "_Baselines", seconds: float = WARM_UP_SECONDS) -> None:
 
 def _measure_case(baselines, case, rng, cold_bytes: float, min_calls: int) -> dict:
     """Builds, checks and times one case against the baselines; returns its result."""
-    from passes.sparse_formats import choose_format
+    from passes.sparse_formats import decide
 
     kind, w_sparsity, structure, a_sparsity, fmt = case
     block = structure
@@ -370,7 +376,8 @@ def _measure_case(baselines, case, rng, cold_bytes: float, min_calls: int) -> di
     weight = baselines.weight if w_sparsity == 0 else _weight(rng, k, n, w_sparsity, block)
     x = _activations(rng, m, k, a_sparsity)
     if kind in ("dense", "sparse") and fmt is None:
-        choice = choose_format(weight)
+        # The format the compiler would pick (bytes moved over measured kernel efficiency).
+        choice = decide(weight)
         fmt, block = choice.format, choice.block
     if kind == "dense" or (kind == "sparse" and fmt == "dense"):
         kernel, arrays, moved, label = baselines.kernel, None, 4 * k * n, "dense"
@@ -446,7 +453,7 @@ def _return_freed_memory() -> None:
 
     m_mmap_threshold = -3
     try:
-        ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 1 << 20)
+        ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 1 << 18)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
 
@@ -496,7 +503,11 @@ def run_kernel_bench(
             result = _measure_case(baselines, case, rng, cold_bytes, min_calls)
             report["results"].append(result)
             progress(_row(result))
+            # A case's weight copies are only freed by the cycle collector (TVM's FFI
+            # objects take part in reference cycles), and a GB of them per case adds up.
+            gc.collect()
         del baselines
+        gc.collect()
 
     if json_path:
         with open(json_path, "w") as f:
@@ -554,6 +565,6 @@ def plot_kernel_bench(report: dict, path: str) -> None:
         ax.set_title(f"K x N = {shape[0]} x {shape[1]}, batch {batch}")
         ax.legend(fontsize=7, loc="upper left")
     fig.suptitle(f"{report['machine']['cpu']}, {report['machine']['cores']} cores, cold weights")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title
     fig.savefig(path, dpi=110)
     plt.close(fig)

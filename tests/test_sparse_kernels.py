@@ -79,8 +79,19 @@ def _reference(x, weight):
 
 # --- CSR -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("m,k,n", [(1, 37, 29), (3, 64, 48), (8, 100, 33), (9, 20, 17)])
-@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize(
+    "m,k,n,sparsity",
+    [
+        (1, 37, 29, 0.0),
+        (1, 37, 29, 0.5),
+        (1, 37, 29, 0.9),
+        (1, 37, 29, 1.0),  # all-zero weight: nnz = 0
+        (3, 64, 48, 0.5),
+        (8, 100, 33, 0.0),  # rows of 100: six full vectors and a masked tail
+        (8, 100, 33, 0.9),
+        (9, 20, 17, 0.5),
+    ],
+)
 def test_csr_matches_numpy(m, k, n, sparsity):
     weight = _weight(k, n, sparsity, seed=m * k + n)
     x = _x(m, k, seed=k)
@@ -102,14 +113,16 @@ def test_csr_int32_indices():
 
 # --- BSR -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("block", BLOCK_SHAPES)
+BSR_CASES = [
+    (1, 37, 29, 0.5, False),  # unstructured zeros: partly filled blocks
+    (8, 40, 35, 0.7, True),  # whole zero blocks; k, n not multiples of 16
+]
+
+
 @pytest.mark.parametrize(
-    "m,k,n,sparsity,structured",
-    [
-        (1, 37, 29, 0.5, False),  # unstructured zeros: partly filled blocks
-        (3, 40, 35, 0.7, True),  # whole zero blocks; k, n not multiples of 16
-        (8, 48, 32, 0.0, True),  # dense: every block stored
-    ],
+    "block,m,k,n,sparsity,structured",
+    [(block, *case) for block in BLOCK_SHAPES for case in BSR_CASES]
+    + [((4, 4), 3, 48, 32, 0.0, True), ((16, 16), 3, 48, 32, 0.0, True)],  # dense: all blocks
 )
 def test_bsr_matches_numpy(block, m, k, n, sparsity, structured):
     weight = _weight(k, n, sparsity, seed=k + n + block[0], block=block if structured else None)
@@ -122,8 +135,7 @@ def test_bsr_matches_numpy(block, m, k, n, sparsity, structured):
     np.testing.assert_allclose(_run(kernel, [x, *arrays], (m, n)), _reference(x, weight), RTOL, ATOL)
 
 
-@pytest.mark.parametrize("block", [(4, 4), (16, 16), (1, 16), (16, 1)])
-@pytest.mark.parametrize("m", [1, 9])
+@pytest.mark.parametrize("block,m", [((4, 4), 1), ((16, 16), 9), ((1, 16), 9), ((16, 1), 1)])
 def test_bsr_all_zero_weight(block, m):
     k, n = 21, 19
     weight = np.zeros((k, n), np.float32)
@@ -146,10 +158,19 @@ def test_bsr_int32_indices():
 # --- Bitmask ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize(
-    "m,k,n",
-    [(1, 37, 29), (3, 64, 48), (8, 100, 33), (1, 8, 3), (9, 20, 10), (3, 48, 5), (1, 5, 7)],
+    "m,k,n,sparsity",
+    [
+        (1, 37, 29, 0.0),  # two chunks of 16 and a 5-column tail
+        (1, 37, 29, 0.5),
+        (1, 37, 29, 1.0),
+        (3, 64, 48, 0.5),  # whole chunks only
+        (8, 100, 33, 0.5),  # six chunks (one group of four and two more), 4-column tail
+        (1, 8, 3, 0.5),  # a tail only, of one byte
+        (9, 20, 10, 0.0),  # more rows than a tile
+        (3, 48, 5, 0.9),
+        (1, 5, 7, 0.5),
+    ],
 )
-@pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
 def test_bitmask_matches_numpy(m, k, n, sparsity):
     weight = _weight(k, n, sparsity, seed=m + k + n)
     x = _x(m, k, seed=n)

@@ -42,39 +42,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
-import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import tvm  # noqa: E402
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+from compiler.bench_kernels import matmul_model  # noqa: E402
 from targets.cpu.host import host_cpu_name, host_target  # noqa: E402
 from targets.cpu.kernels import dense_matmul_func, pack_dense_weight  # noqa: E402
 
 SHAPES = ((576, 1536), (1536, 576), (2048, 5632))
 ROWS = (1, 8)
 ORT_THREADS = 2
-# onnx writes a newer IR version than onnxruntime reads; 8 is the first to allow opset 17.
-ONNX_IR_VERSION = 8
 MAX_REL_ERROR = 1e-4
 # Pause before each implementation's turn: long enough for the others' threads to sleep.
 IDLE_SECONDS = 0.25
-
-
-def matmul_model(weight: np.ndarray) -> bytes:
-    """A one-node ONNX model ``y = x @ weight`` with a symbolic number of rows."""
-    k, n = weight.shape
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"])],
-        "matmul",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])],
-        [numpy_helper.from_array(weight, "W")],
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=ONNX_IR_VERSION
-    )
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
 
 
 def ort_session(model: bytes) -> ort.InferenceSession:

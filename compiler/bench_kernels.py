@@ -97,7 +97,8 @@ def _activations(rng, m: int, k: int, sparsity: float) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def _matmul_model(weight: np.ndarray) -> bytes:
+def matmul_model(weight: np.ndarray) -> bytes:
+    """A one-node ONNX model ``y = x @ weight`` with a symbolic number of rows."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -172,7 +173,7 @@ class _Baselines:
 
         k, n = weight.shape
         packed = pack_dense_weight(weight)
-        model = _matmul_model(weight)
+        model = matmul_model(weight)
         copies = _copies(weight.nbytes, cold_bytes)
         self.ours_weights, self.numpy_weights, self.sessions = [], [], []
         # Allocated in turn: on a VM, memory allocated first may stream at another speed

@@ -6,7 +6,8 @@ against onnxruntime on the dense model, measured in one process.
 A forward pass over one token is the memory-bound regime of decoding (every weight read
 once per token). Without a KV cache (not built yet) it has no context, so the numbers are
 per-token weight traffic, not a generation benchmark. Runs alternate between the models
-so drifts in the shared machine's bandwidth hit all of them alike; medians are reported.
+so drifts in the shared machine's bandwidth hit all of them alike, with a pause before
+each so the previous runtime's spinning threads are idle; medians are reported.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
+
+SETTLE_SECONDS = 0.2
 
 
 def main() -> None:
@@ -78,6 +81,9 @@ def main() -> None:
         run()
     for _ in range(args.repeats):
         for name, run in runs.items():
+            # onnxruntime's and TVM's worker threads spin for a while after a call; on
+            # two cores they would steal the next runtime's second core.
+            time.sleep(SETTLE_SECONDS)
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)

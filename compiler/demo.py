@@ -109,7 +109,7 @@ def run_demo(options: DemoOptions) -> dict:
         ("model", f"{options.model}, {ids.shape[1]} tokens of pydoc text"),
         ("ONNX (with masks)", f"{figures['onnx_bytes'] / 1e6:.1f} MB"),
         ("artifact", f"{figures['artifact_bytes'] / 1e6:.1f} MB"),
-        ("linear weight sparsity", f"{figures['weight_sparsity']:.1%}"),
+        ("weight sparsity, all linear layers", f"{figures['weight_sparsity']:.1%}"),
         ("compile time", f"{compile_seconds:.1f} s"),
         ("max |ours - onnxruntime|", f"{max_error:.2e} (relative {relative_error:.1e})"),
         ("top-1 token agreement", f"{top1:.1%}"),

@@ -92,7 +92,7 @@ def test_gated_sparse_model_matches_onnxruntime_on_the_same_gated_onnx(name, exp
     assert np.abs(dense - reference).max() > 10 * ABSOLUTE_TOLERANCE
 
 
-def _sparse_op_model(format, block, k=48, n=40, rows=1, seed=0):
+def _sparse_op_model(format, block, k=48, n=40, rows=1, seed=0, sparsity=0.8):
     """A one-node model: x [rows, k] -> SparseMatMul[format] -> y, with reference functions."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -102,7 +102,7 @@ def _sparse_op_model(format, block, k=48, n=40, rows=1, seed=0):
 
     rng = np.random.default_rng(seed)
     weight = rng.standard_normal((k, n)).astype(np.float32)
-    weight[rng.random((k, n)) < 0.8] = 0
+    weight[rng.random((k, n)) < sparsity] = 0
     weight[:, 3] = 0  # an all-zero output row of W^T
     arrays = encode(weight, format, block)
     names = [f"w{i}" for i in range(len(arrays))]
@@ -147,3 +147,16 @@ def test_decode_step_uses_gated_kernels_and_matches_onnxruntime(prune, kernel, e
     reference = onnxruntime_reference(sorted(dump.glob("*.onnx"))[-1], {"input_ids": ids})[0]
     ours = runtime.load(tmp_path / "g.sccx").run({"input_ids": ids})["logits"]
     np.testing.assert_allclose(ours, reference, atol=ABSOLUTE_TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("format, block", [("csr", None), ("bitmask", None), ("bsr", (4, 1))])
+def test_all_zero_sparse_weight_compiles_to_zeros(tmp_path, format, block):
+    import onnx
+
+    from compiler.driver import CompileOptions, compile_model
+
+    path = tmp_path / "zero.onnx"
+    onnx.save(_sparse_op_model(format, block, sparsity=1.0), path)
+    compile_model(CompileOptions(str(path), str(tmp_path / "z.sccx")))
+    x = np.random.default_rng(2).standard_normal((1, 48)).astype(np.float32)
+    np.testing.assert_array_equal(runtime.load(tmp_path / "z.sccx").run({"x": x})["y"], np.zeros((1, 40), np.float32))

@@ -121,7 +121,10 @@ def _legalize_sparse_op(node: onnx.NodeProto, model: onnx.ModelProto, graph: Gra
     rows = _rows(model, node.input[0])
     source = weight_inputs[-1]
     x = node.input[0]
-    if rows is not None and rows <= SPARSE_MAX_ROWS:
+    # An all-zero weight has empty arrays, which TVM cannot take as parameters; such a
+    # layer is rare and cheap through the dense kernel.
+    empty = any(array.size == 0 for array in arrays)
+    if rows is not None and rows <= SPARSE_MAX_ROWS and not empty:
         if not gated:
             names = [lift(array, f"{source}:{part}") for array, part in zip(arrays, ("a", "b", "c"))]
             attrs = {"format": format, "k": k, "n": n}

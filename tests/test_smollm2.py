@@ -35,3 +35,25 @@ def test_smollm2_pruned_compiles_and_matches_onnxruntime(tmp_path):
     assert ours.shape == (1, 32, 49152)
     np.testing.assert_allclose(ours, reference, atol=2e-3, rtol=0)
     assert (ours.argmax(-1) == reference.argmax(-1)).all()
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_smollm2_sparse_and_gated_decode_step_matches_onnxruntime(tmp_path):
+    """50 % magnitude weights + 40 % activation gates, one token: the dual-sparse kernels
+    against onnxruntime running the same gated sparse ONNX (same tolerance as above)."""
+    from compiler.driver import CompileOptions, compile_model
+    from compiler.export import ExportOptions, export
+
+    onnx_path = tmp_path / "step.onnx"
+    export(ExportOptions("smollm2-135m", str(onnx_path), prune_magnitude=0.5, seq_len=1), progress=lambda *_: None)
+    dump = tmp_path / "dump"
+    summary = compile_model(CompileOptions(str(onnx_path), str(tmp_path / "step.sccx"), dump_dir=str(dump), explain=True,
+                                           activation_sparsity=0.4, calib="pydoc", calib_tokens=128))
+    dual = [line for line in summary["explanations"] if "dual-sparse kernel" in line]
+    assert len(dual) == 120  # 30 layers x (q/k/v, o, gate/up, down)
+    ids = np.array([[504]], np.int64)
+    reference = onnxruntime_reference(sorted(dump.glob("*.onnx"))[-1], {"input_ids": ids})[0]
+    ours = runtime.load(tmp_path / "step.sccx").run({"input_ids": ids})["logits"]
+    np.testing.assert_allclose(ours, reference, atol=2e-3, rtol=0)
+    assert ours.argmax() == reference.argmax()

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from passes import fold_pruning_masks as fold
-from passes.base import Graph, node_label
+from passes.base import Graph, attribute, node_label
 from passes.sparse_formats import block_structure, choose_format
 
 
@@ -94,21 +94,15 @@ def constant_weight(name: str, graph: Graph) -> tuple[np.ndarray, str] | None:
 
 def _sparse_op_weight(node: onnx.NodeProto, graph: Graph) -> tuple[np.ndarray, str] | None:
     """The dense [K, N] weight behind a SparseMatMul or GatedMatMul node."""
-    from onnx import helper
-
     from passes.sparse_formats import decode
+    from passes.sparse_ops import weight_operands
 
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if node.op_type == "GatedMatMul":
-        mode, _, format = node.overload.partition("_")
-        names = node.input[2:] if mode == "threshold" else node.input[1:]
-    else:
-        format, names = node.overload, node.input[1:]
+    _, format, names = weight_operands(node)
     arrays = [graph.constant(name) for name in names]
     if any(array is None for array in arrays):
         return None
-    block = tuple(attrs["block"]) if format == "bsr" else None
-    return decode(arrays, format, tuple(attrs["shape"]), block), names[-1]
+    block = tuple(attribute(node, "block")) if format == "bsr" else None
+    return decode(arrays, format, tuple(attribute(node, "shape")), block), names[-1]
 
 
 def linear_weight(node: onnx.NodeProto, graph: Graph) -> tuple[np.ndarray, str] | None:
@@ -121,10 +115,8 @@ def linear_weight(node: onnx.NodeProto, graph: Graph) -> tuple[np.ndarray, str] 
     if found is None or found[0].ndim != 2:
         return None
     weight, name = found
-    if node.op_type == "Gemm":
-        attrs = {a.name: a for a in node.attribute}
-        if "transB" in attrs and attrs["transB"].i:
-            weight = weight.T
+    if node.op_type == "Gemm" and attribute(node, "transB", 0):
+        weight = weight.T
     return weight, name
 
 

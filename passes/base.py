@@ -68,6 +68,20 @@ class Graph:
         return f"{name} is not a constant"
 
 
+def attribute(node: onnx.NodeProto, name: str, default=None):
+    """The value of a node's attribute, or ``default`` when it is not set."""
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def gemm_refusal(node: onnx.NodeProto) -> str | None:
+    """Why a Gemm is not ``x @ op(B) + C`` (alpha = beta = 1, no transA), or None."""
+    if attribute(node, "alpha", 1.0) != 1.0 or attribute(node, "beta", 1.0) != 1.0:
+        return "alpha or beta is not 1"
+    if attribute(node, "transA", 0):
+        return "transA is set"
+    return None
+
+
 def node_label(node: onnx.NodeProto) -> str:
     """A readable name for a node in messages."""
     return node.name or f"{node.op_type}({', '.join(node.input)})"

@@ -24,17 +24,8 @@ from onnx import helper, numpy_helper
 
 from passes import sparse_ops
 from passes.analyze_sparsity import linear_weight
-from passes.base import Graph, PassResult, node_label, remove_unused_initializers
+from passes.base import Graph, PassResult, gemm_refusal, node_label, remove_unused_initializers
 from passes.sparse_formats import ARRAY_NAMES, decide, encode
-
-
-def _gemm_refusal(node: onnx.NodeProto) -> str | None:
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
-        return "alpha or beta is not 1"
-    if attrs.get("transA", 0):
-        return "transA is set"
-    return None
 
 
 def dense_to_sparse(model: onnx.ModelProto) -> PassResult:
@@ -48,7 +39,7 @@ def dense_to_sparse(model: onnx.ModelProto) -> PassResult:
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
             new_nodes.append(node)
             continue
-        refusal = _gemm_refusal(node) if node.op_type == "Gemm" else None
+        refusal = gemm_refusal(node) if node.op_type == "Gemm" else None
         found = None if refusal else linear_weight(node, graph)
         if found is None:
             if refusal or graph.is_constant(node.input[1]) or node.input[1] in graph.producers:

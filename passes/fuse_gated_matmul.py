@@ -23,27 +23,21 @@ from onnx import helper, numpy_helper
 
 from passes import sparse_ops
 from passes.analyze_sparsity import linear_weight
-from passes.base import Graph, PassResult, node_label, remove_unused_initializers
+from passes.base import Graph, PassResult, attribute, gemm_refusal, node_label, remove_unused_initializers
 from passes.sparse_formats import ARRAY_NAMES, decide_gated, decode, encode
-
-
-def _attribute(node: onnx.NodeProto, name: str):
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
 
 
 def _consumer_weight(node: onnx.NodeProto, graph: Graph):
     """(dense [K, N] weight, format, block, bias name) of a fusable linear consumer, or a reason."""
     if node.op_type == "SparseMatMul":
-        shape = tuple(_attribute(node, "shape"))
-        block = tuple(_attribute(node, "block")) if node.overload == "bsr" else None
+        shape = tuple(attribute(node, "shape"))
+        block = tuple(attribute(node, "block")) if node.overload == "bsr" else None
         arrays = [graph.constant(name) for name in node.input[1:]]
         if any(a is None for a in arrays):
             return "its sparse weight arrays are not all constants"
         return decode(arrays, node.overload, shape, block), node.overload, block, None
-    if node.op_type == "Gemm":
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0):
-            return "a Gemm with alpha, beta or transA"
+    if node.op_type == "Gemm" and gemm_refusal(node):
+        return f"a Gemm whose {gemm_refusal(node)}"
     if node.op_type not in ("MatMul", "Gemm"):
         return f"a {node.op_type} is not a linear layer"
     found = linear_weight(node, graph)

@@ -197,6 +197,14 @@ def gated_matmul_node(x: str, threshold: str | None, weights: list[str], output:
     return node
 
 
+def weight_operands(node: onnx.NodeProto) -> tuple[str, str, list[str]]:
+    """(gate mode or "", format, weight array names) of a SparseMatMul or GatedMatMul."""
+    if node.op_type == "GatedMatMul":
+        mode, _, format = node.overload.partition("_")
+        return mode, format, list(node.input[2:] if mode == "threshold" else node.input[1:])
+    return "", node.overload, list(node.input[1:])
+
+
 def _function_for(node: onnx.NodeProto) -> onnx.FunctionProto:
     if node.op_type == "SparseMatMul":
         return sparse_matmul_function(node.overload)

@@ -23,7 +23,7 @@ from onnx import helper, numpy_helper
 
 from passes.analyze_sparsity import constant_weight
 from passes import sparse_ops
-from passes.base import Graph, node_label, remove_unused_initializers
+from passes.base import Graph, attribute, gemm_refusal, node_label, remove_unused_initializers
 from passes.sparse_formats import decode
 from runtime.errors import SparseccError
 from targets.cpu import kernels, sparse_kernels
@@ -38,16 +38,14 @@ LIFT_MIN_BYTES = 64 * 1024
 
 
 def _gemm_weight(node: onnx.NodeProto, graph: Graph) -> tuple[np.ndarray, str] | str:
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
-        return "alpha or beta is not 1"
-    if attrs.get("transA", 0):
-        return "transA is set"
+    refusal = gemm_refusal(node)
+    if refusal:
+        return refusal
     found = constant_weight(node.input[1], graph)
     if found is None:
         return graph.why_not_constant(node.input[1])
     weight, name = found
-    return (weight.T if attrs.get("transB", 0) else weight), name
+    return (weight.T if attribute(node, "transB", 0) else weight), name
 
 
 def _linear_weight(node: onnx.NodeProto, graph: Graph) -> tuple[np.ndarray, str] | str:
@@ -68,10 +66,6 @@ def _linear_weight(node: onnx.NodeProto, graph: Graph) -> tuple[np.ndarray, str]
     if weight.dtype != np.float32:
         return f"weight {name} is {weight.dtype}; the CPU kernels take float32"
     return found
-
-
-def _attribute(node: onnx.NodeProto, name: str):
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
 
 
 def _gate_as_standard_ops(gate: onnx.NodeProto) -> list[onnx.NodeProto]:
@@ -111,13 +105,12 @@ def _legalize_sparse_op(node: onnx.NodeProto, model: onnx.ModelProto, graph: Gra
     if node.op_type not in ("SparseMatMul", "GatedMatMul"):
         raise SparseccError(f"the cpu target has no kernel for {sparse_ops.DOMAIN}.{node.op_type}.")
     gated = node.op_type == "GatedMatMul"
-    mode, _, format = node.overload.partition("_") if gated else ("", "", node.overload)
-    weight_inputs = node.input[2:] if gated and mode == "threshold" else node.input[1:]
+    mode, format, weight_inputs = sparse_ops.weight_operands(node)
     arrays = [graph.constant(name) for name in weight_inputs]
     if any(array is None for array in arrays):
         raise SparseccError(f"{label}: its weight arrays must be initializers.")
-    k, n = (int(d) for d in _attribute(node, "shape"))
-    block = tuple(int(d) for d in _attribute(node, "block")) if format == "bsr" else None
+    k, n = (int(d) for d in attribute(node, "shape"))
+    block = tuple(int(d) for d in attribute(node, "block")) if format == "bsr" else None
     rows = _rows(model, node.input[0])
     source = weight_inputs[-1]
     x = node.input[0]
@@ -211,7 +204,7 @@ def legalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, n
         # Matmuls that read the same tensor the same way share one packed copy; a
         # tied output projection reads the embedding table through a Transpose, which
         # is a different tensor name and so gets its own copy.
-        key = (node.input[1], node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute))
+        key = (node.input[1], node.op_type == "Gemm" and bool(attribute(node, "transB", 0)))
         output = node.output[0]
         has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
         matmul_out = output + "_panel" if has_bias else output

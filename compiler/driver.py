@@ -150,26 +150,82 @@ def output_signature(model: onnx.ModelProto) -> list[TensorSpec]:
 def compile_model(options: CompileOptions, progress: Progress = SILENT) -> dict:
     """Compiles an ONNX model into an artifact folder; returns a summary.
 
-    Nothing is written at ``options.output`` unless the whole build succeeds.
+    A decode step exported with ``sparsecc export --decode`` is compiled together with
+    its prefill step into one artifact (``compiler.decode_build``). Nothing is written at
+    ``options.output`` unless the whole build succeeds.
     """
-    from passes.analyze_sparsity import analyze_sparsity
+    from compiler.decode_export import decoding_metadata
     from targets import get_target
 
     target = get_target(options.target)
     start = time.perf_counter()
     with progress.step(f"loading {options.model}"):
         model = load_model(options.model)
+    if decoding_metadata(model) is not None:
+        from compiler.decode_build import compile_decoder
+
+        return compile_decoder(options, model, target, progress)
     inputs = input_signature(model, options.shapes)
+    dump_dir = Path(options.dump_dir) if options.dump_dir else None
+    explanations: list[str] = []
+    gating = gating_for(options, {spec.name: list(spec.shape) for spec in inputs}, progress)
+    staging = staging_dir(options.output)
+    try:
+        graph = build_graph(options, model, inputs, target, gating, staging, dump_dir, explanations, progress)
+        manifest = Manifest(
+            sparsecc_version=__version__,
+            target=graph["built"]["target"],
+            inputs=inputs,
+            outputs=graph["outputs"],
+            weights=[WeightSpec.from_dict(entry) for entry in graph["built"]["weights"]],
+            files={},
+            library=graph["built"]["library"],
+            weights_file=graph["built"]["weights_file"],
+            summary={
+                "source": os.path.abspath(options.model),
+                "linear_layers": len(graph["report"].layers),
+                "weight_sparsity": graph["report"].sparsity,
+                "activation_sparsity_target": options.activation_sparsity,
+                "compile_seconds": time.perf_counter() - start,
+                "input_ranges": input_ranges(model),
+            },
+        )
+        write_artifact(options.output, manifest, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {
+        "artifact": str(options.output),
+        "seconds": time.perf_counter() - start,
+        "weight_sparsity": graph["report"].sparsity,
+        "artifact_bytes": artifact_bytes(options.output),
+        "explanations": explanations if options.explain else [],
+    }
+
+
+def input_ranges(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Valid ``[low, high)`` of integer inputs the runtime checks: token ids index the
+    embedding table."""
+    from compiler.calibration import embedding_rows
+
+    rows = embedding_rows(model)
+    return {"input_ids": [0, rows]} if rows else {}
+
+
+def build_graph(options: CompileOptions, model: onnx.ModelProto, inputs: list[TensorSpec], target, gating,
+                staging: Path, dump_dir: Path | None, explanations: list[str], progress: Progress) -> dict:
+    """Runs the passes on one graph and builds it into ``staging`` (library and weights).
+
+    Returns ``{"built": target.build's entries, "report": the sparsity report, "outputs":
+    the output signature}``.
+    """
+    from passes.analyze_sparsity import analyze_sparsity
+
     missing = target.unsupported_ops(model)
     if missing:
         raise SparseccError(f"{options.model} uses ops sparsecc cannot compile: {', '.join(missing)}.")
-
-    dump_dir = Path(options.dump_dir) if options.dump_dir else None
     if dump_dir is not None:
         dump_dir.mkdir(parents=True, exist_ok=True)
-    explanations: list[str] = []
     shapes = {spec.name: list(spec.shape) for spec in inputs}
-    gating = gating_for(options, shapes, progress)
     model = run_onnx_phases(model, shapes, progress, dump_dir, explanations, gating)
     report = analyze_sparsity(model)
     outputs = output_signature(model)
@@ -182,38 +238,10 @@ def compile_model(options: CompileOptions, progress: Progress = SILENT) -> dict:
         model, weights, target_notes = target.legalize(model)
     explanations.extend(target_notes)
     with progress.step("importing into TVM Relax"):
-        lowered = target.lower(model, weights, {spec.name: list(spec.shape) for spec in inputs}, dump)
-    staging = staging_dir(options.output)
-    try:
-        with progress.step("building with TVM"):
-            built = target.build(lowered, staging, dump)
-        manifest = Manifest(
-            sparsecc_version=__version__,
-            target=built["target"],
-            inputs=inputs,
-            outputs=outputs,
-            weights=[WeightSpec.from_dict(entry) for entry in built["weights"]],
-            files={},
-            library=built["library"],
-            weights_file=built["weights_file"],
-            summary={
-                "source": os.path.abspath(options.model),
-                "linear_layers": len(report.layers),
-                "weight_sparsity": report.sparsity,
-                "activation_sparsity_target": options.activation_sparsity,
-                "compile_seconds": time.perf_counter() - start,
-            },
-        )
-        write_artifact(options.output, manifest, staging)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return {
-        "artifact": str(options.output),
-        "seconds": time.perf_counter() - start,
-        "weight_sparsity": report.sparsity,
-        "artifact_bytes": artifact_bytes(options.output),
-        "explanations": explanations if options.explain else [],
-    }
+        lowered = target.lower(model, weights, shapes, dump)
+    with progress.step("building with TVM"):
+        built = target.build(lowered, staging, dump)
+    return {"built": built, "report": report, "outputs": outputs}
 
 
 def artifact_bytes(path: str | os.PathLike) -> int:

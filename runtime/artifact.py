@@ -73,6 +73,10 @@ class Manifest:
     library: str = "model.so"
     weights_file: str = "weights.bin"
     summary: dict = field(default_factory=dict)
+    # More graphs over the same weights file: name -> {"library", "inputs", "outputs",
+    # "weights"} (a decoder's prefill step); and how a decoder drives them.
+    graphs: dict = field(default_factory=dict)
+    decoding: dict = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -89,6 +93,8 @@ class Manifest:
             "weights": [w.to_dict() for w in self.weights],
             "files": self.files,
             "summary": self.summary,
+            **({"graphs": self.graphs} if self.graphs else {}),
+            **({"decoding": self.decoding} if self.decoding else {}),
         }
 
     @classmethod
@@ -103,6 +109,8 @@ class Manifest:
             library=str(data.get("library", "model.so")),
             weights_file=str(data.get("weights_file", "weights.bin")),
             summary=dict(data.get("summary", {})),
+            graphs=dict(data.get("graphs", {})),
+            decoding=dict(data.get("decoding", {})),
             format=str(data["format"]),
             format_version=int(data["format_version"]),
         )

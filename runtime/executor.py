@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -10,17 +11,23 @@ import numpy as np
 
 from runtime.artifact import Manifest, TensorSpec, read_manifest
 from runtime.errors import SparseccError
-
-# TVM reads this once at import; without it the thread pool uses half the cores.
-os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+from runtime.tvm_runtime import isa_flags, llvm_cpu_name, tvm as _tvm
 
 SUPPORTED_TARGETS = ("cpu",)
 
 
-def _host_cpu() -> str:
-    import tvm
-
-    return str(tvm.target.codegen.llvm_get_system_cpu())
+def check_host(path, target: dict) -> None:
+    """Refuses an artifact built for another CPU: by LLVM's CPU name when the full TVM is
+    loaded, else by the instruction-set flags it was built with."""
+    built_for = target.get("mcpu")
+    host = llvm_cpu_name()
+    if built_for and host and built_for != host:
+        raise SparseccError(f"{path} was compiled for CPU {built_for!r} but this machine is {host!r}; recompile it here.")
+    missing = sorted(set(target.get("isa", [])) - set(isa_flags()))
+    if missing and isa_flags():
+        raise SparseccError(
+            f"{path} was compiled for CPU {built_for!r}, which has instructions this machine lacks ({', '.join(missing[:4])}); recompile it here."
+        )
 
 
 class CompiledModel:
@@ -28,10 +35,14 @@ class CompiledModel:
 
     Use :func:`runtime.load`; then ``model.run({"input_ids": array})`` returns a dict of
     output arrays.
+
+    One loaded model may be shared by threads: the TVM virtual machine keeps per-call
+    state, so calls are serialised by a lock (each thread gets correct results; they do
+    not run at the same time).
     """
 
-    def __init__(self, path: str | os.PathLike, manifest: Manifest):
-        import tvm
+    def __init__(self, path: str | os.PathLike, manifest: Manifest, weight_cache: dict | None = None):
+        tvm = _tvm()
         from tvm.runtime import vm as tvm_vm
 
         self.path = Path(path)
@@ -39,11 +50,9 @@ class CompiledModel:
         target = manifest.target.get("name")
         if target not in SUPPORTED_TARGETS:
             raise SparseccError(f"{path} was compiled for target {target!r}, which this runtime cannot run.")
-        built_for = manifest.target.get("mcpu")
-        if built_for and built_for != _host_cpu():
-            raise SparseccError(
-                f"{path} was compiled for CPU {built_for!r} but this machine is {_host_cpu()!r}; recompile it here."
-            )
+        check_host(path, manifest.target)
+        self.lock = threading.Lock()
+        self._weight_cache = {} if weight_cache is None else weight_cache
         self.device = tvm.cpu(0)
         try:
             library = tvm.runtime.load_module(str(self.path / manifest.library))
@@ -53,8 +62,9 @@ class CompiledModel:
         self._weights = self._load_weights()
 
     def _load_weights(self) -> list:
-        import tvm
-
+        """The weights as TVM tensors; a weight another graph of the artifact already
+        loaded (same bytes in the weights file) is the same tensor."""
+        tvm = _tvm()
         weights_path = self.path / self.manifest.weights_file
         if not self.manifest.weights:
             return []
@@ -63,8 +73,11 @@ class CompiledModel:
         for spec in self.manifest.weights:
             if spec.offset + spec.nbytes > blob.size:
                 raise SparseccError(f"{self.path} is corrupt: weight {spec.name} lies past the end of {weights_path.name}.")
-            array = np.frombuffer(blob, dtype=spec.dtype, count=int(np.prod(spec.shape)), offset=spec.offset)
-            tensors.append(tvm.runtime.tensor(array.reshape(spec.shape), self.device))
+            key = (spec.offset, spec.nbytes, spec.dtype, spec.shape)
+            if key not in self._weight_cache:
+                array = np.frombuffer(blob, dtype=spec.dtype, count=int(np.prod(spec.shape)), offset=spec.offset)
+                self._weight_cache[key] = tvm.runtime.tensor(array.reshape(spec.shape), self.device)
+            tensors.append(self._weight_cache[key])
         del blob
         return tensors
 
@@ -95,17 +108,24 @@ class CompiledModel:
                 )
             if array.dtype != np.dtype(spec.dtype):
                 raise SparseccError(f"input {spec.name!r} has dtype {array.dtype} but the model expects {spec.dtype}.")
+            check_range(spec.name, array, self.manifest.summary.get("input_ranges", {}).get(spec.name))
+            if np.issubdtype(array.dtype, np.floating) and array.size and not np.isfinite(array).all():
+                raise SparseccError(f"input {spec.name!r} holds NaN or infinite values.")
             arrays.append(np.ascontiguousarray(array))
         return arrays
 
+    def call(self, args: list) -> list:
+        """Calls the library on TVM tensors (inputs, then weights appended); returns the
+        outputs as TVM tensors. Inputs are not checked: ``run`` is the checked entry."""
+        with self.lock:
+            result = self._vm["main"](*args, *self._weights)
+        return list(result) if len(self.manifest.outputs) > 1 else [result]
+
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Runs the model once; returns ``{output name: array}``."""
-        import tvm
-
+        tvm = _tvm()
         arrays = self._check_inputs(inputs)
-        args = [tvm.runtime.tensor(a, self.device) for a in arrays] + self._weights
-        result = self._vm["main"](*args)
-        values = list(result) if len(self.manifest.outputs) > 1 else [result]
+        values = self.call([tvm.runtime.tensor(a, self.device) for a in arrays])
         return {spec.name: value.numpy() for spec, value in zip(self.manifest.outputs, values)}
 
     def time(self, inputs: dict[str, np.ndarray], repeats: int = 5) -> float:
@@ -117,6 +137,18 @@ class CompiledModel:
             self.run(inputs)
             times.append(time.perf_counter() - start)
         return float(np.median(times))
+
+
+def check_range(name: str, array: np.ndarray, bounds) -> None:
+    """Refuses integer values outside ``[low, high)`` (token ids past the embedding table
+    would make the gather read out of bounds)."""
+    if bounds is None or not array.size:
+        return
+    low, high = int(bounds[0]), int(bounds[1])
+    smallest, largest = int(array.min()), int(array.max())
+    if smallest < low or largest >= high:
+        bad = smallest if smallest < low else largest
+        raise SparseccError(f"input {name!r} holds {bad}, outside the valid range [{low}, {high - 1}].")
 
 
 # target name -> "module:class" of the executor that runs its artifacts. Each class takes
@@ -140,4 +172,6 @@ def load(path: str | os.PathLike):
     if target not in EXECUTORS:
         raise SparseccError(f"{path} was compiled for target {target!r}, which this runtime cannot run.")
     module, _, name = EXECUTORS[target].partition(":")
+    if manifest.decoding:
+        module, name = "runtime.decoder", "DecoderModel"
     return getattr(importlib.import_module(module), name)(path, manifest)

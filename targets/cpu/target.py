@@ -11,6 +11,7 @@ import onnx
 
 from targets.base import Lowered
 from targets.cpu import legalize as cpu_legalize
+from runtime.tvm_runtime import isa_flags
 from targets.cpu.host import host_cpu_name, host_target
 
 LIBRARY = "model.so"
@@ -86,6 +87,7 @@ class CpuTarget:
         return {"weights": entries, "library": LIBRARY, "weights_file": WEIGHTS, "target": {
             "name": self.name,
             "mcpu": host_cpu_name(),
+            "isa": isa_flags(),
             "llvm_target": str(target),
             "num_threads": int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1)),
         }}

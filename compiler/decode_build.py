@@ -1,0 +1,182 @@
+"""Compiling a decoder: the decode step and its prefill step into one artifact.
+
+``sparsecc export --decode`` writes two graphs over the same weights
+(``compiler.decode_export``). They are compiled one after the other with the same
+passes and the same activation gates: the gates are calibrated on the prefill graph (text
+windows of ``prefill_len`` tokens at position 0) and given by tensor name to the decode
+graph, whose tensors carry the same names. The artifact holds one weights file: a weight
+the prefill library reads that is byte for byte one the decode library reads is stored
+once (with a prefill length of at most 8 every weight is shared). The manifest's main
+graph is the decode step; ``graphs["prefill"]`` describes the other library and
+``decoding`` how the runtime drives both (``runtime.decoder``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from compiler import __version__
+from compiler.decode_export import decoding_metadata
+from compiler.onnx_io import load_model
+from compiler.progress import Progress
+from runtime.artifact import Manifest, WeightSpec, staging_dir, write_artifact
+from runtime.errors import SparseccError
+
+TOKENIZER = "tokenizer.json"
+PREFILL_LIBRARY = "prefill.so"
+ALIGNMENT = 64
+
+
+def _gating(options, prefill: onnx.ModelProto, spec: dict, progress: Progress):
+    """The prefill graph's gating, and a hook that hands its thresholds to the decode graph."""
+    from compiler.driver import gating_for
+    from compiler.pipeline import Gating
+
+    if options.activation_sparsity is not None and options.calib and options.calib.endswith(".npz"):
+        raise SparseccError("a decoder calibrates its gates on text (--calib pydoc or a text file), not on an .npz.")
+    gating = gating_for(options, {}, progress)
+    if gating is None or gating.thresholds is not None:
+        return gating, (lambda: gating)
+    found: dict = {}
+
+    def calibrate(model: onnx.ModelProto):
+        from compiler.calibration import _text_tokens
+        from passes.insert_activation_gates import calibrate_thresholds, gated_inputs
+
+        tokens = _text_tokens(options.calib, prefill, spec["vocab_size"])
+        length = spec["prefill_len"]
+        count = max(1, min(len(tokens), options.calib_tokens) // length)
+        zeros = np.zeros((1, spec["kv_heads"], spec["max_context"], spec["head_dim"]), np.float32)
+        feeds = []
+        for i in range(count):
+            window = tokens[i * length:(i + 1) * length]
+            if len(window) < length:
+                break
+            feed = {"input_ids": window.reshape(1, length), "position": np.zeros(1, np.int64)}
+            feed.update({value.name: zeros for value in model.graph.input if value.name.startswith("past_")})
+            feeds.append(feed)
+        progress(f"calibrating {len(gated_inputs(model))} gates on {len(feeds)} windows of {length} tokens of {options.calib}")
+        thresholds, measured = calibrate_thresholds(model, sorted(gated_inputs(model)), feeds, options.activation_sparsity)
+        found.update(thresholds=thresholds, measured=measured)
+        return thresholds, measured
+
+    return Gating(calibrate=calibrate), (lambda: Gating(thresholds=found["thresholds"]))
+
+
+def _regions(path: Path, entries: list[dict]) -> dict[str, int]:
+    """sha256 of each weight's bytes -> its offset in ``path``."""
+    blob = np.memmap(path, dtype=np.uint8, mode="r") if entries else None
+    found = {}
+    for entry in entries:
+        digest = hashlib.sha256(blob[entry["offset"]:entry["offset"] + entry["nbytes"]]).hexdigest()
+        found.setdefault(f"{digest}:{entry['nbytes']}", entry["offset"])
+    return found
+
+
+def merge_weights(main: Path, main_entries: list[dict], other: Path, other_entries: list[dict]) -> list[dict]:
+    """Appends ``other``'s weights to the ``main`` weights file, except those ``main``
+    already holds byte for byte; returns ``other``'s entries with offsets into ``main``."""
+    known = _regions(main, main_entries)
+    blob = np.memmap(other, dtype=np.uint8, mode="r") if other_entries else None
+    merged = []
+    with open(main, "ab") as handle:
+        offset = handle.tell()
+        for entry in other_entries:
+            data = blob[entry["offset"]:entry["offset"] + entry["nbytes"]]
+            key = f"{hashlib.sha256(data).hexdigest()}:{entry['nbytes']}"
+            if key not in known:
+                padding = -offset % ALIGNMENT
+                handle.write(b"\0" * padding)
+                offset += padding
+                handle.write(data.tobytes())
+                known[key] = offset
+                offset += entry["nbytes"]
+            merged.append({**entry, "offset": known[key]})
+    return merged
+
+
+def compile_decoder(options, model: onnx.ModelProto, target, progress: Progress) -> dict:
+    """Compiles a decode graph and its prefill graph into one artifact; returns a summary."""
+    from compiler.driver import artifact_bytes, build_graph, input_signature
+
+    start = time.perf_counter()
+    spec = decoding_metadata(model)
+    if options.shapes:
+        raise SparseccError("a decoder's shapes are fixed at export (--max-context, --prefill-len); drop --shape.")
+    source = Path(options.model).parent
+    prefill_path = source / spec["prefill_model"]
+    if not prefill_path.exists():
+        raise SparseccError(f"{options.model} is a decode step, but its prefill step {prefill_path} is missing; export it again.")
+    with progress.step(f"loading {prefill_path}"):
+        prefill = load_model(prefill_path)
+    prefill_gating, decode_gating = _gating(options, prefill, spec, progress)
+    dump_root = Path(options.dump_dir) if options.dump_dir else None
+    explanations: list[str] = []
+    staging = staging_dir(options.output)
+    try:
+        prefill_stage = staging / "prefill"
+        prefill_stage.mkdir()
+        prefill_inputs = input_signature(prefill, {})
+        progress("prefill graph")
+        prefill_graph = build_graph(options, prefill, prefill_inputs, target, prefill_gating, prefill_stage,
+                                    dump_root / "prefill" if dump_root else None, explanations, progress)
+        decode_inputs = input_signature(model, {})
+        progress("decode graph")
+        decode_graph = build_graph(options, model, decode_inputs, target, decode_gating(), staging,
+                                   dump_root / "decode" if dump_root else None, explanations, progress)
+        built = decode_graph["built"]
+        prefill_weights = merge_weights(staging / built["weights_file"], built["weights"],
+                                        prefill_stage / prefill_graph["built"]["weights_file"], prefill_graph["built"]["weights"])
+        os.replace(prefill_stage / prefill_graph["built"]["library"], staging / PREFILL_LIBRARY)
+        shutil.rmtree(prefill_stage)
+        tokenizer = None
+        if spec.get("tokenizer"):
+            if not (source / spec["tokenizer"]).exists():
+                raise SparseccError(f"{options.model} names the tokenizer {spec['tokenizer']}, which is missing; export it again.")
+            shutil.copyfile(source / spec["tokenizer"], staging / TOKENIZER)
+            tokenizer = TOKENIZER
+        decoding = {key: spec[key] for key in ("max_context", "prefill_len", "layers", "kv_heads", "head_dim",
+                                               "vocab_size", "eos_token_ids")}
+        report = decode_graph["report"]
+        manifest = Manifest(
+            sparsecc_version=__version__,
+            target=built["target"],
+            inputs=decode_inputs,
+            outputs=decode_graph["outputs"],
+            weights=[WeightSpec.from_dict(entry) for entry in built["weights"]],
+            files={},
+            library=built["library"],
+            weights_file=built["weights_file"],
+            summary={
+                "source": os.path.abspath(options.model),
+                "linear_layers": len(report.layers),
+                "weight_sparsity": report.sparsity,
+                "activation_sparsity_target": options.activation_sparsity,
+                "compile_seconds": time.perf_counter() - start,
+                "input_ranges": {"input_ids": [0, spec["vocab_size"]], "position": [0, spec["max_context"]]},
+            },
+            graphs={"prefill": {
+                "library": PREFILL_LIBRARY,
+                "inputs": [t.to_dict() for t in prefill_inputs],
+                "outputs": [t.to_dict() for t in prefill_graph["outputs"]],
+                "weights": prefill_weights,
+            }},
+            decoding={**decoding, "tokenizer": tokenizer},
+        )
+        write_artifact(options.output, manifest, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {
+        "artifact": str(options.output),
+        "seconds": time.perf_counter() - start,
+        "weight_sparsity": report.sparsity,
+        "artifact_bytes": artifact_bytes(options.output),
+        "explanations": explanations if options.explain else [],
+    }

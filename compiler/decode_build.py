@@ -64,10 +64,44 @@ def _gating(options, prefill: onnx.ModelProto, spec: dict, progress: Progress):
             feeds.append(feed)
         progress(f"calibrating {len(gated_inputs(model))} gates on {len(feeds)} windows of {length} tokens of {options.calib}")
         thresholds, measured = calibrate_thresholds(model, sorted(gated_inputs(model)), feeds, options.activation_sparsity)
-        found.update(thresholds=thresholds, measured=measured)
+        found.update(_by_weight(model, thresholds, measured))
         return thresholds, measured
 
-    return Gating(calibrate=calibrate), (lambda: Gating(thresholds=found["thresholds"]))
+    def reuse(model: onnx.ModelProto):
+        """The prefill graph's gates for the decode graph, matched by the weights each
+        gated tensor feeds (a few tensor names differ between the two exports)."""
+        from passes.insert_activation_gates import gated_inputs
+
+        thresholds, measured = {}, {}
+        for tensor, nodes in gated_inputs(model).items():
+            key = _weights_key(model, nodes)
+            if key in found:
+                thresholds[tensor], measured[tensor] = found[key]
+        return thresholds, measured
+
+    return Gating(calibrate=calibrate), (lambda: Gating(calibrate=reuse))
+
+
+def _weights_key(model: onnx.ModelProto, nodes: list) -> tuple[str, ...]:
+    """The sha256 of each weight the linear ``nodes`` read, sorted: a gated tensor's
+    identity that survives the exporter's different constant names."""
+    from passes.analyze_sparsity import constant_weight
+    from passes.base import Graph
+
+    graph = Graph(model.graph)
+    digests = []
+    for node in nodes:
+        found = constant_weight(node.input[1], graph)
+        digests.append(hashlib.sha256(np.ascontiguousarray(found[0]).tobytes()).hexdigest() if found else node.input[1])
+    return tuple(sorted(digests))
+
+
+def _by_weight(model: onnx.ModelProto, thresholds: dict, measured: dict) -> dict:
+    """(weights read from the tensor) -> (threshold, measured sparsity), per gated tensor."""
+    from passes.insert_activation_gates import gated_inputs
+
+    return {_weights_key(model, nodes): (thresholds[tensor], measured.get(tensor))
+            for tensor, nodes in gated_inputs(model).items() if tensor in thresholds}
 
 
 def _regions(path: Path, entries: list[dict]) -> dict[str, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from typing import Callable
 
@@ -20,7 +21,7 @@ def generate_text(artifact: str, prompt: str, max_new_tokens: int, temperature: 
     pieces = model.generate(prompt, max_new_tokens, temperature, top_k, seed)
     first = next(pieces)  # checks the prompt and settings before anything is printed
     echo(prompt, nl=False)
-    for piece in (first, *pieces):
+    for piece in itertools.chain([first], pieces):
         echo(piece.text, nl=False)
         sys.stdout.flush()
     echo("")

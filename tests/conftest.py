@@ -11,6 +11,10 @@ os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 import numpy as np
 import pytest
 
+# The full TVM (with the compiler) first: a runtime call before any compile would load it
+# runtime-only (runtime/tvm_runtime.py), and the compiler cannot run in that process.
+import tvm  # noqa: F401,E402
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds")

@@ -240,6 +240,22 @@ def bench_kernels(quick, json_path, plot_path):
     run_kernel_bench(quick, json_path, plot_path, Progress())
 
 
+@bench.command(name="decode")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the results as JSON here.")
+@click.option("--workdir", default="bench-decode", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the exported models and artifacts (reused by later runs).")
+@click.option("--rounds", default=7, show_default=True, type=int, help="Timed rounds; the median is reported.")
+@click.option("--tokens", default=32, show_default=True, type=int, help="Tokens generated per round.")
+def bench_decode(json_path, workdir, rounds, tokens):
+    """SmolLM2-135M decode tokens per second: transformers, onnxruntime and ours dense and
+    sparse, batch 1, fp32, in one run."""
+    from compiler.bench_decode import describe, run_decode_bench
+    from compiler.progress import Progress
+
+    for line in describe(run_decode_bench(workdir, rounds, tokens, json_path, Progress())):
+        click.echo(line)
+
+
 @cli.command()
 @click.option("--workdir", default="sparsecc-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the exported model and the artifact.")

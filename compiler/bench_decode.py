@@ -1,0 +1,254 @@
+"""``sparsecc bench decode``: SmolLM2-135M decode tokens per second, batch 1, fp32.
+
+Five variants, measured in one process and one run:
+
+- transformers eager (what a user runs by default; its own KV cache),
+- onnxruntime on our dense decode graph (the same loop as ours: prefill graph, then the
+  decode step with the cache in numpy arrays),
+- ours dense,
+- ours with 50 % unstructured magnitude pruning and 40 % activation sparsity,
+- ours with 70 % 16x1-block magnitude pruning and 50 % activation sparsity
+  (gates calibrated on pydoc text).
+
+Every variant generates the same number of tokens greedily after the same prompt; only
+the decode steps are timed. Rounds alternate between the variants, with a pause before
+each so the previous runtime's spinning worker threads are idle, and the median of the
+rounds is reported. SmolLM2's weights (540 MB) are far larger than the last-level cache,
+so every step reads them from DRAM.
+
+``ideal_speedup`` is the bytes of weights a token reads, dense over this variant: each
+linear layer's bytes in its cheapest format (``sparsecc inspect``) times the fraction of
+its inputs the gate keeps; the tied 576 x 49152 output projection stays dense and ungated
+and bounds it. The embedding lookup reads one row and is left out of both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from compiler.progress import Progress
+
+PROMPT = "The history of the Python programming language"
+SETTLE_SECONDS = 0.2
+MAX_CONTEXT = 256
+#: (variant, pruning, activation sparsity); pruning is None, ("magnitude", level) or
+#: ("block", level) with 16x1 blocks (16 outputs that read one input).
+OURS = (
+    ("ours dense", None, None),
+    ("ours 50% unstructured + 40% activations", ("magnitude", 0.5), 0.4),
+    ("ours 70% 16x1 blocks + 50% activations", ("block", 0.7), 0.5),
+)
+GOALS = {"ours dense": 1.0, "ours 50% unstructured + 40% activations": 1.4, "ours 70% 16x1 blocks + 50% activations": 2.2}
+BLOCK = 16
+LOCK_FILE = "/tmp/sparsecc-bench.lock"
+
+
+def prune_blocks(model, level: float, block: int = BLOCK) -> int:
+    """Zeros ``level`` of each prunable layer's ``block`` x 1 blocks (``block`` outputs
+    that read one input) with the smallest L1 norm, as ``torch.nn.utils.prune`` masks."""
+    import torch
+    import torch.nn.utils.prune as prune
+
+    from compiler.export import prunable_layers
+
+    count = 0
+    for _, module in prunable_layers(model):
+        weight = module.weight.detach()
+        out_features, in_features = weight.shape
+        if out_features % block:
+            continue
+        norms = weight.abs().reshape(out_features // block, block, in_features).sum(1)
+        drop = int(round(level * norms.numel()))
+        threshold = norms.flatten().kthvalue(drop).values if drop else -1.0
+        keep = (norms > threshold).to(weight.dtype)
+        prune.custom_from_mask(module, "weight", torch.repeat_interleave(keep, block, dim=0))
+        count += 1
+    return count
+
+
+def _export(work: Path, name: str, pruning, progress: Progress) -> Path:
+    from compiler.decode_export import export_decoder
+    from compiler.export import load_torch_model, prune_magnitude, resolve_source
+
+    path = work / f"{name}.onnx"
+    if path.exists():
+        return path
+    model = load_torch_model("smollm2-135m", progress=progress)
+    if pruning and pruning[0] == "magnitude":
+        prune_magnitude(model, pruning[1])
+    elif pruning:
+        prune_blocks(model, pruning[1])
+    export_decoder(model, str(path), MAX_CONTEXT, 8, {"sparsecc.source": "smollm2-135m"},
+                   Path(resolve_source("smollm2-135m", progress)), progress)
+    return path
+
+
+def _ideal_bytes(onnx_path: Path, activation_sparsity: float | None, vocab_size: int) -> tuple[float, float]:
+    """(dense bytes, this variant's bytes) of linear weights read per token."""
+    from compiler.driver import inspect
+
+    dense = variant = 0.0
+    for layer in inspect(str(onnx_path))["layers"]:
+        dense += layer["dense_bytes"]
+        if layer["shape"][1] == vocab_size:
+            variant += layer["dense_bytes"]  # the tied output projection: dense, ungated
+        else:
+            variant += min(layer["best_bytes"], layer["dense_bytes"]) * (1 - (activation_sparsity or 0.0))
+    return dense, variant
+
+
+class _OnnxRuntimeDecoder:
+    """Our decode loop on onnxruntime: the dense prefill and decode graphs, cache in numpy."""
+
+    def __init__(self, decode_path: Path, spec: dict):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = os.cpu_count() or 1
+        self.prefill = ort.InferenceSession(str(decode_path.with_name(spec["prefill_model"])), options,
+                                            providers=["CPUExecutionProvider"])
+        self.decode = ort.InferenceSession(str(decode_path), options, providers=["CPUExecutionProvider"])
+        self.spec = spec
+        shape = (1, spec["kv_heads"], spec["max_context"], spec["head_dim"])
+        self.cache = {f"past_{kind}_{i}": np.zeros(shape, np.float32) for i in range(spec["layers"]) for kind in ("key", "value")}
+
+    def _step(self, session, ids: np.ndarray, position: int) -> np.ndarray:
+        logits, keys, values = session.run(None, {"input_ids": ids, "position": np.array([position], np.int64), **self.cache})
+        count = ids.shape[1]
+        for layer in range(self.spec["layers"]):
+            self.cache[f"past_key_{layer}"][0, :, position:position + count] = keys[layer]
+            self.cache[f"past_value_{layer}"][0, :, position:position + count] = values[layer]
+        return logits[0]
+
+    def generate(self, prompt: list[int], new_tokens: int) -> tuple[list[int], float]:
+        length = self.spec["prefill_len"]
+        for start in range(0, len(prompt), length):
+            chunk = prompt[start:start + length]
+            ids = np.zeros((1, length), np.int64)
+            ids[0, :len(chunk)] = chunk
+            last = self._step(self.prefill, ids, start)[len(chunk) - 1]
+        tokens, seconds, position = [int(last.argmax())], 0.0, len(prompt)
+        for _ in range(new_tokens - 1):
+            begin = time.perf_counter()
+            last = self._step(self.decode, np.array([[tokens[-1]]], np.int64), position)[0]
+            seconds += time.perf_counter() - begin
+            tokens.append(int(last.argmax()))
+            position += 1
+        return tokens, seconds
+
+
+def _transformers_generate(model, prompt: list[int], new_tokens: int) -> tuple[list[int], float]:
+    """Greedy decoding in transformers eager with its dynamic KV cache; decode steps timed."""
+    import torch
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        cache = DynamicCache()
+        out = model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True)
+        tokens, seconds = [int(out.logits[0, -1].argmax())], 0.0
+        for _ in range(new_tokens - 1):
+            begin = time.perf_counter()
+            out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+            seconds += time.perf_counter() - begin
+            tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens, seconds
+
+
+@contextlib.contextmanager
+def _timing_lock(progress: Progress):
+    """Holds ``LOCK_FILE`` while timing, so two benchmarks on a shared machine never time at
+    once (the build before it needs no lock)."""
+    import fcntl
+
+    with open(LOCK_FILE, "a") as handle:
+        progress(f"waiting for {LOCK_FILE}")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_decode_bench(workdir: str, rounds: int, new_tokens: int, json_path: str | None, progress: Progress) -> dict:
+    """Builds (once, cached in ``workdir``) and times the five variants; returns the report."""
+    import torch
+
+    import runtime
+    from compiler.decode_export import decoding_metadata
+    from compiler.driver import CompileOptions, compile_model
+    from compiler.export import load_tokenizer, load_torch_model
+    from compiler.onnx_io import load_model
+
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    models, ideal = {}, {}
+    for name, pruning, activation in OURS:
+        stem = {None: "dense", "magnitude": "unstructured50", "block": "block70"}[pruning[0] if pruning else None]
+        onnx_path = _export(work, stem, pruning, progress)
+        artifact = work / f"{stem}.sccx"
+        if not artifact.exists():
+            compile_model(CompileOptions(str(onnx_path), str(artifact), activation_sparsity=activation,
+                                         calib="pydoc" if activation else None, calib_tokens=1024), progress)
+        models[name] = runtime.load(artifact)
+        ideal[name] = _ideal_bytes(onnx_path, activation, models[name].vocab_size)
+    dense_onnx = work / "dense.onnx"
+    spec = decoding_metadata(load_model(dense_onnx))
+    onnxruntime = _OnnxRuntimeDecoder(dense_onnx, spec)
+    torch.set_num_threads(os.cpu_count() or 1)
+    eager = load_torch_model("smollm2-135m", progress=progress)
+    eager.config.use_cache = True
+    prompt = load_tokenizer("smollm2-135m")(PROMPT)["input_ids"]
+
+    def ours(model):
+        tokens = list(model.generate_ids(prompt, new_tokens, stop_at_eos=False))
+        return tokens, model.stats.decode_seconds
+
+    runs = {"transformers eager": lambda: _transformers_generate(eager, prompt, new_tokens),
+            "onnxruntime dense": lambda: onnxruntime.generate(prompt, new_tokens)}
+    runs.update({name: (lambda m=model: ours(m)) for name, model in models.items()})
+    tokens = {name: run()[0] for name, run in runs.items()}  # warm-up, and the texts
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    with _timing_lock(progress), progress.step(f"timing {len(runs)} variants, {rounds} rounds of {new_tokens} tokens"):
+        for _ in range(rounds):
+            for name, run in runs.items():
+                time.sleep(SETTLE_SECONDS)
+                _, seconds = run()
+                rates[name].append((new_tokens - 1) / seconds)
+    medians = {name: float(np.median(values)) for name, values in rates.items()}
+    base = medians["onnxruntime dense"]
+    dense_bytes = ideal["ours dense"][0]
+    items = []
+    for name, rate in medians.items():
+        item = {"variant": name, "tokens_per_s": rate, "speedup_vs_onnxruntime": rate / base,
+                "ideal_speedup": dense_bytes / ideal[name][1] if name in ideal else 1.0,
+                "same_tokens_as_transformers": tokens[name] == tokens["transformers eager"]}
+        if name in ideal:
+            item["weight_mb_read_per_token"] = ideal[name][1] / 1e6
+            item["fraction_of_ideal"] = item["speedup_vs_onnxruntime"] / item["ideal_speedup"]
+            item["goal_speedup_vs_onnxruntime"] = GOALS[name]
+        items.append(item)
+    report = {"model": "smollm2-135m", "batch": 1, "dtype": "float32", "prompt": PROMPT, "new_tokens": new_tokens,
+              "rounds": rounds, "threads": os.cpu_count(), "max_context": MAX_CONTEXT, "results": items,
+              "texts": {name: load_tokenizer("smollm2-135m").decode(t) for name, t in tokens.items()}}
+    if json_path:
+        path = Path(json_path)
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(path)
+    return report
+
+
+def describe(report: dict) -> list[str]:
+    lines = [f"{'variant':42} {'tokens/s':>9} {'vs ORT':>7} {'ideal':>6} {'of ideal':>9} {'goal':>6}"]
+    for item in report["results"]:
+        goal = f">={item['goal_speedup_vs_onnxruntime']:.1f}x" if "goal_speedup_vs_onnxruntime" in item else ""
+        share = f"{item['fraction_of_ideal']:.0%}" if "fraction_of_ideal" in item else ""
+        lines.append(f"{item['variant']:42} {item['tokens_per_s']:9.1f} {item['speedup_vs_onnxruntime']:6.2f}x "
+                     f"{item['ideal_speedup']:5.2f}x {share:>9} {goal:>6}")
+    return lines

@@ -125,16 +125,6 @@ def _measure(model, inputs: dict[str, np.ndarray]) -> dict:
     return {"calls": first}
 
 
-def _uninstrumented_seconds(model, inputs) -> float:
-    model.run(inputs)
-    times = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        model.run(inputs)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def _estimate(calls: list[dict], hardware: dict, weight_bytes: int) -> dict:
     from targets.hardware import value
 
@@ -178,7 +168,7 @@ def profile(manifest, options, progress) -> dict:
     model._check_inputs(inputs)
     with progress.step(f"profiling {options.artifact} ({REPEATS} instrumented runs)"):
         measured = _measure(model, inputs)
-        plain = _uninstrumented_seconds(model, inputs)
+        plain = model.time(inputs, REPEATS)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     calls = measured["calls"]
     operators: dict[str, dict] = {}

@@ -32,6 +32,7 @@ DOMAIN = "ai.sparsecc.cpu"
 PANEL_MATMUL = "PanelMatMul"
 SPARSE_MATMUL = "CpuSparseMatMul"
 GATED_MATMUL = "CpuGatedMatMul"
+PACKED_GATHER = "PackedGather"
 # The most rows of x a sparse or gated kernel takes (decode, small batches).
 SPARSE_MAX_ROWS = 8
 LIFT_MIN_BYTES = 64 * 1024
@@ -148,6 +149,29 @@ def _legalize_sparse_op(node: onnx.NodeProto, model: onnx.ModelProto, graph: Gra
     return nodes
 
 
+def _gather_from_packed(node: onnx.NodeProto, graph: Graph, packed_weights: list[tuple[np.ndarray, str]],
+                        explanations: list[str]) -> onnx.NodeProto:
+    """``Gather(E, ids)`` -> ``PackedGather(pack(E^T), ids)`` when an output projection
+    tied to the embedding table ``E`` already holds ``E^T`` panel-packed.
+
+    Math: row ``v`` of ``E`` is column ``v`` of ``W = E^T``, which the panel layout
+    ``[N / width, K, width]`` stores at ``[v // width, :, v % width]``. The artifact then
+    stores the table once instead of twice (SmolLM2-135M: 113 MB saved).
+    """
+    if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or attribute(node, "axis", 0) != 0:
+        return node
+    table = graph.constant(node.input[0])
+    if table is None or table.ndim != 2 or table.dtype != np.float32:
+        return node
+    for weight, packed in packed_weights:
+        if weight.shape == table.shape[::-1] and np.array_equal(weight.T, table):
+            explanations.append(f"cpu: {node_label(node)} reads the embedding rows from the packed tied output "
+                                f"projection ({packed}); the table is stored once.")
+            return helper.make_node(PACKED_GATHER, [packed, node.input[1]], [node.output[0]], name=node.name,
+                                    domain=DOMAIN, k=int(table.shape[1]), n=int(table.shape[0]))
+    return node
+
+
 def _zero_threshold(model: onnx.ModelProto) -> str:
     """A [1] zero threshold: a relu gate keeps exactly the nonzero inputs."""
     name = "sparsecc_zero_threshold"
@@ -180,9 +204,12 @@ def legalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, n
         model.graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype), list(array.shape)))
         return name
 
+    packed_weights: list[tuple[np.ndarray, str]] = []
+
     def panel_matmul(x: str, weight: np.ndarray, key: tuple, source: str, output: str, name: str) -> onnx.NodeProto:
         if key not in packed_names:
             packed_names[key] = lift(kernels.pack_dense_weight(weight), source)
+            packed_weights.append((weight, packed_names[key]))
         k, n = weight.shape
         return helper.make_node(PANEL_MATMUL, [x, packed_names[key]], [output], name=name + "_panel",
                                 domain=DOMAIN, k=int(k), n=int(n))
@@ -213,6 +240,7 @@ def legalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, n
             new_nodes.append(helper.make_node("Add", [matmul_out, node.input[2]], [output], name=(node.name or output) + "_bias"))
         explanations.append(f"cpu: {node_label(node)} [{k}x{n}] -> panel-packed dense kernel.")
 
+    new_nodes = [_gather_from_packed(node, graph, packed_weights, explanations) for node in new_nodes]
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
     remove_unused_initializers(model.graph)

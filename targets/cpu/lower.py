@@ -14,7 +14,7 @@ import onnx
 
 from runtime.errors import SparseccError
 from targets.cpu import kernels, sparse_kernels
-from targets.cpu.legalize import GATED_MATMUL, PANEL_MATMUL, SPARSE_MATMUL
+from targets.cpu.legalize import GATED_MATMUL, PACKED_GATHER, PANEL_MATMUL, SPARSE_MATMUL
 
 
 def _panel_matmul_converter(function_cache: dict):
@@ -40,6 +40,33 @@ def _panel_matmul_converter(function_cache: dict):
             return relax.op.reshape(y, shape[:-1] + [n])
 
     return PanelMatMul
+
+
+def _packed_gather_converter():
+    from tvm import te
+    import tvm.relax.frontend.onnx.onnx_frontend as onnx_frontend
+
+    class PackedGather(onnx_frontend.OnnxOpConverter):
+        """Rows ``ids`` of a table stored as its transpose in the panel layout
+        (``legalize._gather_from_packed``)."""
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            packed, ids = inputs
+            width = int(packed.ty.shape[2])
+            k = int(attr["k"])
+            shape = [int(d) for d in ids.ty.shape]
+
+            def gather(table, index):
+                return te.compute(
+                    (*shape, k),
+                    lambda *i: table[index[i[:-1]] // width, i[-1], index[i[:-1]] % width],
+                    name="packed_gather",
+                )
+
+            return bb.emit_te(gather, packed, ids, primfunc_name_hint="packed_gather")
+
+    return PackedGather
 
 
 def _text(value) -> str:
@@ -110,7 +137,8 @@ def _custom_converters():
 
     original = onnx_frontend._get_convert_map
     cache: dict = {}
-    converters = {PANEL_MATMUL: _panel_matmul_converter(cache), **_sparse_converters(cache)}
+    converters = {PANEL_MATMUL: _panel_matmul_converter(cache), PACKED_GATHER: _packed_gather_converter(),
+                  **_sparse_converters(cache)}
     onnx_frontend._get_convert_map = lambda: {**original(), **converters}
     try:
         yield
@@ -122,7 +150,7 @@ def supported_ops() -> set[str]:
     """ONNX op types the TVM importer can convert, plus ours."""
     import tvm.relax.frontend.onnx.onnx_frontend as onnx_frontend
 
-    return set(onnx_frontend._get_convert_map()) | {PANEL_MATMUL, SPARSE_MATMUL, GATED_MATMUL}
+    return set(onnx_frontend._get_convert_map()) | {PANEL_MATMUL, SPARSE_MATMUL, GATED_MATMUL, PACKED_GATHER}
 
 
 def unsupported_ops(model: onnx.ModelProto) -> list[str]:

@@ -80,6 +80,19 @@ def compiled(tmp_path_factory, exported):
     return make
 
 
+@pytest.fixture(scope="session")
+def decoder(tmp_path_factory):
+    """tiny-llama exported with --decode (cache of 64) and compiled: (onnx path, artifact)."""
+    from compiler.driver import CompileOptions, compile_model
+    from compiler.export import ExportOptions, export
+
+    root = tmp_path_factory.mktemp("decoder")
+    onnx_path = root / "tiny.onnx"
+    export(ExportOptions("tiny-llama", str(onnx_path), decode=True, max_context=64), progress=lambda *_: None)
+    compile_model(CompileOptions(str(onnx_path), str(root / "tiny.sccx")))
+    return onnx_path, root / "tiny.sccx"
+
+
 @pytest.fixture
 def token_ids():
     return np.random.default_rng(0).integers(0, 512, size=(1, 16)).astype(np.int64)

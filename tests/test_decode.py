@@ -19,19 +19,6 @@ from runtime.errors import SparseccError
 PROMPT = np.random.default_rng(0).integers(0, 512, 11).tolist()
 
 
-@pytest.fixture(scope="module")
-def decoder(tmp_path_factory):
-    """tiny-llama exported with --decode (cache of 64) and compiled: (onnx path, artifact)."""
-    from compiler.driver import CompileOptions, compile_model
-    from compiler.export import ExportOptions, export
-
-    root = tmp_path_factory.mktemp("decoder")
-    onnx_path = root / "tiny.onnx"
-    export(ExportOptions("tiny-llama", str(onnx_path), decode=True, max_context=64), progress=lambda *_: None)
-    compile_model(CompileOptions(str(onnx_path), str(root / "tiny.sccx")))
-    return onnx_path, root / "tiny.sccx"
-
-
 def transformers_greedy(source: str, prompt: list[int], new_tokens: int) -> list[int]:
     import torch
 

@@ -138,10 +138,12 @@ def merge_weights(main: Path, main_entries: list[dict], other: Path, other_entri
 
 def compile_decoder(options, model: onnx.ModelProto, target, progress: Progress) -> dict:
     """Compiles a decode graph and its prefill graph into one artifact; returns a summary."""
-    from compiler.driver import artifact_bytes, build_graph, input_signature
+    from compiler.driver import artifact_bytes, build_graph, input_signature, weight_size
 
     start = time.perf_counter()
     spec = decoding_metadata(model)
+    original = onnx.ModelProto()
+    original.CopyFrom(model)
     if options.shapes:
         raise SparseccError("a decoder's shapes are fixed at export (--max-context, --prefill-len); drop --shape.")
     source = Path(options.model).parent
@@ -195,6 +197,7 @@ def compile_decoder(options, model: onnx.ModelProto, target, progress: Progress)
                 "activation_sparsity_target": options.activation_sparsity,
                 "compile_seconds": time.perf_counter() - start,
                 "input_ranges": {"input_ids": [0, spec["vocab_size"]], "position": [0, spec["max_context"]]},
+                **weight_size(original, (staging / built["weights_file"]).stat().st_size),
             },
             graphs={"prefill": {
                 "library": PREFILL_LIBRARY,

@@ -117,3 +117,32 @@ def test_wrong_inputs_are_refused(compiled, feeds, message):
     model = runtime.load(compiled("tiny-llama", 0.0))
     with pytest.raises(SparseccError, match=message):
         model.run(feeds)
+
+
+def test_cpu_lacking_an_instruction_set_is_refused(artifact_copy):
+    """Where LLVM's CPU name is not available (runtime-only TVM), the instruction-set
+    flags recorded at build decide."""
+    data = json.loads((artifact_copy / MANIFEST).read_text())
+    assert data["target"]["isa"], "the build records the host's instruction sets"
+    data["target"]["isa"] = data["target"]["isa"] + ["sve2"]
+    (artifact_copy / MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(SparseccError, match="has instructions this machine lacks \\(sve2\\)"):
+        runtime.load(artifact_copy)
+
+
+def test_decoder_with_an_altered_prefill_library_is_refused(decoder, tmp_path):
+    import shutil
+
+    copy = tmp_path / "decoder.sccx"
+    shutil.copytree(decoder[1], copy)
+    with open(copy / "prefill.so", "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\x00\x01")
+    with pytest.raises(SparseccError, match="prefill.so does not match its sha256"):
+        runtime.load(copy)
+
+
+def test_token_ids_past_the_embedding_table_are_refused(compiled):
+    model = runtime.load(compiled("tiny-llama", 0.0))
+    with pytest.raises(SparseccError, match=r"'input_ids' holds 512, outside the valid range \[0, 511\]"):
+        model.run({"input_ids": np.full((1, 16), 512, np.int64)})

@@ -172,6 +172,18 @@ def _gather_from_packed(node: onnx.NodeProto, graph: Graph, packed_weights: list
     return node
 
 
+def _live_nodes(nodes: list[onnx.NodeProto], graph_outputs: set[str]) -> list[onnx.NodeProto]:
+    """``nodes`` without those whose results nothing reads (a Transpose of a weight that
+    fed a matmul now reading its packed copy), so their weights leave the artifact."""
+    needed = set(graph_outputs)
+    live = []
+    for node in reversed(nodes):
+        if any(output in needed for output in node.output):
+            live.append(node)
+            needed.update(name for name in node.input if name)
+    return live[::-1]
+
+
 def _zero_threshold(model: onnx.ModelProto) -> str:
     """A [1] zero threshold: a relu gate keeps exactly the nonzero inputs."""
     name = "sparsecc_zero_threshold"
@@ -240,7 +252,8 @@ def legalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, n
             new_nodes.append(helper.make_node("Add", [matmul_out, node.input[2]], [output], name=(node.name or output) + "_bias"))
         explanations.append(f"cpu: {node_label(node)} [{k}x{n}] -> panel-packed dense kernel.")
 
-    new_nodes = [_gather_from_packed(node, graph, packed_weights, explanations) for node in new_nodes]
+    new_nodes = _live_nodes([_gather_from_packed(node, graph, packed_weights, explanations) for node in new_nodes],
+                            {output.name for output in model.graph.output})
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
     remove_unused_initializers(model.graph)

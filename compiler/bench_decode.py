@@ -27,12 +27,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from compiler.progress import Progress
+from runtime.errors import SparseccError
 
 PROMPT = "The history of the Python programming language"
 SETTLE_SECONDS = 0.2
@@ -72,21 +75,39 @@ def prune_blocks(model, level: float, block: int = BLOCK) -> int:
     return count
 
 
-def _export(work: Path, name: str, pruning, progress: Progress) -> Path:
+def build_variant(work: str, stem: str, pruning, activation: float | None) -> None:
+    """Exports and compiles one variant into ``work`` (skipping what exists)."""
     from compiler.decode_export import export_decoder
+    from compiler.driver import CompileOptions, compile_model
     from compiler.export import load_torch_model, prune_magnitude, resolve_source
 
-    path = work / f"{name}.onnx"
-    if path.exists():
-        return path
-    model = load_torch_model("smollm2-135m", progress=progress)
-    if pruning and pruning[0] == "magnitude":
-        prune_magnitude(model, pruning[1])
-    elif pruning:
-        prune_blocks(model, pruning[1])
-    export_decoder(model, str(path), MAX_CONTEXT, 8, {"sparsecc.source": "smollm2-135m"},
-                   Path(resolve_source("smollm2-135m", progress)), progress)
-    return path
+    progress = Progress()
+    path = Path(work) / f"{stem}.onnx"
+    if not path.exists():
+        model = load_torch_model("smollm2-135m", progress=progress)
+        if pruning and pruning[0] == "magnitude":
+            prune_magnitude(model, pruning[1])
+        elif pruning:
+            prune_blocks(model, pruning[1])
+        export_decoder(model, str(path), MAX_CONTEXT, 8, {"sparsecc.source": "smollm2-135m"},
+                       Path(resolve_source("smollm2-135m", progress)), progress)
+        del model
+    artifact = Path(work) / f"{stem}.sccx"
+    if not artifact.exists():
+        compile_model(CompileOptions(str(path), str(artifact), activation_sparsity=activation,
+                                     calib="pydoc" if activation else None, calib_tokens=1024), progress)
+
+
+def _build_in_subprocess(work: Path, stem: str, pruning, activation) -> None:
+    """Builds a variant in a fresh process, so the export's and compiler's memory (several
+    GB for SmolLM2) is returned before the next one and before the timing."""
+    code = (f"from compiler.bench_decode import build_variant; "
+            f"build_variant({str(work)!r}, {stem!r}, {pruning!r}, {activation!r})")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root)
+    if result.returncode != 0:
+        raise SparseccError(f"building the {stem} variant failed (exit code {result.returncode}; its output is above).")
 
 
 def _ideal_bytes(onnx_path: Path, activation_sparsity: float | None, vocab_size: int) -> tuple[float, float]:
@@ -181,7 +202,6 @@ def run_decode_bench(workdir: str, rounds: int, new_tokens: int, json_path: str 
 
     import runtime
     from compiler.decode_export import decoding_metadata
-    from compiler.driver import CompileOptions, compile_model
     from compiler.export import load_tokenizer, load_torch_model
     from compiler.onnx_io import load_model
 
@@ -190,11 +210,10 @@ def run_decode_bench(workdir: str, rounds: int, new_tokens: int, json_path: str 
     models, ideal = {}, {}
     for name, pruning, activation in OURS:
         stem = {None: "dense", "magnitude": "unstructured50", "block": "block70"}[pruning[0] if pruning else None]
-        onnx_path = _export(work, stem, pruning, progress)
-        artifact = work / f"{stem}.sccx"
+        onnx_path, artifact = work / f"{stem}.onnx", work / f"{stem}.sccx"
         if not artifact.exists():
-            compile_model(CompileOptions(str(onnx_path), str(artifact), activation_sparsity=activation,
-                                         calib="pydoc" if activation else None, calib_tokens=1024), progress)
+            with progress.step(f"building {name} (export and compile, in a subprocess)"):
+                _build_in_subprocess(work, stem, pruning, activation)
         models[name] = runtime.load(artifact)
         ideal[name] = _ideal_bytes(onnx_path, activation, models[name].vocab_size)
     dense_onnx = work / "dense.onnx"

@@ -45,12 +45,15 @@ def _gating(options, prefill: onnx.ModelProto, spec: dict, progress: Progress):
     if gating is None or gating.thresholds is not None:
         return gating, (lambda: gating)
     found: dict = {}
+    # Only the metadata (which tokenizer) is needed later; the graph itself can be freed.
+    metadata = onnx.ModelProto()
+    metadata.metadata_props.extend(prefill.metadata_props)
 
     def calibrate(model: onnx.ModelProto):
         from compiler.calibration import _text_tokens
         from passes.insert_activation_gates import calibrate_thresholds, gated_inputs
 
-        tokens = _text_tokens(options.calib, prefill, spec["vocab_size"])
+        tokens = _text_tokens(options.calib, metadata, spec["vocab_size"])
         length = spec["prefill_len"]
         count = max(1, min(len(tokens), options.calib_tokens) // length)
         zeros = np.zeros((1, spec["kv_heads"], spec["max_context"], spec["head_dim"]), np.float32)
@@ -138,12 +141,11 @@ def merge_weights(main: Path, main_entries: list[dict], other: Path, other_entri
 
 def compile_decoder(options, model: onnx.ModelProto, target, progress: Progress) -> dict:
     """Compiles a decode graph and its prefill graph into one artifact; returns a summary."""
-    from compiler.driver import artifact_bytes, build_graph, input_signature, weight_size
+    from compiler.driver import artifact_bytes, build_graph, dense_weight_bytes, input_signature, weight_size
 
     start = time.perf_counter()
     spec = decoding_metadata(model)
-    original = onnx.ModelProto()
-    original.CopyFrom(model)
+    dense_bytes = dense_weight_bytes(model)
     if options.shapes:
         raise SparseccError("a decoder's shapes are fixed at export (--max-context, --prefill-len); drop --shape.")
     source = Path(options.model).parent
@@ -163,6 +165,7 @@ def compile_decoder(options, model: onnx.ModelProto, target, progress: Progress)
         progress("prefill graph")
         prefill_graph = build_graph(options, prefill, prefill_inputs, target, prefill_gating, prefill_stage,
                                     dump_root / "prefill" if dump_root else None, explanations, progress)
+        del prefill  # a few hundred MB for SmolLM2; the decode graph is built next
         decode_inputs = input_signature(model, {})
         progress("decode graph")
         decode_graph = build_graph(options, model, decode_inputs, target, decode_gating(), staging,
@@ -197,7 +200,7 @@ def compile_decoder(options, model: onnx.ModelProto, target, progress: Progress)
                 "activation_sparsity_target": options.activation_sparsity,
                 "compile_seconds": time.perf_counter() - start,
                 "input_ranges": {"input_ids": [0, spec["vocab_size"]], "position": [0, spec["max_context"]]},
-                **weight_size(original, (staging / built["weights_file"]).stat().st_size),
+                **weight_size((staging / built["weights_file"]).stat().st_size, dense_bytes),
             },
             graphs={"prefill": {
                 "library": PREFILL_LIBRARY,

@@ -166,8 +166,7 @@ def compile_model(options: CompileOptions, progress: Progress = SILENT) -> dict:
 
         return compile_decoder(options, model, target, progress)
     inputs = input_signature(model, options.shapes)
-    original = onnx.ModelProto()
-    original.CopyFrom(model)
+    ranges, dense_bytes = input_ranges(model), dense_weight_bytes(model)
     dump_dir = Path(options.dump_dir) if options.dump_dir else None
     explanations: list[str] = []
     gating = gating_for(options, {spec.name: list(spec.shape) for spec in inputs}, progress)
@@ -189,8 +188,8 @@ def compile_model(options: CompileOptions, progress: Progress = SILENT) -> dict:
                 "weight_sparsity": graph["report"].sparsity,
                 "activation_sparsity_target": options.activation_sparsity,
                 "compile_seconds": time.perf_counter() - start,
-                "input_ranges": input_ranges(original),
-                **weight_size(original, sum(entry["nbytes"] for entry in graph["built"]["weights"])),
+                "input_ranges": ranges,
+                **weight_size(sum(entry["nbytes"] for entry in graph["built"]["weights"]), dense_bytes),
             },
         )
         write_artifact(options.output, manifest, staging)
@@ -205,16 +204,20 @@ def compile_model(options: CompileOptions, progress: Progress = SILENT) -> dict:
     }
 
 
-def weight_size(model: onnx.ModelProto, stored_bytes: int) -> dict:
-    """The artifact's weight bytes beside those of the same model's weights stored dense
-    in fp32 (every floating-point initializer once, after folding pruning masks)."""
+def dense_weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the model's weights stored dense in fp32: every floating-point initializer
+    once, pruning masks not counted (they fold into their weights)."""
     from passes.fold_pruning_masks import fold_pruning_masks
 
     folded = fold_pruning_masks(model).model
-    dense = sum(int(np.prod(init.dims)) * 4 for init in folded.graph.initializer
-                if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16))
-    return {"weight_bytes": stored_bytes, "dense_weight_bytes": dense,
-            "weights_vs_dense": stored_bytes / dense if dense else 1.0}
+    return sum(int(np.prod(init.dims)) * 4 for init in folded.graph.initializer
+               if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16))
+
+
+def weight_size(stored_bytes: int, dense_bytes: int) -> dict:
+    """The manifest's size fields: stored weight bytes against the dense fp32 ones."""
+    return {"weight_bytes": stored_bytes, "dense_weight_bytes": dense_bytes,
+            "weights_vs_dense": stored_bytes / dense_bytes if dense_bytes else 1.0}
 
 
 def input_ranges(model: onnx.ModelProto) -> dict[str, list[int]]:

@@ -191,3 +191,24 @@ def test_pruned_and_gated_decoder_matches_onnxruntime(tmp_path):
     for name, expected in zip(("logits", "new_keys", "new_values"), reference):
         np.testing.assert_allclose(ours[name], expected, atol=1e-4, rtol=0)
     assert len(list(model.generate_ids(PROMPT[:9], 8))) >= 1
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_smollm2_greedy_generation_equals_transformers(tmp_path):
+    """SmolLM2-135M dense, exported with --decode and compiled: 24 greedy tokens after a
+    real prompt equal transformers' greedy generate, and the stored tokenizer round-trips."""
+    from compiler.driver import CompileOptions, compile_model
+    from compiler.export import ExportOptions, export, load_tokenizer
+
+    onnx_path = tmp_path / "smollm2.onnx"
+    export(ExportOptions("smollm2-135m", str(onnx_path), decode=True, max_context=64), progress=lambda *_: None)
+    compile_model(CompileOptions(str(onnx_path), str(tmp_path / "smollm2.sccx")))
+    model = runtime.load(tmp_path / "smollm2.sccx")
+    prompt = "The capital of France is"
+    ids = load_tokenizer("smollm2-135m")(prompt)["input_ids"]
+    assert model.tokenizer.encode(prompt) == ids
+    ours = list(model.generate_ids(ids, max_new_tokens=24, stop_at_eos=False))
+    assert ours == transformers_greedy("smollm2-135m", ids, 24)
+    text = "".join(piece.text for piece in model.generate(prompt, max_new_tokens=8))
+    assert text == model.tokenizer.decode(ours[:8])

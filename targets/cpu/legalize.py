@@ -82,13 +82,25 @@ def _gate_as_standard_ops(gate: onnx.NodeProto) -> list[onnx.NodeProto]:
     ]
 
 
-def _rows(model: onnx.ModelProto, tensor: str) -> int | None:
-    """Rows of the matmul reading ``tensor`` (product of all but its last dimension)."""
+# Ops whose output has the rows (all but the last dimension) of their first input.
+ROW_PRESERVING = {"Mul", "Add", "Sub", "Div", "Sigmoid", "Relu", "Tanh", "Neg", "Abs", "Cast", "Erf", "Gelu",
+                  "MatMul", "Gemm", "SparseMatMul", "GatedMatMul", "ActivationGate", "Identity"}
+
+
+def _rows(model: onnx.ModelProto, tensor: str, depth: int = 8) -> int | None:
+    """Rows of the matmul reading ``tensor`` (product of all but its last dimension).
+
+    A pass that changes a tensor's last dimension (``drop_dead_neurons``) drops its shape
+    information; the rows then come from the first input of the ops that made it.
+    """
     for info in list(model.graph.value_info) + list(model.graph.input):
         if info.name == tensor:
             dims = [d.dim_value for d in info.type.tensor_type.shape.dim]
             if dims and all(d > 0 for d in dims):
                 return int(np.prod(dims[:-1]))
+    producer = next((node for node in model.graph.node if tensor in node.output), None)
+    if depth and producer is not None and producer.op_type in ROW_PRESERVING and producer.input:
+        return _rows(model, producer.input[0], depth - 1)
     return None
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from compiler.progress import Progress
+from runtime.decoder import write_cache
 from runtime.errors import SparseccError
 
 PROMPT = "The history of the Python programming language"
@@ -130,21 +131,22 @@ class _OnnxRuntimeDecoder:
     def __init__(self, decode_path: Path, spec: dict):
         import onnxruntime as ort
 
+        import onnx
+
         options = ort.SessionOptions()
         options.intra_op_num_threads = os.cpu_count() or 1
         self.prefill = ort.InferenceSession(str(decode_path.with_name(spec["prefill_model"])), options,
                                             providers=["CPUExecutionProvider"])
         self.decode = ort.InferenceSession(str(decode_path), options, providers=["CPUExecutionProvider"])
         self.spec = spec
-        shape = (1, spec["kv_heads"], spec["max_context"], spec["head_dim"])
-        self.cache = {f"past_{kind}_{i}": np.zeros(shape, np.float32) for i in range(spec["layers"]) for kind in ("key", "value")}
+        self.cache = {value.name: np.zeros([d.dim_value for d in value.type.tensor_type.shape.dim], np.float32)
+                      for value in onnx.load(str(decode_path), load_external_data=False).graph.input if value.name.startswith("past_")}
 
     def _step(self, session, ids: np.ndarray, position: int) -> np.ndarray:
         logits, keys, values = session.run(None, {"input_ids": ids, "position": np.array([position], np.int64), **self.cache})
-        count = ids.shape[1]
-        for layer in range(self.spec["layers"]):
-            self.cache[f"past_key_{layer}"][0, :, position:position + count] = keys[layer]
-            self.cache[f"past_value_{layer}"][0, :, position:position + count] = values[layer]
+        layers = range(self.spec["layers"])
+        write_cache([self.cache[f"past_key_{i}"] for i in layers], [self.cache[f"past_value_{i}"] for i in layers],
+                    keys, values, position, ids.shape[1])
         return logits[0]
 
     def generate(self, prompt: list[int], new_tokens: int) -> tuple[list[int], float]:

@@ -56,14 +56,14 @@ def _gating(options, prefill: onnx.ModelProto, spec: dict, progress: Progress):
         tokens = _text_tokens(options.calib, metadata, spec["vocab_size"])
         length = spec["prefill_len"]
         count = max(1, min(len(tokens), options.calib_tokens) // length)
-        zeros = np.zeros((1, spec["kv_heads"], spec["max_context"], spec["head_dim"]), np.float32)
         feeds = []
         for i in range(count):
             window = tokens[i * length:(i + 1) * length]
             if len(window) < length:
                 break
             feed = {"input_ids": window.reshape(1, length), "position": np.zeros(1, np.int64)}
-            feed.update({value.name: zeros for value in model.graph.input if value.name.startswith("past_")})
+            feed.update({value.name: np.zeros([d.dim_value for d in value.type.tensor_type.shape.dim], np.float32)
+                         for value in model.graph.input if value.name.startswith("past_")})
             feeds.append(feed)
         progress(f"calibrating {len(gated_inputs(model))} gates on {len(feeds)} windows of {length} tokens of {options.calib}")
         thresholds, measured = calibrate_thresholds(model, sorted(gated_inputs(model)), feeds, options.activation_sparsity)

@@ -3,8 +3,11 @@
 One torch module, ``LlamaStep``, runs ``T`` new tokens at positions ``p .. p+T-1`` against
 a key/value cache of fixed size ``C`` (``--max-context``) that the runtime owns:
 
-    inputs   input_ids [1, T], position [1] (= p), past_key_i / past_value_i [1, kv, C, d]
+    inputs   input_ids [1, T], position [1] (= p), past_key_i [1, kv, d, C], past_value_i [1, kv, C, d]
     outputs  logits [1, T, vocab], new_keys / new_values [layers, kv, T, d]
+
+The key cache is stored transposed (``[d, C]`` per head) so that the scores ``q @ K^T``
+read it as it lies; a ``[C, d]`` key cache costs a transpose copy per layer and step.
 
 Attention of a new token at position ``p + i`` covers the cache slots ``< p`` (a mask on
 ``arange(C) < p``) and the new tokens ``<= i``: scores against the cache and against the
@@ -88,7 +91,7 @@ def llama_step(model, max_context: int):
                 past_key, past_value = cache[2 * index], cache[2 * index + 1]
                 # Query heads grouped by the key/value head they share (GQA), no copies.
                 q = q.reshape(1, kv_heads, group * tokens, head_dim)
-                past_scores = torch.matmul(q, past_key.transpose(-1, -2)) * self.scale
+                past_scores = torch.matmul(q, past_key) * self.scale
                 past_scores = torch.where(past_visible, past_scores, minimum)
                 new_scores = (torch.matmul(q, k.transpose(-1, -2)) * self.scale).view(1, kv_heads, group, tokens, tokens)
                 new_scores = torch.where(causal, new_scores, minimum).view(1, kv_heads, group * tokens, tokens)
@@ -153,13 +156,14 @@ def export_decoder(model, output: str, max_context: int, prefill_len: int, metad
         shutil.copyfile(tokenizer_dir / "tokenizer.json", tmp)
         tmp.replace(output.with_name(tokenizer_file))
     spec = decoding_spec(model, max_context, prefill_len, prefill_path.name, tokenizer_file)
-    cache_shape = (1, spec["kv_heads"], max_context, spec["head_dim"])
+    key_shape = (1, spec["kv_heads"], spec["head_dim"], max_context)
+    value_shape = (1, spec["kv_heads"], max_context, spec["head_dim"])
     names = cache_names(spec["layers"])
     for path, tokens in ((prefill_path, prefill_len), (output, 1)):
         progress(f"exporting the {'prefill' if tokens > 1 else 'decode'} step ({tokens} token{'s' * (tokens > 1)}, "
                  f"cache of {max_context}) with the dynamo exporter")
         example = (torch.zeros((1, tokens), dtype=torch.int64), torch.zeros((1,), dtype=torch.int64),
-                   *[torch.zeros(cache_shape) for _ in names])
+                   *[torch.zeros(key_shape if "key" in name else value_shape) for name in names])
         role = {"role": "prefill" if tokens > 1 else "decode"}
         export_torch(step, path, example, ["input_ids", "position", *names], ["logits", "new_keys", "new_values"],
                      metadata={**metadata, DECODE_KEY: json.dumps({**spec, **role})})

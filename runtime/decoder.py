@@ -122,8 +122,10 @@ class DecoderModel(CompiledModel):
         self.prefill = CompiledModel(path, prefill_manifest, weight_cache=self._weight_cache)
         tokenizer = decoding.get("tokenizer")
         self.tokenizer = Tokenizer(self.path / tokenizer if tokenizer else None, self.vocab_size)
-        cache_shape = (1, int(decoding["kv_heads"]), self.max_context, int(decoding["head_dim"]))
-        self._cache = [_aligned_zeros(cache_shape) for _ in range(2 * self.layers)]
+        # Keys are cached transposed, [1, kv_heads, head_dim, context] (compiler/decode_export.py).
+        value_shape = (1, int(decoding["kv_heads"]), self.max_context, int(decoding["head_dim"]))
+        key_shape = (1, int(decoding["kv_heads"]), int(decoding["head_dim"]), self.max_context)
+        self._cache = [_aligned_zeros(shape) for _ in range(self.layers) for shape in (key_shape, value_shape)]
         tvm = _tvm()
         self._cache_tensors = [tvm.runtime.from_dlpack(array) for array in self._cache]
         self.generation_lock = threading.Lock()
@@ -137,9 +139,7 @@ class DecoderModel(CompiledModel):
         logits, keys, values = graph.call(args + self._cache_tensors)
         keys, values = keys.numpy(), values.numpy()
         count = ids.shape[1]
-        for layer in range(self.layers):
-            self._cache[2 * layer][0, :, position:position + count] = keys[layer]
-            self._cache[2 * layer + 1][0, :, position:position + count] = values[layer]
+        write_cache(self._cache[0::2], self._cache[1::2], keys, values, position, count)
         return logits.numpy()[0]
 
     def _prefill(self, prompt: list[int]) -> np.ndarray:
@@ -219,6 +219,15 @@ class DecoderModel(CompiledModel):
                 continue
             yield Piece(token, text[len(shown):])
             shown = text
+
+
+def write_cache(key_cache: list[np.ndarray], value_cache: list[np.ndarray], keys: np.ndarray, values: np.ndarray,
+                position: int, count: int) -> None:
+    """Writes the first ``count`` new tokens' keys and values ``[layers, kv, T, d]`` at
+    ``position``: keys into ``[1, kv, d, C]`` caches, values into ``[1, kv, C, d]``."""
+    for layer, (key, value) in enumerate(zip(key_cache, value_cache)):
+        key[0, :, :, position:position + count] = keys[layer, :, :count].transpose(0, 2, 1)
+        value[0, :, position:position + count] = values[layer, :, :count]
 
 
 def _choose(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:

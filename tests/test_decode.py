@@ -234,3 +234,15 @@ def test_block_pruned_decoder_keeps_sparse_kernels_after_dead_neurons_are_droppe
     ours = runtime.load(tmp_path / "b.sccx").run(feeds)["logits"]
     reference = onnxruntime_reference(tmp_path / "b.onnx", feeds)[0]
     np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)
+
+
+def test_inspect_reports_weights_against_dense(decoder, capsys):
+    try:
+        main(["inspect", str(decoder[1])])
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    out = capsys.readouterr().out
+    summary = json.loads((decoder[1] / "manifest.json").read_text())["summary"]
+    # Dense tiny-llama: every weight stored once, fp32 (norm weights stay in the library).
+    assert 0.9 < summary["weights_vs_dense"] <= 1.0
+    assert f"weights_vs_dense: {summary['weights_vs_dense']:.3f}" in out

@@ -216,8 +216,9 @@ def test_smollm2_greedy_generation_equals_transformers(tmp_path):
 
 def test_block_pruned_decoder_keeps_sparse_kernels_after_dead_neurons_are_dropped(tmp_path):
     """90 % 16x1-block pruning leaves whole neurons dead; drop_dead_neurons removes them and
-    the shape information of the tensors it narrows, and the decode step's matmuls must
-    still be recognised as one-row (sparse kernels), not fall back to the dense kernel."""
+    the shape information of the tensors it narrows, and the decode step's matmuls (behind
+    gates, gate/up fused and split) must still be recognised as one-row (sparse kernels),
+    not fall back to the dense kernel."""
     from compiler.bench_decode import prune_blocks
     from compiler.decode_export import export_decoder
     from compiler.driver import CompileOptions, compile_model
@@ -226,13 +227,15 @@ def test_block_pruned_decoder_keeps_sparse_kernels_after_dead_neurons_are_droppe
     model = load_torch_model("tiny-llama")
     assert prune_blocks(model, 0.9) == 14
     export_decoder(model, str(tmp_path / "b.onnx"), 16, 8, {"sparsecc.source": "tiny-llama"}, None, lambda *_: None)
-    summary = compile_model(CompileOptions(str(tmp_path / "b.onnx"), str(tmp_path / "b.sccx"), explain=True))
+    summary = compile_model(CompileOptions(str(tmp_path / "b.onnx"), str(tmp_path / "b.sccx"), explain=True,
+                                           dump_dir=str(tmp_path / "dump"), activation_sparsity=0.3, calib="pydoc",
+                                           calib_tokens=128))
     assert any("drop_dead_neurons" in line and "drops" in line for line in summary["explanations"])
     assert not [line for line in summary["explanations"] if "unknown rows" in line]
     feeds = {spec.name: np.zeros(spec.shape, spec.dtype) for spec in runtime.load(tmp_path / "b.sccx").inputs}
     feeds["input_ids"] = np.array([[3]], np.int64)
     ours = runtime.load(tmp_path / "b.sccx").run(feeds)["logits"]
-    reference = onnxruntime_reference(tmp_path / "b.onnx", feeds)[0]
+    reference = onnxruntime_reference(sorted((tmp_path / "dump" / "decode").glob("*.onnx"))[-1], feeds)[0]
     np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)
 
 

@@ -82,9 +82,11 @@ def _gate_as_standard_ops(gate: onnx.NodeProto) -> list[onnx.NodeProto]:
     ]
 
 
-# Ops whose output has the rows (all but the last dimension) of their first input.
+# Ops whose output has the rows (all but the last dimension) of their first input (Split
+# and Slice as the fused gate/up projection uses them: along the last axis). A wrong
+# guess would only pick a slower kernel: every kernel is built for the real shape.
 ROW_PRESERVING = {"Mul", "Add", "Sub", "Div", "Sigmoid", "Relu", "Tanh", "Neg", "Abs", "Cast", "Erf", "Gelu",
-                  "MatMul", "Gemm", "SparseMatMul", "GatedMatMul", "ActivationGate", "Identity"}
+                  "MatMul", "Gemm", "SparseMatMul", "GatedMatMul", "ActivationGate", "Identity", "Split", "Slice"}
 
 
 def _rows(model: onnx.ModelProto, tensor: str, depth: int = 8) -> int | None:

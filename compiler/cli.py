@@ -113,7 +113,8 @@ def inspect(model, as_json):
 
 @cli.command(name="compile")
 @click.argument("model", type=click.Path())
-@click.option("-t", "--target", default="cpu", show_default=True, help="cpu, cuda or neuro:<chip>.")
+@click.option("-t", "--target", default="cpu", show_default=True,
+              help="cpu, cuda, or neuro:<chip> where <chip> is seneca, loihi2 or a chip model .toml file.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Artifact folder to write, e.g. model.sccx.")
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=D0,D1,..",
               help="Size of an input with symbolic dimensions; repeat for several inputs.")
@@ -124,7 +125,8 @@ def inspect(model, as_json):
 @click.option("--calib", metavar="CORPUS", help="Calibration data for the gates: 'pydoc', a text file, or an .npz of input arrays.")
 @click.option("--calib-tokens", default=2048, show_default=True, type=int, help="Tokens of text to calibrate on.")
 @click.option("--thresholds", type=click.Path(dir_okay=False), help="JSON file {tensor name: threshold} giving the gates directly.")
-def compile_command(model, target, output, shapes, dump_dir, explain, activation_sparsity, calib, calib_tokens, thresholds):
+@click.option("--chips", default=1, show_default=True, type=int, help="Chips joined side by side for a neuro:<chip> target.")
+def compile_command(model, target, output, shapes, dump_dir, explain, activation_sparsity, calib, calib_tokens, thresholds, chips):
     """Compile MODEL (ONNX) into an artifact folder for a target.
 
     Linear layers whose weights are sparse enough become sparse operators (--explain says
@@ -134,7 +136,7 @@ def compile_command(model, target, output, shapes, dump_dir, explain, activation
     from compiler.progress import Progress
 
     options = driver.CompileOptions(model, output, target, dict(driver.parse_shape(s) for s in shapes), dump_dir, explain,
-                                    activation_sparsity, calib, calib_tokens, thresholds)
+                                    activation_sparsity, calib, calib_tokens, thresholds, chips)
     summary = driver.compile_model(options, Progress())
     for line in summary["explanations"]:
         click.echo(line)

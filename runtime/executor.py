@@ -123,6 +123,7 @@ class CompiledModel:
 # (path, manifest) and offers inputs, outputs, run(inputs) and time(inputs).
 EXECUTORS = {
     "cpu": "runtime.executor:CompiledModel",
+    "neuro": "runtime.neuro:NeuroModel",
 }
 
 

@@ -71,11 +71,17 @@ class LayerCounts:
     chip_crossings: int = 0
     max_link_load: float = 0.0  # per row, the busiest link's packets
     max_hops: int = 0
+    # Without events, every input value goes to every core of the layer; per row.
+    dense_hops: float = 0.0
+    dense_chip_crossings: float = 0.0
+    dense_max_link_load: float = 0.0
 
     def to_dict(self) -> dict:
         return {"rows": self.rows, "events": self.events, "synaptic_ops": self.synaptic_ops.tolist(),
                 "received": self.received.tolist(), "packets": self.packets, "hops": self.hops,
-                "chip_crossings": self.chip_crossings, "max_link_load": self.max_link_load, "max_hops": self.max_hops}
+                "chip_crossings": self.chip_crossings, "max_link_load": self.max_link_load, "max_hops": self.max_hops,
+                "dense_hops": self.dense_hops, "dense_chip_crossings": self.dense_chip_crossings,
+                "dense_max_link_load": self.dense_max_link_load}
 
 
 @dataclass
@@ -158,7 +164,14 @@ class NeuroModel(CompiledModel):
     def reset_counts(self) -> None:
         for layer in self.layers:
             cores = len(layer.spec["placement"]["cores"])
-            layer.counts = LayerCounts(synaptic_ops=np.zeros(cores, np.int64), received=np.zeros(cores, np.int64))
+            inputs_per_source = np.bincount(layer.source_of_input, minlength=layer.pair_hops.shape[1]).astype(np.float64)
+            dense_pairs = np.broadcast_to(inputs_per_source, layer.pair_hops.shape)
+            dense_load = (np.bincount(layer.link_id, weights=dense_pairs.ravel()[layer.link_pair]).max()
+                          if layer.link_id.size else 0.0)
+            layer.counts = LayerCounts(synaptic_ops=np.zeros(cores, np.int64), received=np.zeros(cores, np.int64),
+                                       dense_hops=float((dense_pairs * layer.pair_hops).sum()),
+                                       dense_chip_crossings=float((dense_pairs * layer.pair_crossings).sum()),
+                                       dense_max_link_load=float(dense_load))
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Runs the model once, event by event; returns ``{output name: array}``."""

@@ -64,8 +64,12 @@ class NeuroTarget(CpuTarget):
     def __init__(self, chip: str, chips: int = 1):
         self.chip = load_chip(chip, chips)
         self._layers = self._placements = self._instructions = None
+        self._vocabulary = None
 
     def legalize(self, model: onnx.ModelProto):
+        from compiler.calibration import embedding_rows
+
+        self._vocabulary = embedding_rows(model)
         model, layers, instructions, explanations = extract_layers(model)
         placements, placed = place(layers, self.chip)
         # The CPU legalisation turns the remaining gates into standard ops and lifts
@@ -121,4 +125,5 @@ class NeuroTarget(CpuTarget):
             "program_weights": [name for name, _, _ in lowered.weights],
             "layers": layers,
             "cores_used": sum(len(p.cores) for p in self._placements),
+            "vocabulary": self._vocabulary,
         }}

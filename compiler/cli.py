@@ -125,7 +125,7 @@ def inspect(model, as_json):
 @click.option("--calib", metavar="CORPUS", help="Calibration data for the gates: 'pydoc', a text file, or an .npz of input arrays.")
 @click.option("--calib-tokens", default=2048, show_default=True, type=int, help="Tokens of text to calibrate on.")
 @click.option("--thresholds", type=click.Path(dir_okay=False), help="JSON file {tensor name: threshold} giving the gates directly.")
-@click.option("--chips", default=1, show_default=True, type=int, help="Chips joined side by side for a neuro:<chip> target.")
+@click.option("--chips", default=1, show_default=True, type=int, help="Chips joined into one mesh (a near-square grid of chips) for a neuro:<chip> target.")
 def compile_command(model, target, output, shapes, dump_dir, explain, activation_sparsity, calib, calib_tokens, thresholds, chips):
     """Compile MODEL (ONNX) into an artifact folder for a target.
 

@@ -16,15 +16,15 @@ When the program reaches a synaptic layer it calls back into :class:`NeuroModel`
 Turning the counts into time and energy is the profiler's job
 (``targets.neuro.cost``); this module only needs numpy and the TVM runtime.
 
-Mesh geometry: chips sit side by side along x; inside a chip, core ``i`` is at
-``(i % columns, i // columns)``. Events entering from the host arrive at core 0. Input
+Mesh geometry: inside a chip, core ``i`` is at ``(i % columns, i // columns)``; several
+chips are tiled as a near-square grid of chips into one mesh (``chip_grid``). Events entering from the host arrive at core 0. Input
 ``k`` of a layer with ``K`` inputs is produced by source core ``sources[k * S // K]``,
 where ``sources`` are the ``S`` cores of the layer whose controllers computed it.
 """
 
 from __future__ import annotations
 
-import os
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,11 +36,24 @@ CALLBACK = "sparsecc_neuro_linear"
 _ACTIVE: list = []  # the model whose run is in progress (the callback has no other context)
 
 
+def chip_grid(chip: dict) -> tuple[int, int]:
+    """(chips per row, rows of chips): several chips are tiled as a near-square grid."""
+    across = math.ceil(math.sqrt(chip["chips"]))
+    return across, math.ceil(chip["chips"] / across)
+
+
 def core_xy(chip: dict, core: int) -> tuple[int, int]:
     """Mesh coordinates of ``core`` in the whole system."""
     chip_index, local = divmod(core, chip["cores_per_chip"])
     y, x = divmod(local, chip["columns"])
-    return chip_index * chip["columns"] + x, y
+    chip_y, chip_x = divmod(chip_index, chip_grid(chip)[0])
+    return chip_x * chip["columns"] + x, chip_y * chip["rows"] + y
+
+
+def chip_crossings(chip: dict, source: int, destination: int) -> int:
+    """Chip boundaries an XY-routed packet crosses."""
+    (x, y), (tx, ty) = core_xy(chip, source), core_xy(chip, destination)
+    return abs(x // chip["columns"] - tx // chip["columns"]) + abs(y // chip["rows"] - ty // chip["rows"])
 
 
 def xy_route(chip: dict, source: int, destination: int) -> list[tuple[int, int, int]]:
@@ -108,7 +121,7 @@ def _routes(chip: dict, cores: list[int], sources: list[int]):
         for s, source in enumerate(sources):
             links = xy_route(chip, source, core)
             hops[c, s] = len(links)
-            crossings[c, s] = abs(core_xy(chip, core)[0] // chip["columns"] - core_xy(chip, source)[0] // chip["columns"])
+            crossings[c, s] = chip_crossings(chip, source, core)
             link_pair.extend([c * len(sources) + s] * len(links))
             link_key.extend(links)
     if link_key:

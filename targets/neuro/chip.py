@@ -63,9 +63,9 @@ def load_chip(name_or_path: str, chips: int = 1) -> dict:
 
     Args:
         name_or_path: a built-in name or a path to a user's chip model.
-        chips: how many chips are joined into one system; they are tiled side by side
-            along the mesh's x axis, so the system is a ``chips * columns`` by ``rows`` mesh
-            whose links between chips cost ``interchip_hop_pj``.
+        chips: how many chips are joined into one system; they are tiled as a near-square
+            grid into one mesh whose links between chips cost ``interchip_hop_pj``
+            (``runtime.neuro.chip_grid``).
 
     Raises:
         SparseccError: for an unknown or malformed model, a missing, non-positive or

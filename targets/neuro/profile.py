@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import SparseccError
+from runtime.neuro import chip_grid, core_xy
 from targets.neuro.cost import COMPONENTS, estimate
 
 
@@ -73,12 +74,11 @@ def profile(manifest, options, progress) -> dict:
 
 def _mesh(report: dict, values: list[float]) -> np.ndarray:
     chip = report["chip"]
-    columns, rows = chip["columns"], chip["rows"]
-    grid = np.zeros((rows, columns * chip["chips"]))
+    across, down = chip_grid(chip)
+    grid = np.zeros((down * chip["rows"], across * chip["columns"]))
     for core, value in enumerate(values):
-        chip_index, local = divmod(core, chip["cores_per_chip"])
-        y, x = divmod(local, columns)
-        grid[y, chip_index * columns + x] = value
+        x, y = core_xy(chip, core)
+        grid[y, x] = value
     return grid
 
 
@@ -97,8 +97,11 @@ def write_plots(report: dict, folder: Path) -> list[str]:
         grid = _mesh(report, values)
         figure, axes = plt.subplots(figsize=(max(4, grid.shape[1] * 0.45 + 2), grid.shape[0] * 0.45 + 1.5))
         image = axes.imshow(grid, cmap="viridis", vmin=0, vmax=max(1e-9, grid.max()))
-        for boundary in range(1, chip["chips"]):
+        across, down = chip_grid(chip)
+        for boundary in range(1, across):
             axes.axvline(boundary * chip["columns"] - 0.5, color="white", linewidth=2)
+        for boundary in range(1, down):
+            axes.axhline(boundary * chip["rows"] - 0.5, color="white", linewidth=2)
         axes.set_title(f"{chip['name']} x{chip['chips']}: {label}", fontsize=9)
         axes.set_xlabel("mesh x")
         axes.set_ylabel("mesh y")

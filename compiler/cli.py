@@ -204,6 +204,22 @@ def profile(artifact, hardware, inputs, json_path, report_dir, plot_dir):
         click.echo(line)
 
 
+@cli.command(name="export-nir")
+@click.argument("artifact", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="NIR file (HDF5) to write.")
+def export_nir_command(artifact, output):
+    """Write the synaptic layers of a neuro:<chip> ARTIFACT as a NIR graph (needs the
+    optional package nir), and say what NIR could not express."""
+    from targets.neuro.nir_export import export_nir
+
+    summary = export_nir(artifact, output)
+    left = summary["left_out"]
+    click.echo(f"wrote {summary['output']}: {summary['linear_layers']} linear layers, {summary['edges']} edges")
+    click.echo(f"left out: {left['graded_gates']} graded activation gates (NIR has no such node; their thresholds are "
+               f"in each Linear node's metadata) and {sum(left['controller_ops'].values())} controller ops "
+               f"({', '.join(f'{op} x{count}' for op, count in sorted(left['controller_ops'].items())) or 'none'})")
+
+
 @cli.group()
 def bench():
     """Benchmarks, measured side by side in one process (see the README's figures)."""

@@ -251,3 +251,39 @@ def test_halving_the_nonzero_weights_halves_synaptic_energy(tmp_path):
         model = compile_neuro(mlp(tmp_path / f"{name}.onnx", [dense * mask]), tmp_path / f"{name}.sccx")
         energies.append(_profile(model, x)[0]["energy_by_component"]["synaptic"])
     assert energies[1] / energies[0] == pytest.approx(0.5, rel=1e-12)
+
+
+# --- NIR export ----------------------------------------------------------------------------------
+
+def test_nir_export_round_trips_the_synaptic_layers(capsys, tmp_path):
+    nir = pytest.importorskip("nir")
+    from test_cli import sparsecc
+
+    rng = np.random.default_rng(6)
+    weights = [rng.standard_normal((32, 48)) * (rng.random((32, 48)) < 0.5), rng.standard_normal((48, 16))]
+    onnx_path = mlp(tmp_path / "m.onnx", weights)
+    (tmp_path / "t.json").write_text(json.dumps({"x": 0.5}))
+    compile_neuro(onnx_path, tmp_path / "m.sccx", small_chip(tmp_path, 4096), thresholds=str(tmp_path / "t.json"))
+    code, out, err = sparsecc(capsys, "export-nir", str(tmp_path / "m.sccx"), "-o", str(tmp_path / "m.nir"))
+    assert code == 0, err
+    assert "2 linear layers" in out and "1 graded activation gates" in out and "Relu x1" in out
+    graph = nir.read(tmp_path / "m.nir")
+    linear = [graph.nodes["layer0"], graph.nodes["layer1"]]
+    assert all(type(node).__name__ == "Linear" for node in linear)
+    for node, weight in zip(linear, weights):
+        np.testing.assert_array_equal(node.weight, weight.astype(np.float32).T)
+    assert linear[0].metadata["sparsecc_gate"] == "threshold"
+    np.testing.assert_allclose(linear[0].metadata["sparsecc_threshold"], [0.5])
+    assert ("input0", "layer0") in graph.edges and ("layer1", "output1") in graph.edges
+
+
+def test_nir_export_without_nir_says_how_to_install_it(capsys, tmp_path, monkeypatch):
+    import sys
+
+    from test_cli import assert_one_sentence_error, sparsecc
+
+    compile_neuro(mlp(tmp_path / "m.onnx", [np.ones((4, 4))]), tmp_path / "m.sccx")
+    monkeypatch.setitem(sys.modules, "nir", None)
+    code, _, err = sparsecc(capsys, "export-nir", str(tmp_path / "m.sccx"), "-o", str(tmp_path / "m.nir"))
+    assert_one_sentence_error(code, err, "pip install nir==1.0.8")
+    assert not (tmp_path / "m.nir").exists()

@@ -59,6 +59,7 @@ class SynapticLayer:
         gate: ``threshold``, ``relu`` or ``none`` (events are then the nonzero inputs).
         threshold: the gate's float32 threshold, [1] or [K]; empty when there is none.
         input: the tensor the layer reads.
+        output: the tensor it writes.
         source_layer: index of the layer whose cores produce that input (their
             controllers ran the ops in between), or -1 when it comes from the host.
     """
@@ -68,6 +69,7 @@ class SynapticLayer:
     gate: str
     threshold: np.ndarray
     input: str
+    output: str
     source_layer: int = -1
 
 
@@ -160,7 +162,7 @@ def extract_layers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Synapt
         if isinstance(found, tuple):
             weight, gate, threshold = found
             index = len(layers)
-            layers.append(SynapticLayer(node_label(node), weight, gate, threshold, node.input[0],
+            layers.append(SynapticLayer(node_label(node), weight, gate, threshold, node.input[0], node.output[0],
                                         owner.get(node.input[0], -1)))
             instructions.append(pending if index == 0 else 0)
             pending = 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -65,6 +66,7 @@ class NeuroTarget(CpuTarget):
         self.chip = load_chip(chip, chips)
         self._layers = self._placements = self._instructions = None
         self._vocabulary = None
+        self._controller_ops: dict[str, int] = {}
 
     def legalize(self, model: onnx.ModelProto):
         from compiler.calibration import embedding_rows
@@ -74,7 +76,8 @@ class NeuroTarget(CpuTarget):
         placements, placed = place(layers, self.chip)
         # The CPU legalisation turns the remaining gates into standard ops and lifts
         # large constants (the embedding table) out of the controllers' program.
-        model, weights, cpu_notes = cpu_legalize.legalize(model)
+        self._controller_ops = dict(Counter(node.op_type for node in model.graph.node if node.op_type != NEURO_LINEAR))
+        model, weights, _ = cpu_legalize.legalize(model)
         self._layers, self._placements, self._instructions = layers, placements, instructions
         return model, weights, explanations + placed
 
@@ -106,6 +109,8 @@ class NeuroTarget(CpuTarget):
             source = self._placements[layer.source_layer].cores if layer.source_layer >= 0 else [0]
             layers.append({
                 "name": layer.name,
+                "input": layer.input,
+                "output": layer.output,
                 "shape": list(layer.weight.shape),
                 "nonzero_weights": int(np.count_nonzero(layer.weight)),
                 "gate": layer.gate,
@@ -126,4 +131,5 @@ class NeuroTarget(CpuTarget):
             "layers": layers,
             "cores_used": sum(len(p.cores) for p in self._placements),
             "vocabulary": self._vocabulary,
+            "controller_ops": self._controller_ops,
         }}

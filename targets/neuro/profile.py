@@ -63,6 +63,8 @@ def profile(manifest, options, progress) -> dict:
     if options.hardware:
         raise SparseccError("a neuro artifact is profiled on the chip model it was compiled for; "
                             "recompile with -t neuro:<chip> to use another one.")
+    if options.report_dir:
+        raise SparseccError("--report (HTML) is not built for neuro artifacts yet; use --json and --plot.")
     with progress.step("simulating event by event"):
         model = runtime.load(options.artifact)
         report = simulate_report(model, options.inputs or default_inputs(manifest))

@@ -171,9 +171,14 @@ def gru_experiment(work: Path, train_steps: int, eval_bytes: int) -> list[dict]:
 
     data = text_bytes()
     split = int(len(data) * 0.9)
-    start = time.perf_counter()
-    weights = train_gru(data[:split], train_steps)
-    print(f"trained the GRU in {time.perf_counter() - start:.0f} s", flush=True)
+    cached = work / f"gru_weights_{train_steps}.npz"
+    if cached.exists():
+        weights = dict(np.load(cached))
+    else:
+        start = time.perf_counter()
+        weights = train_gru(data[:split], train_steps)
+        print(f"trained the GRU in {time.perf_counter() - start:.0f} s", flush=True)
+        np.savez(cached, **weights)
     onnx_path = work / "gru_step.onnx"
     gru_step_onnx(weights, onnx_path)
     calibration = work / "gru_calibration.npz"

@@ -181,6 +181,8 @@ def test_profile_json_and_plots(capsys, tmp_path, exported):
     assert report["bottleneck"] in ("compute", "memory", "traffic")
     assert abs(sum(report["energy_by_component"].values()) - report["energy_j"]) < 1e-12
     assert report["cores_used"] == 15 and len(report["utilisation"]) == 64
+    # Two blocks of (q/k/v, o, gate/up, down) and the head: layers reading one input share a step.
+    assert report["steps"] == 9
     assert max(report["utilisation"]) <= 1.0 and max(report["memory_fill"]) <= 1.0
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["energy.png", "memory.png", "utilisation.png"]
     assert "bottleneck" in out and "latency" in out

@@ -1,7 +1,8 @@
 """From what the simulator counted to time and energy on the chip model.
 
-Per token, each synaptic layer is one timestep of the chip (layers run in order, as the
-data dependences of a token require). On core ``c`` of a layer, with ``s`` synaptic
+Per token, the synaptic layers run in timesteps of the chip: a layer's step is one more
+than the latest step of the layers its input depends on, so layers that read the same
+input (q, k, v; gate and up) share a step, and dependent layers follow one another. On core ``c`` of a layer, with ``s`` synaptic
 operations, ``u`` neuron updates (one per output neuron it holds), ``r`` events received
 and ``i`` controller instructions (the layer's non-synaptic ops, shared by its cores)::
 
@@ -12,6 +13,8 @@ and ``i`` controller instructions (the layer's non-synaptic ops, shared by its c
 
     traffic time   = busiest link's packets * link_cycles_per_event / clock
     step latency   = max(busiest core time, traffic time) + longest route * hop_cycles / clock + barrier
+
+(the busiest core and link over all the layers of the step)
 
 so a step takes as long as its busiest core (or link), not the average. The step's
 bottleneck is whichever of compute, memory and traffic set that maximum; the model's is
@@ -58,18 +61,34 @@ def _core_work(chip: dict, layer: dict, synaptic: np.ndarray, received: np.ndarr
             "neurons": neurons, "instructions": instructions}
 
 
-def _step(chip: dict, work: dict, max_link_load: float, max_hops: float) -> tuple[float, str, np.ndarray]:
-    """(latency, bottleneck class, per-core busy seconds) of one layer's timestep."""
+def _times(chip: dict, work: dict, max_link_load: float, max_hops: float) -> dict:
+    """Seconds of one layer: per core, at its busiest core (compute and memory), on its
+    busiest link, and along its longest route."""
     clock = chip["clock_hz"]
     core_seconds = np.maximum(work["compute"], work["memory"]) / clock
-    traffic = max_link_load * chip["link_cycles_per_event"] / clock
-    busiest = int(np.argmax(core_seconds)) if core_seconds.size else 0
-    candidates = {"compute": work["compute"][busiest] / clock if core_seconds.size else 0.0,
-                  "memory": work["memory"][busiest] / clock if core_seconds.size else 0.0,
-                  "traffic": traffic}
-    bottleneck = max(candidates, key=candidates.get)
-    latency = max(candidates.values()) + max_hops * chip["hop_cycles"] / clock + chip["barrier_s"]
-    return latency, bottleneck, core_seconds
+    busiest = int(np.argmax(core_seconds))
+    return {"cores": core_seconds, "compute": work["compute"][busiest] / clock, "memory": work["memory"][busiest] / clock,
+            "traffic": max_link_load * chip["link_cycles_per_event"] / clock, "route": max_hops * chip["hop_cycles"] / clock}
+
+
+def _steps(chip: dict, layers: list[dict], times: list[dict]) -> tuple[float, dict[str, float]]:
+    """Token latency and its split by bottleneck class.
+
+    Layers in the same step run at once on their own cores; the step lasts as long as
+    its busiest core or link, plus its longest route and the barrier.
+    """
+    latency = 0.0
+    by_class = {"compute": 0.0, "memory": 0.0, "traffic": 0.0}
+    for step in sorted({layer["step"] for layer in layers}):
+        members = [t for layer, t in zip(layers, times) if layer["step"] == step]
+        busiest = max(members, key=lambda t: t["cores"].max())
+        candidates = {"compute": busiest["compute"], "memory": busiest["memory"],
+                      "traffic": max(t["traffic"] for t in members)}
+        bottleneck = max(candidates, key=candidates.get)
+        seconds = candidates[bottleneck] + max(t["route"] for t in members) + chip["barrier_s"]
+        latency += seconds
+        by_class[bottleneck] += seconds
+    return latency, by_class
 
 
 def estimate(target: dict, counts: list[dict]) -> dict:
@@ -85,8 +104,7 @@ def estimate(target: dict, counts: list[dict]) -> dict:
     busy = np.zeros(total_cores)
     energy = dict.fromkeys(COMPONENTS, 0.0)
     dense = dict.fromkeys(COMPONENTS, 0.0)
-    latency = dense_latency = 0.0
-    time_by_class = {"compute": 0.0, "memory": 0.0, "traffic": 0.0}
+    times, dense_times = [], []
     synaptic_ops = events = packets = 0.0
     per_layer = []
     for layer, count in zip(layers, counts):
@@ -95,10 +113,8 @@ def estimate(target: dict, counts: list[dict]) -> dict:
         cores = layer["placement"]["cores"]
         synaptic = np.asarray(count["synaptic_ops"], np.float64)
         work = _core_work(chip, layer, synaptic, np.asarray(count["received"], np.float64), rows)
-        step, bottleneck, core_seconds = _step(chip, work, count["max_link_load"], count["max_hops"])
-        latency += step
-        time_by_class[bottleneck] += step
-        busy[cores] += core_seconds
+        times.append(_times(chip, work, count["max_link_load"], count["max_hops"]))
+        busy[cores] += times[-1]["cores"]
         layer_synaptic = synaptic.sum() / rows
         synaptic_ops += layer_synaptic
         events += count["events"] / rows
@@ -117,24 +133,23 @@ def estimate(target: dict, counts: list[dict]) -> dict:
         dense_work["bytes"] -= dense_per_core * chip["index_bits"] / 8
         dense_work["memory"] = dense_work["bytes"] / chip["sram_bytes_per_cycle"]
         value_share = chip["value_bits"] / chip["event_bits"]
-        dense_step, _, _ = _step(chip, dense_work, count["dense_max_link_load"] * value_share, count["max_hops"])
-        dense_latency += dense_step
+        dense_times.append(_times(chip, dense_work, count["dense_max_link_load"] * value_share, count["max_hops"]))
         dense["synaptic"] += k * n * chip["synaptic_op_pj"] * PJ
         dense["neuron_update"] += n * chip["neuron_update_pj"] * PJ
         dense["noc"] += (count["dense_hops"] * chip["noc_hop_pj"]
                          + count["dense_chip_crossings"] * chip["interchip_hop_pj"]) * value_share * PJ
         dense["memory"] += dense_work["bytes"].sum() * chip["sram_byte_pj"] * PJ
         dense["controller"] += dense_work["instructions"].sum() * chip["controller_instruction_pj"] * PJ
-        per_layer.append({"name": layer["name"], "shape": [k, n], "cores": len(cores), "latency_s": step,
-                          "bottleneck": bottleneck, "synaptic_ops": layer_synaptic, "events": count["events"] / rows,
-                          "input_activity": count["events"] / rows / k})
+        per_layer.append({"name": layer["name"], "shape": [k, n], "cores": len(cores), "step": layer["step"],
+                          "busiest_core_s": float(times[-1]["cores"].max()), "synaptic_ops": layer_synaptic,
+                          "events": count["events"] / rows, "input_activity": count["events"] / rows / k})
+    latency, time_by_class = _steps(chip, layers, times)
+    dense_latency, _ = _steps(chip, layers, dense_times)
     static_power = chip["static_power_w"] * chip["chips"]
     energy["static"] = static_power * latency
     dense["static"] = static_power * dense_latency
     used = sorted({core for layer in layers for core in layer["placement"]["cores"]})
-    utilisation = np.zeros(total_cores)
-    if latency > 0:
-        utilisation = busy / latency
+    utilisation = busy / latency if latency > 0 else busy
     return {
         "latency_s": latency,
         "energy_j": sum(energy.values()),
@@ -143,6 +158,7 @@ def estimate(target: dict, counts: list[dict]) -> dict:
         "events": events,
         "packets": packets,
         "cores_used": len(used),
+        "steps": len({layer["step"] for layer in layers}),
         "utilisation": utilisation.tolist(),
         "bottleneck": max(time_by_class, key=time_by_class.get),
         "time_by_bottleneck_s": time_by_class,

@@ -62,6 +62,9 @@ class SynapticLayer:
         output: the tensor it writes.
         source_layer: index of the layer whose cores produce that input (their
             controllers ran the ops in between), or -1 when it comes from the host.
+        step: the chip timestep of the layer within a token: one more than the latest
+            step of the layers its input depends on, so independent layers that read the
+            same input (q, k and v) run in the same step.
     """
 
     name: str
@@ -71,6 +74,7 @@ class SynapticLayer:
     input: str
     output: str
     source_layer: int = -1
+    step: int = 0
 
 
 def _layer_of(node: onnx.NodeProto, graph: Graph) -> tuple[np.ndarray, str, np.ndarray] | str:
@@ -155,6 +159,7 @@ def extract_layers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Synapt
     instructions: list[int] = []
     explanations: list[str] = []
     owner: dict[str, int] = {}  # tensor -> layer whose phase computed it
+    depth: dict[str, int] = {}  # tensor -> latest step of the synaptic layers it depends on
     pending = 0  # controller work before the first layer runs in its phase
     new_nodes: list[onnx.NodeProto] = []
     for node in model.graph.node:
@@ -163,7 +168,7 @@ def extract_layers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Synapt
             weight, gate, threshold = found
             index = len(layers)
             layers.append(SynapticLayer(node_label(node), weight, gate, threshold, node.input[0], node.output[0],
-                                        owner.get(node.input[0], -1)))
+                                        owner.get(node.input[0], -1), depth.get(node.input[0], 0) + 1))
             instructions.append(pending if index == 0 else 0)
             pending = 0
             has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
@@ -173,6 +178,7 @@ def extract_layers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Synapt
             if has_bias:
                 new_nodes.append(helper.make_node("Add", [output, node.input[2]], [node.output[0]], name=node_label(node) + "_bias"))
             owner[node.output[0]] = index
+            depth[output] = depth[node.output[0]] = depth.get(node.input[0], 0) + 1
             k, n = weight.shape
             explanations.append(f"neuro: {node_label(node)} [{k}x{n}] -> synaptic layer {index} "
                                 f"({np.count_nonzero(weight) / weight.size:.1%} nonzero weights, gate {gate}).")
@@ -185,8 +191,10 @@ def extract_layers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Synapt
             pending += cost
         else:
             instructions[current] += cost
+        reached = max((depth.get(name, 0) for name in node.input), default=0)
         for out in node.output:
             owner[out] = current
+            depth[out] = reached
         new_nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)

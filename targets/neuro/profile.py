@@ -139,7 +139,8 @@ def describe(report: dict) -> list[str]:
     dense = report["dense_equivalent"]
     lines = [
         f"neuromorphic profile on {chip['name']} x{chip['chips']} ({report['cores_used']} of "
-        f"{chip['cores_per_chip'] * chip['chips']} cores used), per token over {report['tokens']} token(s):",
+        f"{chip['cores_per_chip'] * chip['chips']} cores used, {report['steps']} timesteps per token), "
+        f"per token over {report['tokens']} token(s):",
         f"  latency          {report['latency_s'] * 1e6:10.2f} us   (dense equivalent {dense['latency_s'] * 1e6:.2f} us)",
         f"  energy           {report['energy_j'] * 1e6:10.3f} uJ   (dense equivalent {dense['energy_j'] * 1e6:.3f} uJ)",
     ]

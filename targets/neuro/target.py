@@ -118,6 +118,7 @@ class NeuroTarget(CpuTarget):
                 "tables": names,
                 "placement": placement.to_dict(),
                 "source_layer": layer.source_layer,
+                "step": layer.step,
                 "source_cores": source,
                 "controller_instructions": int(self._instructions[index]),
             })

@@ -34,6 +34,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--artifact", action="append", default=[],
+                        help="also time one simulated run of this neuro artifact (e.g. a one-token SmolLM2-135M)")
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -69,8 +71,31 @@ def main() -> None:
             print(f"{rows} token(s): {ops:,} synaptic ops on {results[-1]['cores']} cores in {median * 1e3:.1f} ms "
                   f"-> {ops / median:.3g} per second (goal {GOAL:.0e}: {'met' if ops / median >= GOAL else 'not met'})")
             del model
+    for path in args.artifact:
+        results.append(time_artifact(path, min(args.repeats, 5)))
     if args.json:
         Path(args.json).write_text(json.dumps({"goal": GOAL, "results": results}, indent=2) + "\n")
+
+
+def time_artifact(path: str, repeats: int) -> dict:
+    """Host seconds of one simulated run of an artifact on its default inputs."""
+    import runtime
+    from targets.neuro.profile import default_inputs
+
+    model = runtime.load(path)
+    inputs = default_inputs(model.manifest)
+    model.run(inputs)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _, counts = model.simulate(inputs)
+        times.append(time.perf_counter() - start)
+    ops = int(sum(c.synaptic_ops.sum() for c in counts))
+    median = statistics.median(times)
+    print(f"{path}: {ops:,} synaptic ops on {model.manifest.target['cores_used']} cores in {median:.2f} s "
+          f"-> {ops / median:.3g} per second")
+    return {"artifact": Path(path).name, "cores": model.manifest.target["cores_used"], "synaptic_ops": ops,
+            "median_s": median, "synaptic_ops_per_s": ops / median, "threads": int(os.environ["TVM_NUM_THREADS"])}
 
 
 if __name__ == "__main__":

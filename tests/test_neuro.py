@@ -289,3 +289,30 @@ def test_nir_export_without_nir_says_how_to_install_it(capsys, tmp_path, monkeyp
     code, _, err = sparsecc(capsys, "export-nir", str(tmp_path / "m.sccx"), "-o", str(tmp_path / "m.nir"))
     assert_one_sentence_error(code, err, "pip install nir==1.0.8")
     assert not (tmp_path / "m.nir").exists()
+
+
+# --- SmolLM2-135M on the chip model -----------------------------------------------------------------
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_smollm2_one_token_on_seneca_matches_onnxruntime(tmp_path):
+    """The whole trained model (one-token graph, 50 % pruned) placed on 40 SENECA chips.
+
+    Tolerance as in test_smollm2.py: logits reach ~40, and 576- and 1536-long sums in
+    another order give errors of a few 1e-4; 2e-3 absolute, and the top-1 token must agree.
+    """
+    from compiler.export import ExportOptions, export
+
+    onnx_path = tmp_path / "smollm2.onnx"
+    export(ExportOptions("smollm2-135m", str(onnx_path), prune_magnitude=0.5, seq_len=1), progress=lambda *_: None)
+    with pytest.raises(SparseccError, match=r"needs \d+ cores of seneca but 1 chip\(s\) have 64"):
+        compile_neuro(onnx_path, tmp_path / "one-chip.sccx")
+    model = compile_neuro(onnx_path, tmp_path / "smollm2.sccx", chips=40)
+    ids = np.array([[1542]], np.int64)
+    ours, counts = model.simulate({"input_ids": ids})
+    reference = onnxruntime_reference(onnx_path, {"input_ids": ids})[0]
+    np.testing.assert_allclose(ours["logits"], reference, atol=2e-3, rtol=0)
+    assert ours["logits"].argmax() == reference.argmax()
+    assert len(counts) == 211  # 30 blocks x (q, k, v, o, gate, up, down) and the tied head
+    report = estimate(model.manifest.target, [c.to_dict() for c in counts])
+    assert report["steps"] == 30 * 4 + 1

@@ -4,7 +4,8 @@ Per token, the synaptic layers run in timesteps of the chip: a layer's step is o
 than the latest step of the layers its input depends on, so layers that read the same
 input (q, k, v; gate and up) share a step, and dependent layers follow one another. On core ``c`` of a layer, with ``s`` synaptic
 operations, ``u`` neuron updates (one per output neuron it holds), ``r`` events received
-and ``i`` controller instructions (the layer's non-synaptic ops, shared by its cores)::
+and ``i`` controller instructions (the non-synaptic ops that follow the step, shared by
+all the cores of the step's layers)::
 
     compute cycles = s / lanes + u / lanes + r * cycles_per_event_received + i * cycles_per_instruction
     memory cycles  = bytes / sram_bytes_per_cycle
@@ -44,12 +45,13 @@ PJ = 1e-12
 COMPONENTS = ("synaptic", "neuron_update", "events", "noc", "memory", "controller", "static")
 
 
-def _core_work(chip: dict, layer: dict, synaptic: np.ndarray, received: np.ndarray, rows: int) -> dict:
+def _core_work(chip: dict, layer: dict, synaptic: np.ndarray, received: np.ndarray, rows: int,
+               instructions_per_core: float) -> dict:
     """Per-core cycles and bytes of one layer, per token."""
     placement = layer["placement"]
     neurons = np.diff(np.asarray(placement["columns"], np.float64))
     cores = len(placement["cores"])
-    instructions = np.full(cores, layer["controller_instructions"] / cores / rows)
+    instructions = np.full(cores, instructions_per_core / rows)
     synaptic = synaptic / rows
     received = received / rows
     state = chip["state_bits"] / 8
@@ -107,12 +109,19 @@ def estimate(target: dict, counts: list[dict]) -> dict:
     times, dense_times = [], []
     synaptic_ops = events = packets = 0.0
     per_layer = []
+    # The controller work after a step is elementwise over the neurons of that step's
+    # layers, so it is shared by all of their cores.
+    step_instructions, step_cores = {}, {}
+    for layer in layers:
+        step_instructions[layer["step"]] = step_instructions.get(layer["step"], 0) + layer["controller_instructions"]
+        step_cores[layer["step"]] = step_cores.get(layer["step"], 0) + len(layer["placement"]["cores"])
     for layer, count in zip(layers, counts):
+        instructions_per_core = step_instructions[layer["step"]] / step_cores[layer["step"]]
         rows = max(count["rows"], 1)
         k, n = layer["shape"]
         cores = layer["placement"]["cores"]
         synaptic = np.asarray(count["synaptic_ops"], np.float64)
-        work = _core_work(chip, layer, synaptic, np.asarray(count["received"], np.float64), rows)
+        work = _core_work(chip, layer, synaptic, np.asarray(count["received"], np.float64), rows, instructions_per_core)
         times.append(_times(chip, work, count["max_link_load"], count["max_hops"]))
         busy[cores] += times[-1]["cores"]
         layer_synaptic = synaptic.sum() / rows
@@ -129,7 +138,7 @@ def estimate(target: dict, counts: list[dict]) -> dict:
 
         # The dense equivalent: all K x N weights, every value sent to every core, no events.
         dense_per_core = np.diff(np.asarray(layer["placement"]["columns"], np.float64)) * k
-        dense_work = _core_work(chip, layer, dense_per_core * rows, np.zeros(len(cores)), rows)
+        dense_work = _core_work(chip, layer, dense_per_core * rows, np.zeros(len(cores)), rows, instructions_per_core)
         dense_work["bytes"] -= dense_per_core * chip["index_bits"] / 8
         dense_work["memory"] = dense_work["bytes"] / chip["sram_bytes_per_cycle"]
         value_share = chip["value_bits"] / chip["event_bits"]

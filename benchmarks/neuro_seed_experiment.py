@@ -270,7 +270,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ideal = np.linspace(0, 90, 50)
         axis.plot(ideal, 1 / (1 - ideal / 100), ":", color="grey", label="ideal 1 / (1 - s)")
         axis.axhline(1.9, color="tab:red", linewidth=0.8, linestyle="--", label="paper: up to about 1.9x")
-        axis.set_xlabel("activation sparsity of the gated inputs, measured on held-out text (%)")
+        axis.set_xlabel("sparsity of the gated inputs, held-out text (%)")
         axis.set_ylabel(label)
         axis.set_ylim(0.9, 5.2)
         axis.grid(alpha=0.3)

@@ -145,6 +145,16 @@ def known_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     return shapes
 
 
+def _live_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """The nodes that the graph outputs depend on, in their order."""
+    needed, live = set(outputs), []
+    for node in reversed(nodes):
+        if any(out in needed for out in node.output):
+            live.append(node)
+            needed.update(node.input)
+    return live[::-1]
+
+
 def extract_layers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[SynapticLayer], list[int], list[str]]:
     """Replaces the linear layers with ``NeuroLinear`` nodes.
 
@@ -160,7 +170,7 @@ def extract_layers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Synapt
     explanations: list[str] = []
     owner: dict[str, int] = {}  # tensor -> layer whose phase computed it
     depth: dict[str, int] = {}  # tensor -> latest step of the synaptic layers it depends on
-    pending = 0  # controller work before the first layer runs in its phase
+    phase_of: dict[int, int] = {}  # id of a controller node -> layer whose phase runs it
     new_nodes: list[onnx.NodeProto] = []
     for node in model.graph.node:
         found = _layer_of(node, graph) if _is_linear(node) else None
@@ -169,8 +179,7 @@ def extract_layers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Synapt
             index = len(layers)
             layers.append(SynapticLayer(node_label(node), weight, gate, threshold, node.input[0], node.output[0],
                                         owner.get(node.input[0], -1), depth.get(node.input[0], 0) + 1))
-            instructions.append(pending if index == 0 else 0)
-            pending = 0
+            instructions.append(0)
             has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
             output = node.output[0] + "_synaptic" if has_bias else node.output[0]
             new_nodes.append(helper.make_node(NEURO_LINEAR, [node.input[0]], [output], name=node_label(node),
@@ -185,19 +194,26 @@ def extract_layers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Synapt
             continue
         if isinstance(found, str):
             explanations.append(f"neuro: {node_label(node)} runs on the controllers: {found}.")
-        cost = controller_instructions(node, shapes)
         current = len(layers) - 1
-        if current < 0:
-            pending += cost
-        else:
-            instructions[current] += cost
+        phase_of[id(node)] = max(current, 0)  # work before the first layer joins its phase
         reached = max((depth.get(name, 0) for name in node.input), default=0)
         for out in node.output:
             owner[out] = current
             depth[out] = reached
         new_nodes.append(node)
+    # Nodes whose outputs are no longer used (the Transpose that fed a tied head its
+    # weight) leave the program; nodes of constants only are folded when it is compiled.
+    # Neither costs the controllers anything.
+    live = _live_nodes(new_nodes, {out.name for out in model.graph.output})
+    constant = {init.name for init in model.graph.initializer} | set(graph.constant_nodes)
+    for node in live:
+        if node.domain != DOMAIN and id(node) in phase_of:
+            if all(name in constant or not name for name in node.input):
+                constant.update(node.output)
+            elif layers:
+                instructions[phase_of[id(node)]] += controller_instructions(node, shapes)
     del model.graph.node[:]
-    model.graph.node.extend(new_nodes)
+    model.graph.node.extend(live)
     if not any(opset.domain == DOMAIN for opset in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     if not layers:

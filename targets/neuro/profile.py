@@ -97,7 +97,8 @@ def write_plots(report: dict, folder: Path) -> list[str]:
     for name, values, label in (("utilisation.png", report["utilisation"], "busy fraction of the token's latency"),
                                 ("memory.png", report["memory_fill"], "fraction of core memory filled")):
         grid = _mesh(report, values)
-        figure, axes = plt.subplots(figsize=(max(4, grid.shape[1] * 0.45 + 2), grid.shape[0] * 0.45 + 1.5))
+        scale = min(0.45, 8.0 / max(grid.shape))  # inches per core, at most 8 inches of mesh
+        figure, axes = plt.subplots(figsize=(max(4, grid.shape[1] * scale + 2), max(2.5, grid.shape[0] * scale + 1.5)))
         image = axes.imshow(grid, cmap="viridis", vmin=0, vmax=max(1e-9, grid.max()))
         across, down = chip_grid(chip)
         for boundary in range(1, across):

@@ -110,6 +110,7 @@ class _Layer:
     pair_crossings: np.ndarray  # [cores, sources]
     link_pair: np.ndarray  # for every (pair, link) on a route: the flat pair index
     link_id: np.ndarray  # ... and the link
+    dense_traffic: dict = field(default_factory=dict)  # LayerCounts' dense_* fields, per row
     counts: LayerCounts = field(default_factory=LayerCounts)
 
 
@@ -171,20 +172,22 @@ class NeuroModel(CompiledModel):
         cores = spec["placement"]["cores"]
         hops, crossings, link_pair, link_id = _routes(self.chip, cores, sources)
         threshold = tensors[spec["threshold"]].numpy() if spec.get("threshold") else None
-        return _Layer(spec, tables, np.diff(row_ptr, axis=1).astype(np.int32), threshold,
-                      (np.arange(k) * len(sources) // k).astype(np.int64), hops, crossings, link_pair, link_id)
+        source_of_input = (np.arange(k) * len(sources) // k).astype(np.int64)
+        # Without events every input value goes to every core of the layer.
+        dense_pairs = np.broadcast_to(np.bincount(source_of_input, minlength=len(sources)).astype(np.float64), hops.shape)
+        dense_traffic = {
+            "dense_hops": float((dense_pairs * hops).sum()),
+            "dense_chip_crossings": float((dense_pairs * crossings).sum()),
+            "dense_max_link_load": float(np.bincount(link_id, weights=dense_pairs.ravel()[link_pair]).max()) if link_id.size else 0.0,
+        }
+        return _Layer(spec, tables, np.diff(row_ptr, axis=1).astype(np.int32), threshold, source_of_input,
+                      hops, crossings, link_pair, link_id, dense_traffic)
 
     def reset_counts(self) -> None:
         for layer in self.layers:
             cores = len(layer.spec["placement"]["cores"])
-            inputs_per_source = np.bincount(layer.source_of_input, minlength=layer.pair_hops.shape[1]).astype(np.float64)
-            dense_pairs = np.broadcast_to(inputs_per_source, layer.pair_hops.shape)
-            dense_load = (np.bincount(layer.link_id, weights=dense_pairs.ravel()[layer.link_pair]).max()
-                          if layer.link_id.size else 0.0)
             layer.counts = LayerCounts(synaptic_ops=np.zeros(cores, np.int64), received=np.zeros(cores, np.int64),
-                                       dense_hops=float((dense_pairs * layer.pair_hops).sum()),
-                                       dense_chip_crossings=float((dense_pairs * layer.pair_crossings).sum()),
-                                       dense_max_link_load=float(dense_load))
+                                       **layer.dense_traffic)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Runs the model once, event by event; returns ``{output name: array}``."""

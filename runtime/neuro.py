@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -142,7 +143,6 @@ class NeuroModel(CompiledModel):
     def __init__(self, path, manifest):
         import tvm
         from tvm.runtime import vm as tvm_vm
-        from pathlib import Path
 
         self.path = Path(path)
         self.manifest = manifest

@@ -27,7 +27,7 @@ from onnx import helper
 
 from passes import sparse_ops
 from passes.analyze_sparsity import linear_weight
-from passes.base import Graph, attribute, gemm_refusal, node_label
+from passes.base import Graph, gemm_refusal, node_label
 
 DOMAIN = "ai.sparsecc.neuro"
 NEURO_LINEAR = "NeuroLinear"

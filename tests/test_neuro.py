@@ -96,6 +96,9 @@ def test_cli_rejects_a_bad_chip_and_chips_on_cpu(capsys, tmp_path):
     code, _, err = sparsecc(capsys, "compile", str(model), "-t", "cpu", "--chips", "2", "-o", str(tmp_path / "a.sccx"))
     assert_one_sentence_error(code, err, "--chips applies to neuro:<chip> targets")
     assert not (tmp_path / "a.sccx").exists()
+    code, out, err = sparsecc(capsys, "compile", str(model), "-t", f"neuro:{small_chip(tmp_path, 4096)}", "-o", str(tmp_path / "a.sccx"))
+    assert code == 0, err
+    assert runtime.load(tmp_path / "a.sccx").chip["memory_bytes"] == 4096
 
 
 # --- mapping ---------------------------------------------------------------------------------

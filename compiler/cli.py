@@ -119,7 +119,8 @@ def inspect(model, as_json):
 
 @cli.command(name="compile")
 @click.argument("model", type=click.Path())
-@click.option("-t", "--target", default="cpu", show_default=True, help="cpu, cuda or neuro:<chip>.")
+@click.option("-t", "--target", default="cpu", show_default=True,
+              help="cpu, cuda, or neuro:<chip> where <chip> is seneca, loihi2 or a chip model .toml file.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Artifact folder to write, e.g. model.sccx.")
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=D0,D1,..",
               help="Size of an input with symbolic dimensions; repeat for several inputs.")
@@ -130,7 +131,8 @@ def inspect(model, as_json):
 @click.option("--calib", metavar="CORPUS", help="Calibration data for the gates: 'pydoc', a text file, or an .npz of input arrays.")
 @click.option("--calib-tokens", default=2048, show_default=True, type=int, help="Tokens of text to calibrate on.")
 @click.option("--thresholds", type=click.Path(dir_okay=False), help="JSON file {tensor name: threshold} giving the gates directly.")
-def compile_command(model, target, output, shapes, dump_dir, explain, activation_sparsity, calib, calib_tokens, thresholds):
+@click.option("--chips", default=1, show_default=True, type=int, help="Chips joined into one mesh (a near-square grid of chips) for a neuro:<chip> target.")
+def compile_command(model, target, output, shapes, dump_dir, explain, activation_sparsity, calib, calib_tokens, thresholds, chips):
     """Compile MODEL (ONNX) into an artifact folder for a target.
 
     Linear layers whose weights are sparse enough become sparse operators (--explain says
@@ -140,7 +142,7 @@ def compile_command(model, target, output, shapes, dump_dir, explain, activation
     from compiler.progress import Progress
 
     options = driver.CompileOptions(model, output, target, dict(driver.parse_shape(s) for s in shapes), dump_dir, explain,
-                                    activation_sparsity, calib, calib_tokens, thresholds)
+                                    activation_sparsity, calib, calib_tokens, thresholds, chips)
     summary = driver.compile_model(options, Progress())
     for line in summary["explanations"]:
         click.echo(line)
@@ -221,6 +223,22 @@ def generate(artifact, prompt, max_new_tokens, temperature, top_k, seed):
     from compiler.generate import generate_text
 
     generate_text(artifact, prompt, max_new_tokens, temperature, top_k, seed, click.echo)
+
+
+@cli.command(name="export-nir")
+@click.argument("artifact", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="NIR file (HDF5) to write.")
+def export_nir_command(artifact, output):
+    """Write the synaptic layers of a neuro:<chip> ARTIFACT as a NIR graph (needs the
+    optional package nir), and say what NIR could not express."""
+    from targets.neuro.nir_export import export_nir
+
+    summary = export_nir(artifact, output)
+    left = summary["left_out"]
+    click.echo(f"wrote {summary['output']}: {summary['linear_layers']} linear layers, {summary['edges']} edges")
+    click.echo(f"left out: {left['graded_gates']} graded activation gates (NIR has no such node; their thresholds are "
+               f"in each Linear node's metadata) and {sum(left['controller_ops'].values())} controller ops "
+               f"({', '.join(f'{op} x{count}' for op, count in sorted(left['controller_ops'].items())) or 'none'})")
 
 
 @cli.group()

@@ -45,6 +45,7 @@ class CompileOptions:
         calib: calibration data: ``pydoc``, a text file, or an ``.npz`` of inputs.
         calib_tokens: tokens of text to calibrate on.
         thresholds: a JSON file ``{tensor name: threshold}`` giving the gates directly.
+        chips: how many chips a ``neuro:<chip>`` target joins.
     """
 
     model: str
@@ -57,6 +58,7 @@ class CompileOptions:
     calib: str | None = None
     calib_tokens: int = 2048
     thresholds: str | None = None
+    chips: int = 1
 
 
 def gating_for(options: CompileOptions, input_shapes: dict[str, list[int]], progress: Progress):
@@ -157,7 +159,7 @@ def compile_model(options: CompileOptions, progress: Progress = SILENT) -> dict:
     from compiler.decode_export import decoding_metadata
     from targets import get_target
 
-    target = get_target(options.target)
+    target = get_target(options.target, options.chips)
     start = time.perf_counter()
     with progress.step(f"loading {options.model}"):
         model = load_model(options.model)

@@ -155,6 +155,7 @@ def check_range(name: str, array: np.ndarray, bounds) -> None:
 # (path, manifest) and offers inputs, outputs, run(inputs) and time(inputs).
 EXECUTORS = {
     "cpu": "runtime.executor:CompiledModel",
+    "neuro": "runtime.neuro:NeuroModel",
 }
 
 

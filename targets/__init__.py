@@ -15,7 +15,7 @@ from runtime.errors import SparseccError
 TARGETS = {
     "cpu": ("targets.cpu", True),
     "cuda": ("targets.cuda", False),
-    "neuro": ("targets.neuro", False),
+    "neuro": ("targets.neuro", True),
 }
 
 
@@ -23,8 +23,9 @@ def target_names() -> list[str]:
     return ["cpu", "cuda", "neuro:<chip>"]
 
 
-def get_target(spec: str):
-    """Returns the target for ``spec`` (``cpu``, ``cuda``, ``neuro:<chip>``).
+def get_target(spec: str, chips: int = 1):
+    """Returns the target for ``spec`` (``cpu``, ``cuda``, ``neuro:<chip>``); ``chips`` is
+    how many chips a neuromorphic target joins.
 
     Raises:
         SparseccError: for an unknown name (listing the choices) or a target not built yet.
@@ -34,6 +35,8 @@ def get_target(spec: str):
         raise SparseccError(f"unknown target {spec!r}; choose one of {', '.join(target_names())}.")
     package, built = TARGETS[name]
     if not built:
-        raise SparseccError(f"target {spec!r} is not built yet; only 'cpu' compiles today (see the README's feature table).")
+        raise SparseccError(f"target {spec!r} is not built yet; only 'cpu' and 'neuro:<chip>' compile today (see the README's feature table).")
+    if chips != 1 and name != "neuro":
+        raise SparseccError(f"--chips applies to neuro:<chip> targets, not {spec!r}.")
     module = importlib.import_module(package)
-    return module.make_target(option) if option else module.make_target()
+    return module.make_target(option, chips) if option else module.make_target()

@@ -25,6 +25,7 @@ where ``sources`` are the ``S`` cores of the layer whose controllers computed it
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,6 +147,7 @@ class NeuroModel(CompiledModel):
 
         self.path = Path(path)
         self.manifest = manifest
+        self.lock = threading.Lock()  # CompiledModel.call serialises calls on it
         target = manifest.target
         host = str(tvm.target.codegen.llvm_get_system_cpu())
         if target.get("mcpu") and target["mcpu"] != host:

@@ -208,12 +208,19 @@ def compile_model(options: CompileOptions, progress: Progress = SILENT) -> dict:
 
 def dense_weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the model's weights stored dense in fp32: every floating-point initializer
-    once, pruning masks not counted (they fold into their weights)."""
-    from passes.fold_pruning_masks import fold_pruning_masks
+    once, pruning masks not counted (they fold into their weights). Reads the model only."""
+    from passes.base import Graph
+    from passes.fold_pruning_masks import check
 
-    folded = fold_pruning_masks(model).model
-    return sum(int(np.prod(init.dims)) * 4 for init in folded.graph.initializer
-               if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16))
+    graph = Graph(model.graph)
+    masks = set()
+    for node in model.graph.node:
+        if node.op_type == "Mul":
+            found = check(node, graph)
+            if not isinstance(found, str):
+                masks.add(found[1])
+    return sum(int(np.prod(init.dims)) * 4 for init in model.graph.initializer
+               if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and init.name not in masks)
 
 
 def weight_size(stored_bytes: int, dense_bytes: int) -> dict:

@@ -148,6 +148,7 @@ class NeuroModel(CompiledModel):
         self.path = Path(path)
         self.manifest = manifest
         self.lock = threading.Lock()  # CompiledModel.call serialises calls on it
+        self._weight_cache = {}  # CompiledModel._load_weights shares weights through it
         target = manifest.target
         host = str(tvm.target.codegen.llvm_get_system_cpu())
         if target.get("mcpu") and target["mcpu"] != host:

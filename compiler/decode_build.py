@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from compiler import __version__
-from compiler.decode_export import decoding_metadata
+from compiler.decode_export import KEY_LAYOUT, decoding_metadata
 from compiler.onnx_io import load_model
 from compiler.progress import Progress
 from runtime.artifact import Manifest, WeightSpec, staging_dir, write_artifact
@@ -181,8 +181,10 @@ def compile_decoder(options, model: onnx.ModelProto, target, progress: Progress)
                 raise SparseccError(f"{options.model} names the tokenizer {spec['tokenizer']}, which is missing; export it again.")
             shutil.copyfile(source / spec["tokenizer"], staging / TOKENIZER)
             tokenizer = TOKENIZER
+        if spec.get("key_layout") != KEY_LAYOUT:
+            raise SparseccError(f"{options.model} was exported by an older sparsecc (another cache layout); export it again.")
         decoding = {key: spec[key] for key in ("max_context", "prefill_len", "layers", "kv_heads", "head_dim",
-                                               "vocab_size", "eos_token_ids")}
+                                               "vocab_size", "eos_token_ids", "key_layout")}
         report = decode_graph["report"]
         manifest = Manifest(
             sparsecc_version=__version__,

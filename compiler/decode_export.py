@@ -30,6 +30,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from runtime.decoder import KEY_LAYOUT
 from runtime.errors import SparseccError
 
 DECODE_KEY = "sparsecc.decode"  # ONNX metadata: the decoding description (JSON)
@@ -123,6 +124,7 @@ def decoding_spec(model, max_context: int, prefill_len: int, prefill_file: str, 
         "head_dim": model.model.layers[0].self_attn.head_dim,
         "vocab_size": config.vocab_size,
         "eos_token_ids": sorted(eos) if isinstance(eos, (list, tuple, set)) else ([] if eos is None else [int(eos)]),
+        "key_layout": KEY_LAYOUT,
         "prefill_model": prefill_file,
         "tokenizer": tokenizer_file,
     }

@@ -25,6 +25,9 @@ from runtime.errors import SparseccError
 from runtime.executor import CompiledModel, check_range
 from runtime.tvm_runtime import tvm as _tvm
 
+# The key cache's layout per layer after the batch axis, as the exporter makes it
+# (compiler/decode_export.py) and this runtime writes it.
+KEY_LAYOUT = "kv_heads,head_dim,context"
 # numpy arrays handed to TVM keep TVM's alignment so its kernels may assume it.
 ALIGNMENT = 64
 
@@ -105,6 +108,8 @@ class DecoderModel(CompiledModel):
 
         super().__init__(path, manifest)
         decoding = manifest.decoding
+        if decoding.get("key_layout") != KEY_LAYOUT:
+            raise SparseccError(f"{path} is a decoder built by an older sparsecc (another cache layout); compile it again.")
         self.max_context = int(decoding["max_context"])
         self.prefill_len = int(decoding["prefill_len"])
         self.layers = int(decoding["layers"])

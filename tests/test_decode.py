@@ -249,3 +249,24 @@ def test_inspect_reports_weights_against_dense(decoder, capsys):
     # Dense tiny-llama: every weight stored once, fp32 (norm weights stay in the library).
     assert 0.9 < summary["weights_vs_dense"] <= 1.0
     assert f"weights_vs_dense: {summary['weights_vs_dense']:.3f}" in out
+
+
+def test_a_decoder_of_another_cache_layout_is_refused(decoder, tmp_path):
+    import shutil
+
+    copy = tmp_path / "old.sccx"
+    shutil.copytree(decoder[1], copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    del data["decoding"]["key_layout"]
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(SparseccError, match="built by an older sparsecc \\(another cache layout\\)"):
+        runtime.load(copy)
+
+
+def test_profile_of_a_decoder_runs_a_step_after_a_real_prompt(decoder):
+    from compiler.profile import ProfileOptions, profile_artifact
+    from compiler.progress import SILENT
+
+    report, _ = profile_artifact(ProfileOptions(str(decoder[1]), hardware=("laptop-x86",)), SILENT)
+    assert report["inputs"]["input_ids"] == [1, 1] and report["calls"] > 0
+    assert any(entry["operator"].startswith("dense_matmul") for entry in report["operators"])

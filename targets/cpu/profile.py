@@ -68,15 +68,21 @@ def _kernel_cost(name: str, args: list, active: float | None) -> tuple[float, fl
 
 
 def default_inputs(model) -> dict[str, np.ndarray]:
-    """Inputs for profiling: token ids from the valid range, a decoder's cache half full
-    of standard normal values (the position in its middle)."""
+    """Inputs for profiling: random token ids from the valid range; for a decoder, the
+    decode step after a real prompt (the start of Python's pydoc text, prefilled by the
+    decoder itself), with the cache it filled."""
     rng = np.random.default_rng(0)
+    if model.manifest.decoding:
+        from compiler.corpus import pydoc_text
+
+        prompt = model.tokenizer.encode(pydoc_text()[:2000])[: model.max_context // 2]
+        token = next(iter(model.generate_ids(prompt, max_new_tokens=1)))
+        feeds = {spec.name: array.copy() for spec, array in zip(model.inputs[2:], model._cache)}
+        return {"input_ids": np.array([[token]], np.int64), "position": np.array([len(prompt)], np.int64), **feeds}
     ranges = model.manifest.summary.get("input_ranges", {})
     feeds = {}
     for spec in model.inputs:
-        if spec.name == "position":
-            feeds[spec.name] = np.full(spec.shape, model.manifest.decoding.get("max_context", 2) // 2, np.int64)
-        elif spec.dtype.startswith("int"):
+        if spec.dtype.startswith("int"):
             low, high = ranges.get(spec.name, (0, 100))
             feeds[spec.name] = rng.integers(low, high, size=spec.shape).astype(spec.dtype)
         else:

@@ -64,7 +64,10 @@ def _packed_gather_converter():
                     name="packed_gather",
                 )
 
-            return bb.emit_te(gather, packed, ids, primfunc_name_hint="packed_gather")
+            # One row of a few hundred values: a serial loop (1 us) beats waking the
+            # thread pool, so the function is marked scheduled and left as it is.
+            return bb.emit_te(gather, packed, ids, primfunc_name_hint="packed_gather",
+                              primfunc_attrs={"tirx.is_scheduled": True})
 
     return PackedGather
 

@@ -6,6 +6,8 @@ compiled function is timed through the VM's instrument hook (``set_instrument``)
 is called before and after each call. The hook itself costs a few microseconds a call;
 the report gives the uninstrumented run time beside the instrumented sum so the reader
 sees that overhead. The model runs ``REPEATS`` times and each operator's median is kept.
+The first parallel kernel of a run also absorbs the wake-up of TVM's thread pool, which
+sleeps between runs here but not between the back-to-back steps of a generation.
 
 Gate sparsity: the gated and dual-sparse kernels take the gate's input and threshold, so
 the fraction of inputs at or below the threshold is the activation sparsity the gate

@@ -421,11 +421,13 @@ def _gate_tensor(model: onnx.ModelProto, tensor: str, threshold: float) -> None:
     model.graph.node.extend(nodes)
 
 
-def _silu_to_relu(model: onnx.ModelProto, block: Mlp) -> None:
-    sigmoid, mul = block.silu
-    x = sigmoid.input[0]
-    relu = helper.make_node("Relu", [x], [block.act], name=(mul.name or block.act) + "_relu")
-    nodes = [relu if node is mul else node for node in model.graph.node if node is not sigmoid]
+def _silu_to_relu(model: onnx.ModelProto, blocks: list[Mlp]) -> None:
+    """Replaces the SiLU (Sigmoid, Mul) of every block by a Relu, in one rewrite."""
+    drop = {id(block.silu[0]) for block in blocks if block.silu}
+    relus = {id(block.silu[1]): helper.make_node("Relu", [block.silu[0].input[0]], [block.act],
+                                                 name=(block.silu[1].name or block.act) + "_relu")
+             for block in blocks if block.silu}
+    nodes = [relus.get(id(node), node) for node in model.graph.node if id(node) not in drop]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
 
@@ -465,10 +467,8 @@ def gate_activations(model: onnx.ModelProto, method: Method, options: SparsifyOp
             _gate_tensor(model, block.act, threshold)
             gates[block.act] = {"threshold": threshold, "calibrated": float((magnitudes <= threshold).mean())}
     else:  # relu
-        for block in blocks:
-            if block.silu is not None:
-                _silu_to_relu(model, block)
-            gates[block.act] = {"threshold": None}
+        _silu_to_relu(model, blocks)
+        gates = {block.act: {"threshold": None} for block in blocks}
     remove_unused_initializers(model.graph)
     # An exact gate (threshold 0) on the down projection's input lets the compiled kernel
     # skip the zeros made upstream.
@@ -523,6 +523,9 @@ def sparsify(options: SparsifyOptions, progress: Progress = SILENT) -> dict:
     if activations is not None:
         with progress.step(f"gating activations: {options.activations}"):
             summary["activation_sparsity"] = gate_activations(model, activations, options, progress)
+        if options.calib:
+            with progress.step("measuring the gates' sparsity on the calibration data"):
+                summary["activation_sparsity"]["measured"] = measure_gate_sparsity(model, calibration(model, options, progress))
     with progress.step(f"writing {options.output}"):
         save_model(model, options.output)
     summary["seconds"] = time.perf_counter() - start

@@ -16,6 +16,10 @@ weight except the output projection (whose result is a model output), y = x @ W,
   |activation| (the down projection's input) and the lowest fraction L removed whole:
   their gate/up columns and down-projection rows become zero (``drop_dead_neurons``
   removes them at compile time).
+* ``functional:L``: as ``seap`` but neurons are scored by FastICA on sampled rows of the
+  down projection's input (32 components, seeded): a neuron's score is its largest
+  loading on a unit-norm independent component, so neurons outside every functional
+  network go first.
 * ``--mask FILE.pt``: a ``torch.nn.utils.prune`` state dict; its ``*_mask`` tensors, in
   order, are matched to the linear layers in graph order by shape ([N, K] transposed).
 
@@ -50,9 +54,12 @@ from passes.base import Graph, attribute, gemm_refusal, remove_unused_initialize
 from passes.insert_activation_gates import gated_inputs, insert_activation_gates, probe_session
 from runtime.errors import SparseccError
 
-WEIGHT_METHODS = ("magnitude", "wanda", "seap")
+WEIGHT_METHODS = ("magnitude", "wanda", "seap", "functional")
 ACTIVATION_METHODS = ("teal", "cats", "relu")
-NOT_BUILT = {"functional": "the ICA-based 'functional' neuron selection"}
+# Independent components per MLP for the 'functional' method, and FastICA's limits.
+ICA_COMPONENTS = 32
+ICA_ITERATIONS = 200
+ICA_TOLERANCE = 1e-4
 # Token rows kept per tensor for TEAL's error estimates and thresholds.
 SAMPLE_ROWS = 512
 TEAL_STEP = 0.05
@@ -74,8 +81,6 @@ def parse_method(text: str, kind: str) -> Method:
     """Parses ``--weights`` (kind "weights") or ``--activations`` (kind "activations")."""
     known = WEIGHT_METHODS if kind == "weights" else ACTIVATION_METHODS
     name, _, rest = text.partition(":")
-    if name in NOT_BUILT:
-        raise SparseccError(f"--{kind} {name}: {NOT_BUILT[name]} is not built yet (built: {', '.join(known)}).")
     if name not in known:
         raise SparseccError(f"--{kind} {text!r}: unknown method {name!r} (choose from {', '.join(known)}).")
     if name == "relu":
@@ -289,6 +294,41 @@ def wanda_mask(scores: np.ndarray, level: float, n: int | None = None, m: int | 
     return mask
 
 
+def _decorrelate(w: np.ndarray) -> np.ndarray:
+    """(W W^T)^(-1/2) W: the symmetric orthogonalisation of FastICA."""
+    values, vectors = np.linalg.eigh(w @ w.T)
+    return (vectors / np.sqrt(np.maximum(values, 1e-12))) @ vectors.T @ w
+
+
+def fast_ica(x: np.ndarray, components: int, seed: int = 0) -> np.ndarray:
+    """Mixing matrix [features, components] of x [samples, features] by parallel FastICA
+    (log-cosh contrast, tanh nonlinearity) after PCA whitening; deterministic for a seed."""
+    x = x - x.mean(axis=0)
+    samples = x.shape[0]
+    _, singular, vt = np.linalg.svd(x, full_matrices=False)
+    components = min(components, int((singular > singular[0] * 1e-6).sum()))
+    whitening = vt[:components] / singular[:components, None] * np.sqrt(samples)
+    z = x @ whitening.T
+    w = _decorrelate(np.random.default_rng(seed).standard_normal((components, components)))
+    for _ in range(ICA_ITERATIONS):
+        g = np.tanh(z @ w.T)
+        updated = _decorrelate(g.T @ z / samples - (1 - g * g).mean(axis=0)[:, None] * w)
+        converged = np.max(np.abs(np.abs(np.sum(updated * w, axis=1)) - 1)) < ICA_TOLERANCE
+        w = updated
+        if converged:
+            break
+    return np.linalg.pinv(w @ whitening)
+
+
+def ica_scores(rows: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Per neuron (column of ``rows``): its largest loading on an independent component
+    (each component's loadings scaled to unit norm): neurons that belong strongly to some
+    functional network score high, those in none score low."""
+    mixing = fast_ica(rows.astype(np.float64), ICA_COMPONENTS, seed)
+    mixing = mixing / np.maximum(np.linalg.norm(mixing, axis=0, keepdims=True), 1e-12)
+    return np.abs(mixing).max(axis=1)
+
+
 def _torch_masks(path: str) -> list[np.ndarray]:
     import torch
 
@@ -336,14 +376,17 @@ def prune_weights(model: onnx.ModelProto, method: Method, options: SparsifyOptio
         for layer in layers:
             weight = get_weight(model, layer)
             set_weight(model, layer, weight * wanda_mask(wanda_scores(weight, stats[layer.input].norms), method.level, method.n, method.m))
-    elif method.name == "seap":
+    elif method.name in ("seap", "functional"):
         blocks = mlp_blocks(model, layers)
         if not blocks:
-            raise SparseccError(f"seap needs gated MLPs (down(act(gate x) * up x)); {options.model} has none.")
-        stats = collect_stats(model, [block.down.input for block in blocks], calibration(model, options, progress), progress)
+            raise SparseccError(f"{method.name} needs gated MLPs (down(act(gate x) * up x)); {options.model} has none.")
+        rows = SAMPLE_ROWS if method.name == "functional" else 0
+        stats = collect_stats(model, [block.down.input for block in blocks], calibration(model, options, progress),
+                              progress, rows, options.seed)
         touched = []
         for block in blocks:
-            scores = stats[block.down.input].mean_abs
+            entry = stats[block.down.input]
+            scores = entry.mean_abs if method.name == "seap" else ica_scores(entry.sample, options.seed)
             drop = np.argsort(scores, kind="stable")[: round(method.level * scores.size)]
             for layer, axis in ((block.gate, 1), (block.up, 1), (block.down, 0)):
                 weight = get_weight(model, layer).copy()

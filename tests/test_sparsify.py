@@ -53,8 +53,9 @@ def test_wanda_2_4_keeps_two_of_every_four_inputs(exported, tmp_path):
     assert_runs(model)
 
 
-def test_seap_removes_whole_neurons(exported, tmp_path):
-    model, summary = run(exported, tmp_path, weights="seap:0.2")
+@pytest.mark.parametrize("method", ["seap", "functional"])
+def test_structured_methods_remove_whole_neurons(exported, tmp_path, method):
+    model, summary = run(exported, tmp_path, weights=f"{method}:0.2")
     blocks = mlp_blocks(model, linear_layers(model))
     assert len(blocks) == 2
     for block in blocks:
@@ -64,6 +65,28 @@ def test_seap_removes_whole_neurons(exported, tmp_path):
         assert not gate[:, dead].any() and not up[:, dead].any()
     assert summary["weight_sparsity"]["sparsity"] == pytest.approx(35 / 176)
     assert_runs(model)
+
+
+def test_functional_is_deterministic_and_differs_from_seap(exported, tmp_path):
+    first, _ = run(exported, tmp_path, "a", weights="functional:0.3", seed=1)
+    second, _ = run(exported, tmp_path, "b", weights="functional:0.3", seed=1)
+    seap, _ = run(exported, tmp_path, "c", weights="seap:0.3")
+    assert first.SerializeToString() == second.SerializeToString()
+    dead = [np.flatnonzero(~get_weight(m, mlp_blocks(m, linear_layers(m))[0].down).any(axis=1)) for m in (first, seap)]
+    assert set(dead[0]) != set(dead[1])
+
+
+def test_fast_ica_recovers_independent_sources():
+    from compiler.sparsify import fast_ica
+
+    rng = np.random.default_rng(0)
+    sources = np.stack([np.sign(np.sin(np.linspace(0, 40, 2000))), rng.laplace(size=2000)], axis=1)
+    mixing = np.array([[1.0, 0.5, 0.2], [0.3, 1.0, 0.8]])
+    estimated = fast_ica(sources @ mixing, 2, seed=0)  # [3 features, 2 components]
+    # each true mixing row is parallel to one estimated column
+    cosines = np.abs((mixing / np.linalg.norm(mixing, axis=1, keepdims=True)) @
+                     (estimated / np.linalg.norm(estimated, axis=0, keepdims=True)))
+    assert np.sort(cosines.max(axis=1)).min() > 0.99
 
 
 def test_same_seed_same_model(exported, tmp_path):
@@ -157,7 +180,6 @@ def test_cli_sparsify_and_eval(capsys, exported, tmp_path):
     (["--weights", "wanda:4:4"], "N:M needs 0 < N < M"),
     (["--weights", "wanda:5:4"], "N:M needs 0 < N < M"),
     (["--weights", "magnitude"], "needs a level"),
-    (["--weights", "functional:0.5"], "is not built yet"),
     (["--activations", "teal:2"], "the level must be in [0, 1)"),
     (["--activations", "relu:0.5"], "takes no level"),
     ([], "nothing to do"),

@@ -243,7 +243,7 @@ def collect_stats(model: onnx.ModelProto, tensors: list[str], feeds: list[dict],
             entry.count += flat.shape[0]
             if per_batch:
                 take = rng.choice(flat.shape[0], min(per_batch, flat.shape[0]), replace=False)
-                entry.rows.append(flat[np.sort(take)])
+                entry.rows.append(flat[np.sort(take)].astype(np.float32))
         if index % max(1, len(feeds) // 10) == 0 or index == len(feeds):
             progress(f"calibration batch {index}/{len(feeds)}: {len(tensors)} tensors")
     return stats

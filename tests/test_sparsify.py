@@ -199,3 +199,25 @@ def test_bad_arguments_are_one_sentence(capsys, exported, tmp_path, args, fragme
 def test_eval_bad_corpus_is_one_sentence(capsys, exported, tmp_path):
     code, _, err = sparsecc(capsys, "eval", str(exported("tiny-llama")), "--corpus", str(tmp_path / "none.txt"))
     assert_one_sentence_error(code, err, "no such file")
+
+
+def test_torch_prune_masks_are_matched_by_shape_and_order(exported, tmp_path, capsys):
+    import torch
+
+    source = load_model(exported("tiny-llama"))
+    layers = linear_layers(source)
+    rng = np.random.default_rng(0)
+    masks = {f"layers.{i}.weight_mask": torch.tensor(rng.random(get_weight(source, layer).T.shape) > 0.3, dtype=torch.float32)
+             for i, layer in enumerate(layers)}
+    masks["layers.0.weight_orig"] = torch.zeros(3)  # not a mask: ignored
+    path = tmp_path / "masks.pt"
+    torch.save(masks, path)
+    model, summary = run(exported, tmp_path, mask=str(path))
+    for i, layer in enumerate(layers):
+        mask = masks[f"layers.{i}.weight_mask"].numpy().T
+        weight = get_weight(model, layer)
+        assert not weight[mask == 0].any() and np.array_equal(weight[mask != 0], get_weight(source, layer)[mask != 0])
+    assert abs(summary["weight_sparsity"]["sparsity"] - 0.3) < 0.02
+    torch.save({"x.weight_mask": torch.ones(7, 5)}, path)
+    code, _, err = sparsecc(capsys, "sparsify", str(exported("tiny-llama")), "-o", str(tmp_path / "x.onnx"), "--mask", str(path))
+    assert_one_sentence_error(code, err, "matches no remaining linear layer")

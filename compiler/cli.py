@@ -159,6 +159,8 @@ def sparsify(model, output, weights, activations, mask, calib, calib_tokens, see
     Zeros stay in the weights and gates become ai.sparsecc ActivationGate ops, so
     onnxruntime runs OUTPUT and 'sparsecc compile' turns it into sparse, gated kernels.
     """
+    import numpy as np
+
     from compiler.progress import Progress
     from compiler.sparsify import SparsifyOptions, sparsify as run_sparsify
 
@@ -170,6 +172,8 @@ def sparsify(model, output, weights, activations, mask, calib, calib_tokens, see
     if act is not None:
         level = act["sparsity"]
         parts.append(f"{len(act['gates'])} activation gates" + (f" ({level:.1%} zeros on calibration data)" if level is not None else ""))
+        if act.get("measured"):
+            parts.append(f"{np.mean(list(act['measured'].values())):.1%} zeros per gate output when the result runs on it")
     click.echo(f"wrote {summary['output']} ({', '.join(parts)}) in {summary['seconds']:.1f} s")
 
 

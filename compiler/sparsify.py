@@ -350,7 +350,7 @@ def apply_masks(model: onnx.ModelProto, layers: list[Linear], path: str) -> list
     """Multiplies the weights by the masks in ``path``, matched in order by shape."""
     masks = [mask for mask in _torch_masks(path) if mask.ndim == 2]
     remaining = list(layers)
-    lines = []
+    matched = []
     for mask in masks:
         want = mask.T.shape  # torch Linear weights are [N, K]
         match = next((layer for layer in remaining if get_weight(model, layer).shape == want), None)
@@ -358,8 +358,8 @@ def apply_masks(model: onnx.ModelProto, layers: list[Linear], path: str) -> list
             raise SparseccError(f"{path}: a mask of shape {list(mask.shape)} matches no remaining linear layer of shape {list(want)} (transposed).")
         remaining = remaining[remaining.index(match) + 1:]
         set_weight(model, match, get_weight(model, match) * (mask.T != 0))
-        lines.append(match.weight)
-    return lines
+        matched.append(match.weight)
+    return matched
 
 
 def prune_weights(model: onnx.ModelProto, method: Method, options: SparsifyOptions, progress: Progress) -> dict:

@@ -151,6 +151,58 @@ def compile_command(model, target, output, shapes, dump_dir, explain, activation
 
 
 @cli.command()
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="ONNX file to write (weights go to OUTPUT.data).")
+@click.option("--weights", metavar="METHOD:LEVEL", help="magnitude:L, wanda:L, wanda:N:M or seap:L (structured MLP neurons).")
+@click.option("--activations", metavar="METHOD:LEVEL", help="teal:L (all linear inputs), cats:L (SiLU outputs) or relu.")
+@click.option("--mask", type=click.Path(dir_okay=False), help="A torch.nn.utils.prune state dict (.pt) whose *_mask tensors prune the weights.")
+@click.option("--calib", metavar="CORPUS", help="Calibration data: 'pydoc', a text file, or an .npz of input arrays.")
+@click.option("--calib-tokens", default=2048, show_default=True, type=int, help="Tokens of text to calibrate on.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for the sampled calibration rows.")
+def sparsify(model, output, weights, activations, mask, calib, calib_tokens, seed):
+    """Prune the weights and gate the activations of MODEL (ONNX); write the result as ONNX.
+
+    Zeros stay in the weights and gates become ai.sparsecc ActivationGate ops, so
+    onnxruntime runs OUTPUT and 'sparsecc compile' turns it into sparse, gated kernels.
+    """
+    import numpy as np
+
+    from compiler.progress import Progress
+    from compiler.sparsify import SparsifyOptions, sparsify as run_sparsify
+
+    summary = run_sparsify(SparsifyOptions(model, output, weights, activations, calib, calib_tokens, seed, mask), Progress())
+    parts = []
+    if "weight_sparsity" in summary:
+        parts.append(f"{summary['weight_sparsity']['sparsity']:.1%} weight sparsity")
+    act = summary.get("activation_sparsity")
+    if act is not None:
+        level = act["sparsity"]
+        parts.append(f"{len(act['gates'])} activation gates" + (f" ({level:.1%} zeros on calibration data)" if level is not None else ""))
+        if act.get("measured"):
+            parts.append(f"{np.mean(list(act['measured'].values())):.1%} zeros per gate output when the result runs on it")
+    click.echo(f"wrote {summary['output']} ({', '.join(parts)}) in {summary['seconds']:.1f} s")
+
+
+@cli.command(name="eval")
+@click.argument("model", type=click.Path())
+@click.option("--corpus", required=True, metavar="FILE|pydoc", help="Text to measure perplexity on.")
+@click.option("--tokens", default=4096, show_default=True, type=int, help="Tokens of text to use (whole windows of the model's length).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def eval_command(model, corpus, tokens, as_json):
+    """Perplexity of MODEL (ONNX, run in onnxruntime, or a compiled artifact) on a corpus,
+    over non-overlapping windows of the model's sequence length."""
+    from compiler.evaluate import perplexity
+    from compiler.progress import Progress
+
+    report = perplexity(model, corpus, tokens, Progress())
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(f"{model}: perplexity {report['perplexity']:.3f} over {report['tokens']} predicted tokens "
+                   f"({report['windows']} windows of {report['window']}) via {report['engine']} in {report['seconds']:.1f} s")
+
+
+@cli.command()
 @click.argument("artifact", type=click.Path())
 @click.option("--input", "inputs", multiple=True, metavar="NAME=FILE.npy", help="An input array; repeat for each input.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help=".npz file for the outputs.")

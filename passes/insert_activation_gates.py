@@ -47,16 +47,9 @@ def gated_inputs(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     return found
 
 
-def calibrate_thresholds(model: onnx.ModelProto, tensors: list[str], feeds: list[dict[str, np.ndarray]],
-                         sparsity: float, seed: int = 0) -> tuple[dict[str, float], dict[str, float]]:
-    """Per-tensor magnitude thresholds reaching ``sparsity`` on ``feeds``.
-
-    The tensors are exposed as extra outputs and the model is run in onnxruntime one
-    batch at a time; only a bounded random sample of each tensor's magnitudes is kept.
-
-    Returns:
-        (thresholds, measured sparsity on the calibration data) per tensor.
-    """
+def probe_session(model: onnx.ModelProto, tensors: list[str]):
+    """An onnxruntime session of a copy of ``model`` that also outputs ``tensors``
+    (graph optimisations off, so every intermediate tensor is computed as written)."""
     import onnxruntime as ort
 
     probe = onnx.ModelProto()
@@ -67,7 +60,20 @@ def calibrate_thresholds(model: onnx.ModelProto, tensors: list[str], feeds: list
             probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def calibrate_thresholds(model: onnx.ModelProto, tensors: list[str], feeds: list[dict[str, np.ndarray]],
+                         sparsity: float, seed: int = 0) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-tensor magnitude thresholds reaching ``sparsity`` on ``feeds``.
+
+    The tensors are exposed as extra outputs and the model is run in onnxruntime one
+    batch at a time; only a bounded random sample of each tensor's magnitudes is kept.
+
+    Returns:
+        (thresholds, measured sparsity on the calibration data) per tensor.
+    """
+    session = probe_session(model, tensors)
     rng = np.random.default_rng(seed)
     samples: dict[str, list[np.ndarray]] = {name: [] for name in tensors}
     per_batch = max(1, SAMPLES_PER_TENSOR // max(1, len(feeds)))

@@ -155,7 +155,7 @@ def compile_command(model, target, output, shapes, dump_dir, explain, activation
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="ONNX file to write (weights go to OUTPUT.data).")
 @click.option("--weights", metavar="METHOD:LEVEL", help="magnitude:L, wanda:L, wanda:N:M or seap:L (structured MLP neurons).")
 @click.option("--activations", metavar="METHOD:LEVEL", help="teal:L (all linear inputs), cats:L (SiLU outputs) or relu.")
-@click.option("--mask", type=click.Path(dir_okay=False), help="A torch.nn.utils.prune state dict (.pt) whose *_mask tensors prune the weights.")
+@click.option("--mask", type=click.Path(dir_okay=False), help="External masks: a torch.nn.utils.prune state dict (.pt, its *_mask tensors) or a compressed-tensors sparse-bitmask checkpoint (.safetensors).")
 @click.option("--calib", metavar="CORPUS", help="Calibration data: 'pydoc', a text file, or an .npz of input arrays.")
 @click.option("--calib-tokens", default=2048, show_default=True, type=int, help="Tokens of text to calibrate on.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for the sampled calibration rows.")

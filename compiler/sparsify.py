@@ -20,8 +20,10 @@ weight except the output projection (whose result is a model output), y = x @ W,
   down projection's input (32 components, seeded): a neuron's score is its largest
   loading on a unit-norm independent component, so neurons outside every functional
   network go first.
-* ``--mask FILE.pt``: a ``torch.nn.utils.prune`` state dict; its ``*_mask`` tensors, in
-  order, are matched to the linear layers in graph order by shape ([N, K] transposed).
+* ``--mask FILE``: external masks (``compiler/mask_files.py``): a ``torch.nn.utils.prune``
+  state dict (``.pt``) or a compressed-tensors ``sparse-bitmask`` checkpoint
+  (``.safetensors``); the masks, in module order, are matched to the linear layers in graph
+  order by shape ([N, K] transposed).
 
 Activation methods (``--activations METHOD:LEVEL``), written as ``ai.sparsecc``
 ``ActivationGate`` nodes that onnxruntime runs and ``sparsecc compile`` fuses:
@@ -48,6 +50,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from compiler.mask_files import read_masks
 from compiler.progress import SILENT, Progress
 from passes import sparse_ops
 from passes.base import Graph, attribute, gemm_refusal, remove_unused_initializers
@@ -329,26 +332,9 @@ def ica_scores(rows: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.abs(mixing).max(axis=1)
 
 
-def _torch_masks(path: str) -> list[np.ndarray]:
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SparseccError(f"{path}: no such file.") from None
-    except Exception as exc:
-        raise SparseccError(f"{path} is not a torch state dict ({type(exc).__name__}).") from None
-    if not isinstance(state, dict):
-        raise SparseccError(f"{path} is not a torch state dict.")
-    masks = [value.detach().cpu().numpy() for key, value in state.items() if str(key).endswith("_mask")]
-    if not masks:
-        raise SparseccError(f"{path} has no *_mask tensors (save the state dict of a model pruned with torch.nn.utils.prune).")
-    return masks
-
-
 def apply_masks(model: onnx.ModelProto, layers: list[Linear], path: str) -> list[str]:
     """Multiplies the weights by the masks in ``path``, matched in order by shape."""
-    masks = [mask for mask in _torch_masks(path) if mask.ndim == 2]
+    masks = read_masks(path)
     remaining = list(layers)
     matched = []
     for mask in masks:
@@ -357,7 +343,7 @@ def apply_masks(model: onnx.ModelProto, layers: list[Linear], path: str) -> list
         if match is None:
             raise SparseccError(f"{path}: a mask of shape {list(mask.shape)} matches no remaining linear layer of shape {list(want)} (transposed).")
         remaining = remaining[remaining.index(match) + 1:]
-        set_weight(model, match, get_weight(model, match) * (mask.T != 0))
+        set_weight(model, match, get_weight(model, match) * mask.T)
         matched.append(match.weight)
     return matched
 
@@ -546,7 +532,7 @@ def sparsify(options: SparsifyOptions, progress: Progress = SILENT) -> dict:
     weights = parse_method(options.weights, "weights") if options.weights else None
     activations = parse_method(options.activations, "activations") if options.activations else None
     if weights is None and activations is None and not options.mask:
-        raise SparseccError("nothing to do: give --weights METHOD:LEVEL, --activations METHOD:LEVEL or --mask FILE.pt.")
+        raise SparseccError("nothing to do: give --weights METHOD:LEVEL, --activations METHOD:LEVEL or --mask FILE.")
     if weights is not None and options.mask:
         raise SparseccError("give either --weights or --mask, not both.")
     if options.calib_tokens < 1:

@@ -221,3 +221,36 @@ def test_torch_prune_masks_are_matched_by_shape_and_order(exported, tmp_path, ca
     torch.save({"x.weight_mask": torch.ones(7, 5)}, path)
     code, _, err = sparsecc(capsys, "sparsify", str(exported("tiny-llama")), "-o", str(tmp_path / "x.onnx"), "--mask", str(path))
     assert_one_sentence_error(code, err, "matches no remaining linear layer")
+
+
+def test_compressed_tensors_bitmask_checkpoint_prunes_like_its_masks(exported, tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    source = load_model(exported("tiny-llama"))
+    layers = linear_layers(source)
+    rng = np.random.default_rng(1)
+    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    tensors, masks = {}, []
+    for i, layer in enumerate(layers):
+        weight = get_weight(source, layer).T  # torch layout [out, in]
+        dense = weight * (rng.random(weight.shape) > 0.4)
+        masks.append(dense != 0)
+        block = "self_attn" if names[i % 7].endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+        prefix = f"model.layers.{i // 7}.{block}.{names[i % 7]}"
+        # written the way compressed-tensors' BitmaskCompressor does
+        tensors[f"{prefix}.shape"] = np.array(dense.shape, np.int64)
+        tensors[f"{prefix}.compressed"] = dense[dense != 0].astype(np.float32)
+        tensors[f"{prefix}.bitmask"] = np.packbits(dense != 0, axis=-1, bitorder="little")
+        counts = (dense != 0).sum(axis=1)
+        tensors[f"{prefix}.row_offsets"] = (np.cumsum(counts) - counts).astype(np.int64)
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, str(path))  # stored sorted by name: layers.1 before layers.10, down before gate
+    model, summary = run(exported, tmp_path, mask=str(path))
+    for layer, mask in zip(layers, masks):
+        weight = get_weight(model, layer)
+        assert np.array_equal(weight != 0, mask.T & (get_weight(source, layer) != 0))
+    assert abs(summary["weight_sparsity"]["sparsity"] - 0.4) < 0.02
+    tensors = {k: v for k, v in tensors.items() if not k.endswith(".bitmask")}
+    save_file(tensors, str(path))
+    code, _, err = sparsecc(capsys, "sparsify", str(exported("tiny-llama")), "-o", str(tmp_path / "x.onnx"), "--mask", str(path))
+    assert_one_sentence_error(code, err, "sparse-bitmask format")

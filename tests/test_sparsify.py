@@ -254,3 +254,10 @@ def test_compressed_tensors_bitmask_checkpoint_prunes_like_its_masks(exported, t
     save_file(tensors, str(path))
     code, _, err = sparsecc(capsys, "sparsify", str(exported("tiny-llama")), "-o", str(tmp_path / "x.onnx"), "--mask", str(path))
     assert_one_sentence_error(code, err, "sparse-bitmask format")
+
+
+def test_a_method_not_built_yet_says_so(exported, tmp_path, capsys):
+    code, _, err = sparsecc(capsys, "sparsify", str(exported("tiny-llama")), "-o", str(tmp_path / "x.onnx"),
+                            "--activations", "dynk:0.5", "--calib", "pydoc")
+    assert_one_sentence_error(code, err, "not built yet")
+    assert not (tmp_path / "x.onnx").exists()

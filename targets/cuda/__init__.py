@@ -1,0 +1,1 @@
+"""The ``cuda`` target: TVM Relax with our TIR kernels, built to CUDA source and PTX."""

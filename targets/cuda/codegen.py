@@ -1,0 +1,85 @@
+"""CUDA code generation without a GPU: TIR or Relax to CUDA C source, and source to PTX.
+
+TVM 0.27's ``tvm.compile`` for a ``cuda`` target keeps the kernels as CUDA source inside
+the built module (the runtime JIT-compiles them when the module is loaded on a GPU), so
+the source can be read on any machine. ``compile_ptx`` runs nvcc on it, which needs the
+CUDA toolkit but no device.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+from runtime.errors import SparseccError
+
+#: The architectures the code generator and the tests know (see ``sparse_kernels.ARCH_LIMITS``).
+ARCHS = ("sm_80", "sm_90")
+
+
+def cuda_target(arch: str):
+    """The ``tvm.target.Target`` for CUDA on ``arch`` (``"sm_80"``, ``"sm_90"``, ...)."""
+    import tvm
+
+    return tvm.target.Target({"kind": "cuda", "arch": arch})
+
+
+def _cuda_modules(module):
+    if module.kind == "cuda":
+        yield module
+    for imported in module.imports:
+        yield from _cuda_modules(imported)
+
+
+def cuda_source(mod_or_func, arch: str) -> str:
+    """Compiles a PrimFunc or an IRModule for ``arch`` and returns its CUDA C source.
+
+    Args:
+        mod_or_func: a ``tvm.tirx.PrimFunc`` with a ``global_symbol``, or an IRModule
+            whose functions are already scheduled for the GPU (thread-bound).
+        arch: the CUDA architecture, such as ``"sm_90"``.
+
+    Returns:
+        The source of every kernel in the module, as one string.
+
+    Raises:
+        SparseccError: if the built module holds no CUDA code.
+    """
+    import tvm
+
+    mod = mod_or_func
+    if isinstance(mod_or_func, tvm.tirx.PrimFunc):
+        mod = tvm.IRModule({str(mod_or_func.attrs["global_symbol"]): mod_or_func})
+    executable = tvm.compile(mod, target=cuda_target(arch))
+    sources = [m.inspect_source("cuda") for m in _cuda_modules(executable.mod)]
+    if not sources:
+        raise SparseccError(f"the module compiled for {arch} holds no CUDA kernels.")
+    return "\n".join(sources)
+
+
+def compile_ptx(source: str, arch: str) -> str:
+    """Compiles CUDA C source to PTX for ``arch`` with nvcc.
+
+    Args:
+        source: CUDA C source, as from ``cuda_source``.
+        arch: the CUDA architecture, such as ``"sm_90"``.
+
+    Returns:
+        The PTX text.
+
+    Raises:
+        SparseccError: if nvcc is not installed or fails on the source.
+    """
+    from tvm.support import nvcc
+
+    if shutil.which("nvcc") is None:
+        raise SparseccError("nvcc was not found on PATH; install the CUDA toolkit to compile CUDA kernels to PTX.")
+    # compile_cuda reads the architecture from the current target.
+    with cuda_target(arch):
+        try:
+            ptx = nvcc.compile_cuda(source, target_format="ptx", compiler="nvcc")
+        except Exception as exc:  # nvcc's own message, first line only
+            detail = str(exc).strip().splitlines()
+            raise SparseccError(
+                f"nvcc could not compile the CUDA source for {arch}: {detail[-1] if detail else exc}."
+            ) from None
+    return bytes(ptx).decode()

@@ -143,6 +143,9 @@ def compile_decoder(options, model: onnx.ModelProto, target, progress: Progress)
     """Compiles a decode graph and its prefill graph into one artifact; returns a summary."""
     from compiler.driver import artifact_bytes, build_graph, dense_weight_bytes, input_signature, weight_size
 
+    if target.name == "cuda":
+        raise SparseccError("decoding with a KV cache is not built for the cuda target yet; compile the decode export "
+                            "for cpu, or compile an export without --decode for cuda.")
     start = time.perf_counter()
     spec = decoding_metadata(model)
     dense_bytes = dense_weight_bytes(model)

@@ -13,7 +13,7 @@ from runtime.artifact import Manifest, TensorSpec, read_manifest
 from runtime.errors import SparseccError
 from runtime.tvm_runtime import isa_flags, llvm_cpu_name, tvm as _tvm
 
-SUPPORTED_TARGETS = ("cpu",)
+SUPPORTED_TARGETS = ("cpu", "cuda")
 
 
 def check_host(path, target: dict) -> None:
@@ -28,6 +28,33 @@ def check_host(path, target: dict) -> None:
         raise SparseccError(
             f"{path} was compiled for CPU {built_for!r}, which has instructions this machine lacks ({', '.join(missing[:4])}); recompile it here."
         )
+
+
+def cuda_device(path, target: dict):
+    """The first CUDA device, for an artifact of the cuda target.
+
+    The library's CUDA source is compiled by TVM's runtime when it is loaded: NVRTC, or
+    nvcc when ``TVM_CUDA_COMPILE_MODE=nvcc``.
+
+    Raises:
+        SparseccError: when this machine has no CUDA device, or its processor family is not
+            the one the host code was built for.
+    """
+    import platform
+
+    built_on = target.get("host_machine")
+    if built_on and built_on != platform.machine():
+        raise SparseccError(f"{path} holds host code for {built_on} processors but this machine is {platform.machine()}; "
+                            "compile it on a machine of this kind.")
+    device = _tvm().cuda(0)
+    try:
+        found = bool(device.exist)
+    except Exception:  # a TVM runtime built without CUDA support
+        found = False
+    if not found:
+        raise SparseccError(f"no CUDA device was found; {path} was compiled for NVIDIA GPUs ({target.get('arch', 'cuda')}) "
+                            "and runs only on a machine with one.")
+    return device
 
 
 class CompiledModel:
@@ -50,10 +77,11 @@ class CompiledModel:
         target = manifest.target.get("name")
         if target not in SUPPORTED_TARGETS:
             raise SparseccError(f"{path} was compiled for target {target!r}, which this runtime cannot run.")
-        check_host(path, manifest.target)
+        self.device = cuda_device(path, manifest.target) if target == "cuda" else tvm.cpu(0)
+        if target == "cpu":
+            check_host(path, manifest.target)
         self.lock = threading.Lock()
         self._weight_cache = {} if weight_cache is None else weight_cache
-        self.device = tvm.cpu(0)
         try:
             library = tvm.runtime.load_module(str(self.path / manifest.library))
         except Exception as exc:  # a library that fails to load is a damaged artifact
@@ -155,6 +183,7 @@ def check_range(name: str, array: np.ndarray, bounds) -> None:
 # (path, manifest) and offers inputs, outputs, run(inputs) and time(inputs).
 EXECUTORS = {
     "cpu": "runtime.executor:CompiledModel",
+    "cuda": "runtime.executor:CompiledModel",
     "neuro": "runtime.neuro:NeuroModel",
 }
 

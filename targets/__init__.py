@@ -14,13 +14,13 @@ from runtime.errors import SparseccError
 # honest "not built yet" instead of "unknown target".
 TARGETS = {
     "cpu": ("targets.cpu", True),
-    "cuda": ("targets.cuda", False),
+    "cuda": ("targets.cuda", True),
     "neuro": ("targets.neuro", True),
 }
 
 
 def target_names() -> list[str]:
-    return ["cpu", "cuda", "neuro:<chip>"]
+    return ["cpu", "cuda[:sm_80|sm_87|sm_90]", "neuro:<chip>"]
 
 
 def get_target(spec: str, chips: int = 1):
@@ -31,11 +31,11 @@ def get_target(spec: str, chips: int = 1):
         SparseccError: for an unknown name (listing the choices) or a target not built yet.
     """
     name, _, option = spec.partition(":")
-    if name not in TARGETS or (name == "neuro") != bool(option):
+    if name not in TARGETS or (name == "neuro" and not option) or (name == "cpu" and option):
         raise SparseccError(f"unknown target {spec!r}; choose one of {', '.join(target_names())}.")
     package, built = TARGETS[name]
     if not built:
-        raise SparseccError(f"target {spec!r} is not built yet; only 'cpu' and 'neuro:<chip>' compile today (see the README's feature table).")
+        raise SparseccError(f"target {spec!r} is not built yet (see the README's feature table).")
     if chips != 1 and name != "neuro":
         raise SparseccError(f"--chips applies to neuro:<chip> targets, not {spec!r}.")
     module = importlib.import_module(package)

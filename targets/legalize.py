@@ -30,7 +30,7 @@ from onnx import helper, numpy_helper
 from passes.analyze_sparsity import constant_weight
 from passes import sparse_ops
 from passes.base import Graph, attribute, gemm_refusal, node_label, remove_unused_initializers
-from passes.sparse_formats import decode
+from passes.sparse_formats import decode, encode
 from runtime.errors import SparseccError
 
 # The most rows of x a sparse or gated kernel takes (decode, small batches).
@@ -65,6 +65,8 @@ class Backend:
     pack_dual: Callable[[np.ndarray], list[np.ndarray]]
     gather: Callable[[onnx.NodeProto, str, np.ndarray], onnx.NodeProto] | None = None
     max_rows: int = SPARSE_MAX_ROWS
+    #: formats the sparse kernel takes; a weight in another is re-encoded as csr.
+    sparse_formats: tuple[str, ...] = ("csr", "bsr", "bitmask")
 
 
 def _gemm_weight(node: onnx.NodeProto, graph: Graph) -> tuple[np.ndarray, str] | str:
@@ -163,11 +165,14 @@ def _legalize_sparse_op(node: onnx.NodeProto, model: onnx.ModelProto, graph: Gra
     empty = any(array.size == 0 for array in arrays)
     if rows is not None and rows <= backend.max_rows and not empty:
         if not gated:
+            if format not in backend.sparse_formats:
+                arrays, format, block = encode(decode(arrays, format, (k, n), block), "csr"), "csr", None
+                explanations.append(f"{backend.name}: {label} re-encoded from {node.overload} to csr (no {node.overload} kernel).")
             names = [lift(array, f"{source}:{part}") for array, part in zip(arrays, ("a", "b", "c"))]
             attrs = {"format": format, "k": k, "n": n}
             if block:
                 attrs["block"] = list(block)
-            explanations.append(f"{backend.name}: {label} [{k}x{n}] -> {node.overload} sparse kernel.")
+            explanations.append(f"{backend.name}: {label} [{k}x{n}] -> {format} sparse kernel.")
             return [helper.make_node(backend.sparse_op, [x, *names], [node.output[0]], name=label, domain=backend.domain, **attrs)]
         threshold = node.input[1] if mode == "threshold" else _zero_threshold(model)
         weight = decode(arrays, format, (k, n), block)

@@ -59,10 +59,13 @@ class CpuTarget:
     def legalize(self, model: onnx.ModelProto):
         return cpu_legalize.legalize(model)
 
-    def lower(self, model: onnx.ModelProto, weights, input_shapes: dict[str, list[int]],
-              dump: Callable[[str, str], None] | None = None) -> Lowered:
+    def import_onnx(self, model: onnx.ModelProto, shapes: dict[str, list[int]], dtypes: dict[str, str]):
         from targets.cpu.lower import import_onnx
 
+        return import_onnx(model, shapes, dtypes)
+
+    def lower(self, model: onnx.ModelProto, weights, input_shapes: dict[str, list[int]],
+              dump: Callable[[str, str], None] | None = None) -> Lowered:
         shapes = dict(input_shapes)
         dtypes = {}
         for value in model.graph.input:
@@ -70,7 +73,7 @@ class CpuTarget:
             dtypes[value.name] = onnx.helper.tensor_dtype_to_np_dtype(elem).name
         for name, array, _ in weights:
             shapes[name] = list(array.shape)
-        module = import_onnx(model, shapes, dtypes)
+        module = self.import_onnx(model, shapes, dtypes)
         if dump:
             dump("relax-imported.py", module.script())
         return Lowered(module, weights)

@@ -92,7 +92,8 @@ def inspect(model, as_json):
         return
     if report["kind"] == "artifact":
         manifest = report["manifest"]
-        click.echo(f"artifact {model}: target {manifest['target'].get('name')} ({manifest['target'].get('mcpu', '')}), "
+        detail = manifest["target"].get("mcpu") or manifest["target"].get("arch") or manifest["target"].get("chip", {}).get("name", "")
+        click.echo(f"artifact {model}: target {manifest['target'].get('name')} ({detail}), "
                    f"format {manifest['format_version']}, sparsecc {manifest['sparsecc_version']}, {_human_bytes(report['bytes'])}")
         for kind in ("inputs", "outputs"):
             for spec in manifest[kind]:
@@ -120,7 +121,7 @@ def inspect(model, as_json):
 @cli.command(name="compile")
 @click.argument("model", type=click.Path())
 @click.option("-t", "--target", default="cpu", show_default=True,
-              help="cpu, cuda, or neuro:<chip> where <chip> is seneca, loihi2 or a chip model .toml file.")
+              help="cpu, cuda[:ARCH] (sm_80 default, sm_87, sm_90), or neuro:<chip> where <chip> is seneca, loihi2 or a chip model .toml file.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Artifact folder to write, e.g. model.sccx.")
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=D0,D1,..",
               help="Size of an input with symbolic dimensions; repeat for several inputs.")

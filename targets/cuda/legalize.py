@@ -36,7 +36,7 @@ def _gather_rows(node: onnx.NodeProto, stored: str, table: np.ndarray) -> onnx.N
 
 BACKEND = Backend(name="cuda", domain=DOMAIN, sparse_op=SPARSE_MATMUL, gated_op=GATED_MATMUL, dense=_transposed_matmul,
                   store_dense=lambda weight: np.ascontiguousarray(weight.T), pack_dual=sparse_kernels.pack_dual_weight,
-                  gather=_gather_rows)
+                  gather=_gather_rows, sparse_formats=("csr", "bsr"))
 
 
 def legalize(model: onnx.ModelProto):

@@ -36,7 +36,7 @@ with ``gate(x)[m, k] = x[m, k] if |x[m, k]| > t else 0`` (``passes.sparse_ops``'
 weight, so all the weights an input ``k`` touches are one contiguous row (column-major
 in torch's [out, in] convention). The grid is (``ceil(N / 32)`` column tiles, ``k_parts``
 slices of K): a block has ``GATED_WARPS`` warps, warp ``w`` takes rows ``w, w + 8, ...``
-of its slice and lane ``l`` column ``l`` of its tile. For each row the warp computes the
+of its slice (``GATED_ROW_UNROLL`` at a time) and lane ``l`` column ``l`` of its tile. For each row the warp computes the
 gate in the kernel and skips the row (a warp-uniform branch) when no row of ``x`` is
 active there, so an inactive input costs no weight read at all. Split-K: the warps'
 sums are reduced in shared memory into one partial sum per (slice, m, column) in a
@@ -101,6 +101,10 @@ BSR_THREADS = 128
 #: Warps per thread block of the gated and dual kernels; each takes its own rows of the
 #: block's slice of K.
 GATED_WARPS = 8
+#: Rows of ``W`` a warp of the gated and dual kernels handles per step, unrolled, so that
+#: their gates and then their (predicated) weight loads are issued together rather than
+#: one latency at a time.
+GATED_ROW_UNROLL = 4
 #: Thread blocks the gated and dual kernels aim at when ``k_parts`` is not given: a few
 #: waves of the 108 (A100) to 132 (H100) SMs.
 GATED_TARGET_BLOCKS = 512
@@ -506,13 +510,15 @@ def gated_matmul_func(m: int, k: int, n: int, per_channel: bool, k_parts: int | 
                     for r in range(m):
                         acc[r] = T.float32(0)
                     # Warp t // 32 takes rows t // 32, t // 32 + GATED_WARPS, ... of the slice.
-                    for s in range(_ceil_div(k_slice, GATED_WARPS)):
-                        kk = by * k_slice + t // WARP + s * GATED_WARPS
-                        if t // WARP + s * GATED_WARPS < k_slice and kk < k:
-                            gate_row(x, threshold, kk, gated, live)
-                            if live[0] == 1 and col < n:
-                                for r in range(m):
-                                    acc[r] = acc[r] + gated[r] * w[kk, col]
+                    for s in range(_ceil_div(k_slice, GATED_WARPS * GATED_ROW_UNROLL)):
+                        for u in T.unroll(GATED_ROW_UNROLL):
+                            slot = t // WARP + (s * GATED_ROW_UNROLL + u) * GATED_WARPS
+                            kk = by * k_slice + slot
+                            if slot < k_slice and kk < k:
+                                gate_row(x, threshold, kk, gated, live)
+                                if live[0] == 1 and col < n:
+                                    for r in range(m):
+                                        acc[r] = acc[r] + gated[r] * w[kk, col]
                     for r in range(m):
                         lanes[r * WARP + t % WARP, t // WARP] = acc[r]
                 store_partials(lanes, folded, partials, bx, by)
@@ -630,27 +636,29 @@ def dual_matmul_func(
                     live = T.alloc_buffer((1,), "int32", scope="local")
                     for r in range(m):
                         acc[r] = T.float32(0)
-                    for s in range(_ceil_div(k_slice, GATED_WARPS)):
-                        kk = by * k_slice + t // WARP + s * GATED_WARPS
-                        if t // WARP + s * GATED_WARPS < k_slice and kk < k:
-                            gate_row(x, threshold, kk, gated, live)
-                            if live[0] == 1:
-                                word = bits[kk, bx]
-                                if T.bitwise_and(T.shift_right(word, lane), T.uint32(1)) == T.uint32(1):
-                                    # The lanes below l that are set come first in values.
-                                    v = values[
-                                        offsets[kk, bx]
-                                        + T.Cast(
-                                            "int32",
-                                            T.popcount(
-                                                T.bitwise_and(
-                                                    word, T.shift_left(T.uint32(1), lane) - T.uint32(1)
-                                                )
-                                            ),
-                                        )
-                                    ]
-                                    for r in range(m):
-                                        acc[r] = acc[r] + gated[r] * v
+                    for s in range(_ceil_div(k_slice, GATED_WARPS * GATED_ROW_UNROLL)):
+                        for u in T.unroll(GATED_ROW_UNROLL):
+                            slot = t // WARP + (s * GATED_ROW_UNROLL + u) * GATED_WARPS
+                            kk = by * k_slice + slot
+                            if slot < k_slice and kk < k:
+                                gate_row(x, threshold, kk, gated, live)
+                                if live[0] == 1:
+                                    word = bits[kk, bx]
+                                    if T.bitwise_and(T.shift_right(word, lane), T.uint32(1)) == T.uint32(1):
+                                        # The lanes below l that are set come first in values.
+                                        v = values[
+                                            offsets[kk, bx]
+                                            + T.Cast(
+                                                "int32",
+                                                T.popcount(
+                                                    T.bitwise_and(
+                                                        word, T.shift_left(T.uint32(1), lane) - T.uint32(1)
+                                                    )
+                                                ),
+                                            )
+                                        ]
+                                        for r in range(m):
+                                            acc[r] = acc[r] + gated[r] * v
                     for r in range(m):
                         lanes[r * WARP + t % WARP, t // WARP] = acc[r]
                 store_partials(lanes, folded, partials, bx, by)

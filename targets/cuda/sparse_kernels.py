@@ -87,6 +87,7 @@ from targets.cpu.sparse_kernels import (
     _check_index_dtype,
     _check_sizes,
 )
+from targets.cuda.codegen import ARCH_LIMITS
 
 #: Rows of ``x`` a kernel takes: the per-thread accumulators are ``m`` registers, and a
 #: larger batch is no longer a matrix-vector product (dense GEMM schedules serve it).
@@ -113,26 +114,6 @@ REDUCE_THREADS = 256
 #: The widest lane sum that the last reduction phase adds serially; wider ones are folded
 #: first (see "Reductions" in the module docstring).
 SERIAL_LANES = 8
-
-# Per-block limits from NVIDIA's CUDA C++ Programming Guide, "Technical Specifications per
-# Compute Capability" (compute capability 8.0 and 9.0): 1024 threads per block, 48 KB of
-# static shared memory per block (more only by dynamic shared memory and an opt-in
-# attribute: 163 KB on 8.0, 227 KB on 9.0), and 255 32-bit registers per thread.
-ARCH_LIMITS = {
-    "sm_80": {
-        "max_threads_per_block": 1024,
-        "max_static_shared_bytes": 48 * 1024,
-        "max_optin_shared_bytes": 163 * 1024,
-        "max_registers_per_thread": 255,
-    },
-    "sm_90": {
-        "max_threads_per_block": 1024,
-        "max_static_shared_bytes": 48 * 1024,
-        "max_optin_shared_bytes": 227 * 1024,
-        "max_registers_per_thread": 255,
-    },
-}
-
 
 def _check_rows(m: int) -> None:
     _check_sizes(m=m)
@@ -396,16 +377,23 @@ def _check_gate_args(per_channel, k_parts) -> None:
     _check_sizes(k_parts=k_parts)
 
 
-def _split_k_macros(m: int, k: int, n: int, per_channel: bool, k_parts: int):
-    """The phases shared by the gated and dual kernels: ``gate_row`` (the gate of one
-    input in the kernel), ``store_partials`` (the warps' sums of a block, reduced in shared
-    memory, into the split-K workspace) and ``add_partials`` (the second kernel)."""
+def _split_k_macros(m: int, k: int, n: int, per_channel: bool, k_parts: int, dual: bool):
+    """The two kernels of ``gated_matmul_func`` (``dual`` False) or ``dual_matmul_func``.
+
+    Returns ``(split_k_block, add_partials)``: ``split_k_block(x, threshold, weights,
+    partials, bx, by)`` is the body of thread block ``(bx, by)`` of the first kernel, with
+    ``weights`` the tuple ``(w,)`` or ``(bits, offsets, values)``: each warp walks its
+    rows of slice ``by``, computes the gate and skips the inactive rows, then the warps'
+    sums are reduced in shared memory into ``partials[by]``. ``add_partials(partials, y)``
+    is the second kernel.
+    """
     from tvm.script import tirx as T
 
     threads = WARP * GATED_WARPS
     items = m * WARP  # (row of x, column of the tile)
     width = _fold_width(GATED_WARPS)
     fold = _fold_macro(threads)
+    k_slice = _ceil_div(k, k_parts)
 
     def limit(threshold, kk):
         return threshold[kk] if per_channel else threshold[0]
@@ -420,7 +408,48 @@ def _split_k_macros(m: int, k: int, n: int, per_channel: bool, k_parts: int):
                 live[0] = 1
 
     @T.macro
-    def store_partials(lanes, folded, partials, bx, by):
+    def add_dense_row(acc, gated, w, kk, col):
+        if col < n:
+            for r in range(m):
+                acc[r] = acc[r] + gated[r] * w[kk, col]
+
+    @T.macro
+    def add_bitmask_row(acc, gated, bits, offsets, values, kk, word_index, lane):
+        word = bits[kk, word_index]
+        if T.bitwise_and(T.shift_right(word, lane), T.uint32(1)) == T.uint32(1):
+            # The set lanes below this one come first in values.
+            below = T.bitwise_and(word, T.shift_left(T.uint32(1), lane) - T.uint32(1))
+            v = values[offsets[kk, word_index] + T.Cast("int32", T.popcount(below))]
+            for r in range(m):
+                acc[r] = acc[r] + gated[r] * v
+
+    @T.macro
+    def split_k_block(x, threshold, weights, partials, bx, by):
+        lanes = T.alloc_buffer((items, GATED_WARPS), "float32", scope="shared")
+        folded = T.alloc_buffer((items, width), "float32", scope="shared")
+        for t in T.thread_binding(threads, thread="threadIdx.x"):
+            acc = T.alloc_buffer((m,), "float32", scope="local")
+            gated = T.alloc_buffer((m,), "float32", scope="local")
+            live = T.alloc_buffer((1,), "int32", scope="local")
+            for r in range(m):
+                acc[r] = T.float32(0)
+            # Warp t // 32 takes rows t // 32, t // 32 + GATED_WARPS, ... of the slice.
+            for s in range(_ceil_div(k_slice, GATED_WARPS * GATED_ROW_UNROLL)):
+                for u in T.unroll(GATED_ROW_UNROLL):
+                    slot = t // WARP + (s * GATED_ROW_UNROLL + u) * GATED_WARPS
+                    kk = by * k_slice + slot
+                    if slot < k_slice and kk < k:
+                        gate_row(x, threshold, kk, gated, live)
+                        if live[0] == 1:
+                            if dual:
+                                add_bitmask_row(
+                                    acc, gated, weights[0], weights[1], weights[2], kk, bx,
+                                    T.Cast("uint32", t % WARP),
+                                )
+                            else:
+                                add_dense_row(acc, gated, weights[0], kk, bx * WARP + t % WARP)
+            for r in range(m):
+                lanes[r * WARP + t % WARP, t // WARP] = acc[r]
         if width < GATED_WARPS:
             fold(lanes, folded, items, width)
         for t in T.thread_binding(threads, thread="threadIdx.x"):
@@ -448,7 +477,7 @@ def _split_k_macros(m: int, k: int, n: int, per_channel: bool, k_parts: int):
                         total[0] = total[0] + partials[p, b * REDUCE_THREADS + t]
                     y[(b * REDUCE_THREADS + t) // n, (b * REDUCE_THREADS + t) % n] = total[0]
 
-    return gate_row, store_partials, add_partials
+    return split_k_block, add_partials
 
 
 def gated_matmul_func(m: int, k: int, n: int, per_channel: bool, k_parts: int | None = None):
@@ -483,8 +512,7 @@ def gated_matmul_func(m: int, k: int, n: int, per_channel: bool, k_parts: int | 
     k_parts = default_k_parts(k, n) if k_parts is None else k_parts
     _check_gate_args(per_channel, k_parts)
 
-    gate_row, store_partials, add_partials = _split_k_macros(m, k, n, per_channel, k_parts)
-    k_slice = _ceil_div(k, k_parts)
+    split_k_block, add_partials = _split_k_macros(m, k, n, per_channel, k_parts, dual=False)
     threshold_size = k if per_channel else 1
 
     @T.prim_func
@@ -500,28 +528,7 @@ def gated_matmul_func(m: int, k: int, n: int, per_channel: bool, k_parts: int | 
         partials = T.alloc_buffer((k_parts, m * n), "float32")
         for bx in T.thread_binding(_ceil_div(n, WARP), thread="blockIdx.x"):
             for by in T.thread_binding(k_parts, thread="blockIdx.y"):
-                lanes = T.alloc_buffer((m * WARP, GATED_WARPS), "float32", scope="shared")
-                folded = T.alloc_buffer((m * WARP, _fold_width(GATED_WARPS)), "float32", scope="shared")
-                for t in T.thread_binding(WARP * GATED_WARPS, thread="threadIdx.x"):
-                    col = bx * WARP + t % WARP
-                    acc = T.alloc_buffer((m,), "float32", scope="local")
-                    gated = T.alloc_buffer((m,), "float32", scope="local")
-                    live = T.alloc_buffer((1,), "int32", scope="local")
-                    for r in range(m):
-                        acc[r] = T.float32(0)
-                    # Warp t // 32 takes rows t // 32, t // 32 + GATED_WARPS, ... of the slice.
-                    for s in range(_ceil_div(k_slice, GATED_WARPS * GATED_ROW_UNROLL)):
-                        for u in T.unroll(GATED_ROW_UNROLL):
-                            slot = t // WARP + (s * GATED_ROW_UNROLL + u) * GATED_WARPS
-                            kk = by * k_slice + slot
-                            if slot < k_slice and kk < k:
-                                gate_row(x, threshold, kk, gated, live)
-                                if live[0] == 1 and col < n:
-                                    for r in range(m):
-                                        acc[r] = acc[r] + gated[r] * w[kk, col]
-                    for r in range(m):
-                        lanes[r * WARP + t % WARP, t // WARP] = acc[r]
-                store_partials(lanes, folded, partials, bx, by)
+                split_k_block(x, threshold, (w,), partials, bx, by)
         add_partials(partials, y)
 
     return gated_matmul
@@ -605,8 +612,7 @@ def dual_matmul_func(
     k_parts = default_k_parts(k, n) if k_parts is None else k_parts
     _check_gate_args(per_channel, k_parts)
 
-    gate_row, store_partials, add_partials = _split_k_macros(m, k, n, per_channel, k_parts)
-    k_slice = _ceil_div(k, k_parts)
+    split_k_block, add_partials = _split_k_macros(m, k, n, per_channel, k_parts, dual=True)
     words = _ceil_div(n, WARP)
     threshold_size = k if per_channel else 1
 
@@ -627,41 +633,7 @@ def dual_matmul_func(
         partials = T.alloc_buffer((k_parts, m * n), "float32")
         for bx in T.thread_binding(words, thread="blockIdx.x"):
             for by in T.thread_binding(k_parts, thread="blockIdx.y"):
-                lanes = T.alloc_buffer((m * WARP, GATED_WARPS), "float32", scope="shared")
-                folded = T.alloc_buffer((m * WARP, _fold_width(GATED_WARPS)), "float32", scope="shared")
-                for t in T.thread_binding(WARP * GATED_WARPS, thread="threadIdx.x"):
-                    lane = T.Cast("uint32", t % WARP)
-                    acc = T.alloc_buffer((m,), "float32", scope="local")
-                    gated = T.alloc_buffer((m,), "float32", scope="local")
-                    live = T.alloc_buffer((1,), "int32", scope="local")
-                    for r in range(m):
-                        acc[r] = T.float32(0)
-                    for s in range(_ceil_div(k_slice, GATED_WARPS * GATED_ROW_UNROLL)):
-                        for u in T.unroll(GATED_ROW_UNROLL):
-                            slot = t // WARP + (s * GATED_ROW_UNROLL + u) * GATED_WARPS
-                            kk = by * k_slice + slot
-                            if slot < k_slice and kk < k:
-                                gate_row(x, threshold, kk, gated, live)
-                                if live[0] == 1:
-                                    word = bits[kk, bx]
-                                    if T.bitwise_and(T.shift_right(word, lane), T.uint32(1)) == T.uint32(1):
-                                        # The lanes below l that are set come first in values.
-                                        v = values[
-                                            offsets[kk, bx]
-                                            + T.Cast(
-                                                "int32",
-                                                T.popcount(
-                                                    T.bitwise_and(
-                                                        word, T.shift_left(T.uint32(1), lane) - T.uint32(1)
-                                                    )
-                                                ),
-                                            )
-                                        ]
-                                        for r in range(m):
-                                            acc[r] = acc[r] + gated[r] * v
-                    for r in range(m):
-                        lanes[r * WARP + t % WARP, t // WARP] = acc[r]
-                store_partials(lanes, folded, partials, bx, by)
+                split_k_block(x, threshold, (bits, offsets, values), partials, bx, by)
         add_partials(partials, y)
 
     return dual_matmul

@@ -319,6 +319,9 @@ def _has_cuda_device() -> bool:
 def test_kernels_on_gpu_match_numpy(name):
     import tvm
 
+    from targets.cuda.codegen import use_nvcc_without_nvrtc
+
+    use_nvcc_without_nvrtc()  # the module is compiled for the device when it is loaded
     device = tvm.cuda(0)
     arch = "sm_" + device.compute_version.replace(".", "")
     func, inputs, expected = CASES[name]()

@@ -103,10 +103,11 @@ def compile_ptx(source: str, arch: str) -> str:
     with cuda_target(arch):
         try:
             ptx = nvcc.compile_cuda(source, target_format="ptx", compiler="nvcc")
-        except Exception as exc:  # nvcc's own message, first line only
-            detail = str(exc).strip().splitlines()
+        except Exception as exc:  # nvcc's first error line stands for the rest
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            detail = next((line for line in lines if ": error" in line), lines[-1] if lines else "no message")
             raise SparseccError(
-                f"nvcc could not compile the CUDA source for {arch}: {detail[-1] if detail else exc}."
+                f"nvcc could not compile the CUDA source for {arch}: {detail.rstrip('.')}."
             ) from None
     return bytes(ptx).decode()
 

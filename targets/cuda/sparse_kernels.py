@@ -15,18 +15,19 @@ reads consecutive addresses):
     y[m, i] = sum_{j in [indptr[i], indptr[i+1])} values[j] * x[m, indices[j]]
 
   One warp per output row ``i``, ``CSR_WARPS`` rows per thread block. Lane ``l`` takes
-  the row's nonzeros ``l, l + 32, ...`` (coalesced reads of ``values`` and ``indices``,
-  gathers of ``x`` from L1/L2); the 32 lane sums per row of ``x`` are then reduced
-  through shared memory (see "Reductions").
+  the row's nonzeros ``l, l + 32, ...``, ``SPARSE_UNROLL`` of them per step (coalesced
+  reads of ``values`` and ``indices``, gathers of ``x`` from L1/L2); the 32 lane sums per
+  row of ``x`` are then reduced through shared memory (see "Reductions").
 
 ``bsr`` -- ``encode(W, "bsr", (R, C))``, ``W^T`` zero-padded to whole ``R x C`` blocks::
 
     y[m, ib*R + r] = sum_{b in [indptr[ib], indptr[ib+1])} sum_c
                          values[b, r, c] * x[m, indices[b]*C + c]
 
-  A group of ``G = max(32, R*C)`` threads per block row; thread ``e`` of the group owns
-  position ``(r, c) = divmod(e % (R*C), C)`` of blocks ``e // (R*C)``, ``+ G / (R*C)``,
-  ..., so the group reads each step's ``G`` values as one contiguous run. Rows of the
+  A group of ``G = max(BSR_GROUP, R*C)`` threads per block row; thread ``e`` of the
+  group owns position ``(r, c) = divmod(e % (R*C), C)`` of blocks ``e // (R*C)``,
+  ``+ G / (R*C)``, ..., so the group reads each step's ``G`` values as one contiguous
+  run (``SPARSE_UNROLL`` steps at a time). Rows of the
   last block row past ``n`` are never written, and columns past ``k`` of the last block
   column never read (their stored values are the zero padding).
 
@@ -96,8 +97,13 @@ MAX_ROWS = 8
 WARP = 32
 #: Output rows (one warp each) per thread block of the CSR kernel.
 CSR_WARPS = 4
-#: Threads per thread block the BSR kernel aims at (a block row needs at least 32, and
-#: ``R * C`` for a 16x16 block).
+#: Steps of the CSR and BSR loops over a row's nonzeros (or blocks) issued together,
+#: unrolled, so that a warp has that many independent weight loads in flight.
+SPARSE_UNROLL = 4
+#: Threads per block row of the BSR kernel (at least ``R * C``): block rows are 16 times
+#: fewer than rows, so a whole warp or more per block row keeps enough loads in flight.
+BSR_GROUP = 128
+#: Threads per thread block the BSR kernel aims at.
 BSR_THREADS = 128
 #: Warps per thread block of the gated and dual kernels; each takes its own rows of the
 #: block's slice of K.
@@ -106,9 +112,10 @@ GATED_WARPS = 8
 #: their gates and then their (predicated) weight loads are issued together rather than
 #: one latency at a time.
 GATED_ROW_UNROLL = 4
-#: Thread blocks the gated and dual kernels aim at when ``k_parts`` is not given: a few
-#: waves of the 108 (A100) to 132 (H100) SMs.
-GATED_TARGET_BLOCKS = 512
+#: Thread blocks the gated and dual kernels aim at when ``k_parts`` is not given: about
+#: eight resident blocks of 256 threads on each of the 108 (A100) to 132 (H100) SMs,
+#: twice over.
+GATED_TARGET_BLOCKS = 2048
 #: Threads per block of the kernel that adds the split-K partials.
 REDUCE_THREADS = 256
 #: The widest lane sum that the last reduction phase adds serially; wider ones are folded
@@ -218,10 +225,15 @@ def csr_matmul_func(m: int, k: int, n: int, nnz: int, index_dtype: str = "int16"
                     acc[r] = T.float32(0)
                 if row < n:
                     # Lane l takes nonzeros first + l, first + l + 32, ... of the row.
-                    for s in range((indptr[row + 1] - indptr[row] - lane + WARP - 1) // WARP):
-                        j = indptr[row] + lane + s * WARP
-                        for r in range(m):
-                            acc[r] = acc[r] + values[j] * x[r, T.Cast("int32", indices[j])]
+                    for s in range(
+                        (indptr[row + 1] - indptr[row] + WARP * SPARSE_UNROLL - 1)
+                        // (WARP * SPARSE_UNROLL)
+                    ):
+                        for u in T.unroll(SPARSE_UNROLL):
+                            j = indptr[row] + lane + (s * SPARSE_UNROLL + u) * WARP
+                            if j < indptr[row + 1]:
+                                for r in range(m):
+                                    acc[r] = acc[r] + values[j] * x[r, T.Cast("int32", indices[j])]
                 for r in range(m):
                     lanes[(t // WARP) * m + r, lane] = acc[r]
             fold(lanes, folded, items, width)
@@ -248,7 +260,7 @@ def bsr_matmul_func(
     Parameters, in order: ``x`` float32 [m, k], ``indptr`` int32 [ceil(n / R) + 1],
     ``indices`` ``index_dtype`` [nnzb] (block columns), ``values`` float32 [nnzb, R, C],
     ``y`` float32 [m, n] (every element written). ``k`` and ``n`` need not be multiples
-    of the block. A group of ``max(32, R * C)`` threads per block row (see the module
+    of the block. A group of ``max(BSR_GROUP, R * C)`` threads per block row (see the module
     docstring), ``max(1, BSR_THREADS // group)`` block rows per thread block. Global
     symbol ``cuda_bsr_matmul_m{m}_k{k}_n{n}_b{R}x{C}_nnzb{nnzb}_{index_dtype}``.
 
@@ -280,7 +292,7 @@ def bsr_matmul_func(
     block_r, block_c = int(block[0]), int(block[1])
     block_size = block_r * block_c
     block_rows = _ceil_div(n, block_r)
-    group = max(WARP, block_size)  # threads per block row
+    group = max(BSR_GROUP, block_size)  # threads per block row
     groups = max(1, BSR_THREADS // group)  # block rows per thread block
     threads = group * groups
     per_step = group // block_size  # blocks a group reads per step
@@ -328,15 +340,18 @@ def bsr_matmul_func(
                     acc[r] = T.float32(0)
                 if ib < block_rows:
                     for s in range(
-                        (indptr[ib + 1] - indptr[ib] - e // block_size + per_step - 1) // per_step
+                        (indptr[ib + 1] - indptr[ib] + per_step * SPARSE_UNROLL - 1)
+                        // (per_step * SPARSE_UNROLL)
                     ):
-                        b = indptr[ib] + e // block_size + s * per_step
-                        col = T.Cast("int32", indices[b]) * block_c + e % block_c
-                        if partial_col:
-                            if col < k:
-                                accumulate(acc, x, values, b, e, col)
-                        else:
-                            accumulate(acc, x, values, b, e, col)
+                        for u in T.unroll(SPARSE_UNROLL):
+                            b = indptr[ib] + e // block_size + (s * SPARSE_UNROLL + u) * per_step
+                            if b < indptr[ib + 1]:
+                                col = T.Cast("int32", indices[b]) * block_c + e % block_c
+                                if partial_col:
+                                    if col < k:
+                                        accumulate(acc, x, values, b, e, col)
+                                else:
+                                    accumulate(acc, x, values, b, e, col)
                 # Output row r = e % (R*C) // C gathers the lanes (block slot, c).
                 for r in range(m):
                     lanes[

@@ -1,4 +1,4 @@
-"""Benchmarks the sparse CPU kernels against dense baselines (``sparsecc bench kernels``).
+"""Benchmarks the sparse kernels against dense baselines (``sparsecc bench kernels``).
 
 For each weight shape ``(K, N)`` and each case (a weight sparsity, an activation sparsity,
 a kernel and a format) the benchmark times, in one process and interleaved so that drift
@@ -25,6 +25,10 @@ Cases, per shape: the dense kernel; unstructured weight sparsity 50/70/90 % in t
 (gated kernel on the dense weight); and 50 % weights plus 50 % activations (dual kernel).
 The full run adds batch 8 for a subset of the cases on one shape. The activation-sparse
 inputs are inactive in the same channels in every row of a batch.
+
+``--target cuda`` runs the same kinds of case with the kernels of
+``targets.cuda.sparse_kernels`` on the first NVIDIA GPU (see the section at the end of
+this module); without a CUDA device it stops with one sentence and writes nothing.
 """
 
 from __future__ import annotations
@@ -422,6 +426,20 @@ def _measure_case(baselines, case, rng, cold_bytes: float, min_calls: int) -> di
         for name, rotation in calls.items():
             _time_rotation(rotation, times[name])
     ms = {name: statistics.median(t) for name, t in times.items()}
+    return _result(
+        case, label, k, n, m, block, ms["ours"], moved,
+        dense_ms=ms["dense"],
+        onnxruntime_ms=ms["onnxruntime"],
+        numpy_ms=ms["numpy"],
+        speedup_vs_onnxruntime=ms["onnxruntime"] / ms["ours"],
+        speedup_vs_dense=ms["dense"] / ms["ours"],
+    )
+
+
+def _result(case, label: str, k: int, n: int, m: int, block, ms: float, moved: int, **baselines) -> dict:
+    """One row of the results: the case, our median ``ms``, the baselines' columns (in
+    order) and the ideal speedup, dense bytes over the ``moved`` bytes our kernel reads."""
+    kind, w_sparsity, structure, a_sparsity, _ = case
     return {
         "kernel": kind,
         "format": label,
@@ -431,12 +449,8 @@ def _measure_case(baselines, case, rng, cold_bytes: float, min_calls: int) -> di
         "activation_sparsity": a_sparsity,
         "weight_blocks": list(structure) if structure else None,
         "block": list(block) if block else None,
-        "ms": ms["ours"],
-        "dense_ms": ms["dense"],
-        "onnxruntime_ms": ms["onnxruntime"],
-        "numpy_ms": ms["numpy"],
-        "speedup_vs_onnxruntime": ms["onnxruntime"] / ms["ours"],
-        "speedup_vs_dense": ms["dense"] / ms["ours"],
+        "ms": ms,
+        **baselines,
         "ideal_speedup": 4 * k * n / moved,
         "bytes_read": moved,
     }
@@ -460,7 +474,8 @@ def _return_freed_memory() -> None:
 
 
 def run_kernel_bench(
-    quick: bool, json_path: str | None, plot_path: str | None, progress=print
+    quick: bool, json_path: str | None, plot_path: str | None, progress=print,
+    target: str = "cpu",
 ) -> dict:
     """Runs the kernel benchmark and returns (and optionally writes) its results.
 
@@ -470,6 +485,7 @@ def run_kernel_bench(
         json_path: where to write the results as JSON, or None.
         plot_path: where to write a PNG of the speedups over onnxruntime, or None.
         progress: called with each line of the table as it is measured.
+        target: ``"cpu"``, or ``"cuda"`` for ``run_cuda_kernel_bench`` on the GPU.
 
     Returns:
         ``{"machine": {...}, "results": [...]}``; each result has ``kernel`` ("dense",
@@ -478,7 +494,16 @@ def run_kernel_bench(
         (ours), ``dense_ms``, ``onnxruntime_ms`` and ``numpy_ms``, the speedups
         ``speedup_vs_onnxruntime`` and ``speedup_vs_dense``, and ``ideal_speedup``, the
         bytes of the dense weight over the bytes our kernel reads.
+
+    Raises:
+        SparseccError: for an unknown target, or ``cuda`` without a CUDA device.
     """
+    from runtime.errors import SparseccError
+
+    if target == "cuda":
+        return run_cuda_kernel_bench(quick, json_path, plot_path, progress)
+    if target != "cpu":
+        raise SparseccError(f"unknown benchmark target {target!r}; choose cpu or cuda.")
     import tvm
 
     _return_freed_memory()
@@ -522,9 +547,9 @@ def run_kernel_bench(
 KIND_COLORS = {"dense": "0.6", "sparse": "tab:blue", "gated": "tab:orange", "dual": "tab:green"}
 
 
-def plot_kernel_bench(report: dict, path: str) -> None:
-    """Writes a PNG: speedup over onnxruntime per case, one panel per shape and batch,
-    with the ideal (bytes-moved) speedup marked."""
+def plot_kernel_bench(report: dict, path: str, baseline: str = "onnxruntime") -> None:
+    """Writes a PNG: speedup over ``baseline`` (a result's ``speedup_vs_<baseline>``) per
+    case, one panel per shape and batch, with the ideal (bytes-moved) speedup marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -546,7 +571,7 @@ def plot_kernel_bench(report: dict, path: str) -> None:
             if chosen:
                 ax.bar(
                     positions[chosen],
-                    [results[i]["speedup_vs_onnxruntime"] for i in chosen],
+                    [results[i][f"speedup_vs_{baseline}"] for i in chosen],
                     color=color,
                     label=kind,
                 )
@@ -562,10 +587,325 @@ def plot_kernel_bench(report: dict, path: str) -> None:
         ax.axhline(1.0, color="red", linewidth=0.8)
         ax.set_xticks(positions, labels, fontsize=7)
         ax.set_yscale("log")
-        ax.set_ylabel("speedup vs onnxruntime")
+        ax.set_ylabel(f"speedup vs {baseline}")
         ax.set_title(f"K x N = {shape[0]} x {shape[1]}, batch {batch}")
         ax.legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"{report['machine']['cpu']}, {report['machine']['cores']} cores, cold weights")
+    machine = report["machine"]
+    where = machine["gpu"] if "gpu" in machine else f"{machine['cpu']}, {machine['cores']} cores"
+    fig.suptitle(f"{where}, cold weights")
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# --- CUDA (``sparsecc bench kernels --target cuda``) -------------------------------------
+#
+# The same cases, timed on the GPU against a dense TVM matmul scheduled by dlight's GPU
+# rules (GEMV, Matmul, Fallback; see ``dense_cuda_module``) and, where torch sees the GPU,
+# torch.matmul. Each call is
+# timed on its own by ``time_evaluator`` (CUDA events) after a device-to-device copy of
+# ``CUDA_FLUSH_BYTES`` has pushed the weights out of L2, so every call reads them from HBM.
+# The kernels' results are checked against numpy first, on the GPU. This path has not been
+# run on a GPU in this repository yet: its timings and the goals below are unverified.
+
+CUDA_FULL_SHAPES = FULL_SHAPES + ((8192, 28672),)
+CUDA_QUICK_SHAPES = ((2048, 5632), (4096, 11008))
+#: Batch-8 cases run on this shape only (full run).
+CUDA_BATCH8_SHAPE = (4096, 11008)
+#: Bytes copied on the device before each timed call: several times the largest L2 of the
+#: GPUs in question (40 MB on A100, 50 MB on H100 and H200).
+CUDA_FLUSH_BYTES = 256 * 1024 * 1024
+CUDA_REPEATS = 50
+QUICK_CUDA_REPEATS = 20
+#: The sparsecc goals on the GPU, as (kernel, weight sparsity, blocks?, activation
+#: sparsity, speedup over the dense dlight kernel that the case must reach).
+CUDA_GOALS = (
+    ("gated", 0.0, False, 0.5, 1.6),
+    ("sparse", 0.7, False, 0.0, 1.4),
+    ("sparse", 0.9, True, 0.0, 4.0),
+)
+_FLUSH_FUNC = "sparsecc.bench_kernels.flush_l2"
+
+
+def _cuda_device():
+    """The first CUDA device, or a SparseccError when there is none."""
+    import tvm
+
+    from runtime.errors import SparseccError
+
+    device = tvm.cuda(0)
+    if not device.exist:
+        raise SparseccError(
+            "no CUDA device was found; run 'sparsecc bench kernels --target cuda' on a machine "
+            "with an NVIDIA GPU and its driver, or use --target cpu."
+        )
+    return device
+
+
+def _cuda_cases(m: int):
+    """(kernel kind, weight sparsity, block or None, activation sparsity, format)."""
+    cases = [("dense", 0.0, None, 0.0, "dense")]
+    cases += [("sparse", s, None, 0.0, "csr") for s in WEIGHT_SPARSITIES]
+    cases += [("sparse", s, BENCH_BLOCK, 0.0, "bsr") for s in WEIGHT_SPARSITIES]
+    cases += [("gated", 0.0, None, a, "dense") for a in ACTIVATION_SPARSITIES]
+    cases.append(("dual", 0.5, None, 0.5, "dual-bitmask32"))
+    if m > 1:
+        keep = {("dense", 0.0), ("sparse", 0.7), ("sparse", 0.9), ("gated", 0.0), ("dual", 0.5)}
+        cases = [c for c in cases if (c[0], c[1]) in keep and (c[0] != "gated" or c[3] == 0.5)]
+    return cases
+
+
+class _CudaTimer:
+    """Times one call at a time on the GPU, with L2 flushed before each."""
+
+    def __init__(self, device):
+        import tvm
+        import tvm_ffi
+
+        self.device = device
+        floats = CUDA_FLUSH_BYTES // 4
+        source = tvm.runtime.tensor(np.ones(floats, np.float32), device)
+        target = tvm.runtime.tensor(np.zeros(floats, np.float32), device)
+
+        def flush(*_args) -> None:
+            # time_evaluator calls this by name before each repeat, with the timed call's
+            # arguments; it must return nothing, as its result is the one the timed call
+            # then reports into.
+            source.copyto(target)
+
+        tvm_ffi.register_global_func(_FLUSH_FUNC, flush, override=True)
+        self._keep = (source, target, flush)
+
+    def median_ms(self, module, symbol: str, args, repeats: int) -> float:
+        evaluator = module.time_evaluator(
+            symbol, self.device, number=1, repeat=repeats, f_preproc=_FLUSH_FUNC
+        )
+        return statistics.median(evaluator(*args).results) * 1e3
+
+
+def _torch_ms(weight: np.ndarray, x: np.ndarray, repeats: int):
+    """torch.matmul's median ms on the GPU with L2 flushed before each call, or None
+    when torch is missing or does not see a CUDA device."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    w = torch.from_numpy(weight).cuda()
+    xs = torch.from_numpy(x).cuda()
+    out = torch.empty((x.shape[0], weight.shape[1]), device="cuda")
+    flush = torch.empty(CUDA_FLUSH_BYTES // 4, device="cuda")
+    torch.matmul(xs, w, out=out)
+    times = []
+    for _ in range(repeats):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.matmul(xs, w, out=out)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    _check("torch.matmul", out.cpu().numpy(), x.astype(np.float64) @ weight.astype(np.float64))
+    return statistics.median(times)
+
+
+def dense_cuda_module(m: int, k: int, n: int, target):
+    """``y = x @ W`` as ``x [m, k]`` times ``W^T [n, k]`` (fp32), scheduled by dlight's GPU
+    rules and built; returns ``(module, symbol)``.
+
+    The weight is passed transposed (torch's [out, in]) because that is the layout dlight
+    schedules well: with the reduction innermost, ``dl.gpu.GEMV`` makes an rfactor GEMV
+    with a shared-memory reduction (batch 1) and ``dl.gpu.Matmul`` a tiled matmul (batch
+    8), while for ``W [k, n]`` only ``Fallback`` applies, one thread per output and a few
+    thread blocks in all, which would be no fair baseline.
+    """
+    import tvm
+    from tvm import te
+    from tvm.s_tir import dlight as dl
+
+    x = te.placeholder((m, k), "float32", name="x")
+    w_t = te.placeholder((n, k), "float32", name="w_t")
+    r = te.reduce_axis((0, k), name="r")
+    y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w_t[j, r], axis=r), name="y")
+    func = te.create_prim_func([x, w_t, y]).with_attr("global_symbol", "dense_matmul")
+    with target:
+        mod = dl.ApplyDefaultSchedule(dl.gpu.GEMV(), dl.gpu.Matmul(), dl.gpu.Fallback())(
+            tvm.IRModule({"dense_matmul": func})
+        )
+    return tvm.compile(mod, target=target).mod, "dense_matmul"
+
+
+def cuda_case_kernel(case, weight: np.ndarray, x: np.ndarray, target):
+    """(module, symbol, weight arrays, bytes read) of one sparse, gated or dual case."""
+    import tvm
+
+    import targets.cuda.sparse_kernels as sk
+    from passes.sparse_formats import encode
+
+    kind, _, block, _, fmt = case
+    m, k = x.shape
+    n = weight.shape[1]
+    if kind == "sparse" and fmt == "csr":
+        arrays = encode(weight, "csr")
+        func = sk.csr_matmul_func(m, k, n, arrays[2].size, str(arrays[1].dtype))
+        moved = _array_bytes(arrays)
+    elif kind == "sparse":
+        arrays = encode(weight, "bsr", block)
+        func = sk.bsr_matmul_func(m, k, n, block, arrays[2].shape[0], str(arrays[1].dtype))
+        moved = _array_bytes(arrays)
+    elif kind == "gated":
+        arrays = [weight]
+        func = sk.gated_matmul_func(m, k, n, per_channel=False)
+        moved = int(_active_rows(x).sum()) * n * 4
+    else:
+        arrays = sk.pack_dual_weight(weight)
+        func = sk.dual_matmul_func(m, k, n, arrays[2].size, per_channel=False)
+        active = _active_rows(x)
+        moved = int(active.sum()) * arrays[0].shape[1] * 8 + int(np.count_nonzero(weight[active])) * 4
+    symbol = str(func.attrs["global_symbol"])
+    return tvm.compile(tvm.IRModule({symbol: func}), target=target).mod, symbol, arrays, moved
+
+
+def _cuda_run(module, symbol, args, device, m, n) -> np.ndarray:
+    import tvm
+
+    y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32), device)
+    module[symbol](*args, y)
+    return y.numpy()
+
+
+def _measure_cuda_case(timer, dense, case, rng, k, n, m, target, repeats, torch_ms) -> dict:
+    """Builds, checks and times one case on the GPU against the dense kernel."""
+    import tvm
+
+    device = timer.device
+    kind, w_sparsity, block, a_sparsity, fmt = case
+    weight = _weight(rng, k, n, w_sparsity, block)
+    x = _activations(rng, m, k, a_sparsity)
+    gated = kind in ("gated", "dual")
+    x_in = np.where(np.abs(x) > GATE_THRESHOLD, x, 0).astype(np.float32) if gated else x
+    expected = x_in.astype(np.float64) @ weight.astype(np.float64)
+
+    dense_module, dense_symbol = dense
+    dense_args = [tvm.runtime.tensor(a, device) for a in (x_in, np.ascontiguousarray(weight.T))]
+    _check("dense dlight kernel", _cuda_run(dense_module, dense_symbol, dense_args, device, m, n), expected)
+    y = tvm.runtime.tensor(np.zeros((m, n), np.float32), device)
+    dense_ms = timer.median_ms(dense_module, dense_symbol, [*dense_args, y], repeats)
+    if kind == "dense":
+        module, symbol, args, moved, label = dense_module, dense_symbol, dense_args, 4 * k * n, "dense"
+    else:
+        module, symbol, arrays, moved = cuda_case_kernel(case, weight, x, target)
+        lead = [x] + ([np.array([GATE_THRESHOLD], np.float32)] if gated else [])
+        args = [tvm.runtime.tensor(a, device) for a in (*lead, *arrays)]
+        label = _format_label(fmt, block) if kind == "sparse" else ("dense+gate" if kind == "gated" else fmt)
+        _check(f"{kind} {label}", _cuda_run(module, symbol, args, device, m, n), expected)
+    ms = timer.median_ms(module, symbol, [*args, y], repeats)
+    return _result(
+        case, label, k, n, m, block, ms, moved,
+        dense_ms=dense_ms,
+        torch_ms=torch_ms,
+        speedup_vs_dense=dense_ms / ms,
+        speedup_vs_torch=torch_ms / ms if torch_ms else None,
+    )
+
+
+def _cuda_goals(results: list[dict]) -> list[dict]:
+    goals = []
+    for kind, w_sparsity, blocks, a_sparsity, wanted in CUDA_GOALS:
+        for r in results:
+            if (r["kernel"], r["weight_sparsity"], r["weight_blocks"] is not None,
+                    r["activation_sparsity"]) == (kind, w_sparsity, blocks, a_sparsity):
+                goals.append({
+                    "case": f"{kind} {r['format']} w{round(100 * w_sparsity)} a{round(100 * a_sparsity)}",
+                    "shape": r["shape"],
+                    "batch": r["batch"],
+                    "goal_speedup_vs_dense": wanted,
+                    "speedup_vs_dense": r["speedup_vs_dense"],
+                    "met": r["speedup_vs_dense"] >= wanted,
+                })
+    return goals
+
+
+def _cuda_header() -> str:
+    return (
+        f"{'K x N':>11} {'M':>2} {'kernel':>6} {'format':>14} {'w%':>3} {'a%':>3} "
+        f"{'ours ms':>8} {'dense':>7} {'torch':>7} {'xdense':>6} {'xtorch':>6} {'ideal':>5}"
+    )
+
+
+def _cuda_row(r: dict) -> str:
+    k, n = r["shape"]
+    torch_ms = f"{r['torch_ms']:>7.3f}" if r["torch_ms"] else f"{'-':>7}"
+    vs_torch = f"{r['speedup_vs_torch']:>6.2f}" if r["speedup_vs_torch"] else f"{'-':>6}"
+    return (
+        f"{f'{k}x{n}':>11} {r['batch']:>2} {r['kernel']:>6} {r['format']:>14} "
+        f"{round(100 * r['weight_sparsity']):>3} {round(100 * r['activation_sparsity']):>3} "
+        f"{r['ms']:>8.4f} {r['dense_ms']:>7.4f} {torch_ms} {r['speedup_vs_dense']:>6.2f} "
+        f"{vs_torch} {r['ideal_speedup']:>5.2f}"
+    )
+
+
+def run_cuda_kernel_bench(
+    quick: bool, json_path: str | None, plot_path: str | None, progress=print
+) -> dict:
+    """Runs the kernel benchmark on the first CUDA device (see ``run_kernel_bench``).
+
+    Returns:
+        ``{"machine": {...}, "results": [...], "goals": [...]}``: results as the CPU
+        benchmark's, with ``torch_ms`` and ``speedup_vs_torch`` (None without torch on
+        the GPU) in place of the onnxruntime and numpy columns; each goal names a case,
+        its shape and batch, the speedup over the dense kernel it must reach and whether
+        it did.
+
+    Raises:
+        SparseccError: when no CUDA device is found (before anything is built or
+            written).
+    """
+    device = _cuda_device()
+    import tvm
+
+    from targets.cuda.codegen import cuda_target, use_nvcc_without_nvrtc
+
+    use_nvcc_without_nvrtc()
+    target = cuda_target("sm_" + device.compute_version.replace(".", ""))
+    repeats = QUICK_CUDA_REPEATS if quick else CUDA_REPEATS
+    shapes = CUDA_QUICK_SHAPES if quick else CUDA_FULL_SHAPES
+    runs = [(shape, 1) for shape in shapes] + ([] if quick else [(CUDA_BATCH8_SHAPE, 8)])
+    timer = _CudaTimer(device)
+    rng = np.random.default_rng(0)
+    report = {
+        "machine": {
+            "gpu": device.device_name,
+            "compute_version": device.compute_version,
+            "target": str(target),
+            "tvm": tvm.__version__,
+            "flush_bytes": CUDA_FLUSH_BYTES,
+            "repeats": repeats,
+        },
+        "results": [],
+    }
+    progress(f"L2 flushed ({CUDA_FLUSH_BYTES >> 20} MB) before each call; median ms of {repeats}")
+    progress(_cuda_header())
+    for (k, n), m in runs:
+        dense = dense_cuda_module(m, k, n, target)
+        torch_ms = _torch_ms(_weight(rng, k, n, 0.0, None), _activations(rng, m, k, 0.0), repeats)
+        for case in _cuda_cases(m):
+            result = _measure_cuda_case(timer, dense, case, rng, k, n, m, target, repeats, torch_ms)
+            report["results"].append(result)
+            progress(_cuda_row(result))
+            gc.collect()
+    report["goals"] = _cuda_goals(report["results"])
+    for goal in report["goals"]:
+        progress(
+            f"goal {goal['case']} {goal['shape'][0]}x{goal['shape'][1]} batch {goal['batch']}: "
+            f"{goal['speedup_vs_dense']:.2f}x dense (goal {goal['goal_speedup_vs_dense']}x) "
+            f"{'met' if goal['met'] else 'NOT met'}"
+        )
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+    if plot_path:
+        plot_kernel_bench(report, plot_path, baseline="dense")
+    return report

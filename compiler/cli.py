@@ -300,15 +300,19 @@ def bench():
 
 
 @bench.command(name="kernels")
-@click.option("--quick", is_flag=True, help="Only the three smaller shapes.")
+@click.option("--quick", is_flag=True, help="Fewer shapes and calls (CPU: the three smaller shapes; GPU: two).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the results as JSON here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG plot of the speedups here.")
-def bench_kernels(quick, json_path, plot_path):
-    """Our sparse, gated and dense kernels against onnxruntime's and numpy's dense matmul."""
+@click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where to run: this CPU (against onnxruntime and numpy) or the first NVIDIA GPU "
+                   "(against a dense TVM kernel and torch).")
+def bench_kernels(quick, json_path, plot_path, target):
+    """Our sparse, gated and dense kernels against dense matmuls: onnxruntime's and numpy's
+    on the CPU, or TVM's (dlight) and torch's on a GPU."""
     from compiler.bench_kernels import run_kernel_bench
     from compiler.progress import Progress
 
-    run_kernel_bench(quick, json_path, plot_path, Progress())
+    run_kernel_bench(quick, json_path, plot_path, Progress(), target=target)
 
 
 @bench.command(name="decode")

@@ -8,19 +8,45 @@ CUDA toolkit but no device.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import shutil
 
 from runtime.errors import SparseccError
 
-#: The architectures the code generator and the tests know (see ``sparse_kernels.ARCH_LIMITS``).
-ARCHS = ("sm_80", "sm_90")
+# Per-block limits from NVIDIA's CUDA C++ Programming Guide, "Technical Specifications per
+# Compute Capability" (compute capability 8.0 and 9.0): 1024 threads per block, 48 KB of
+# static shared memory per block (more only by dynamic shared memory and an opt-in
+# attribute: 163 KB on 8.0, 227 KB on 9.0), and 255 32-bit registers per thread.
+ARCH_LIMITS = {
+    "sm_80": {
+        "max_threads_per_block": 1024,
+        "max_static_shared_bytes": 48 * 1024,
+        "max_optin_shared_bytes": 163 * 1024,
+        "max_registers_per_thread": 255,
+    },
+    "sm_90": {
+        "max_threads_per_block": 1024,
+        "max_static_shared_bytes": 48 * 1024,
+        "max_optin_shared_bytes": 227 * 1024,
+        "max_registers_per_thread": 255,
+    },
+}
 
 
 def cuda_target(arch: str):
-    """The ``tvm.target.Target`` for CUDA on ``arch`` (``"sm_80"``, ``"sm_90"``, ...)."""
+    """The ``tvm.target.Target`` for CUDA on ``arch`` (``"sm_80"``, ``"sm_90"``, ...).
+
+    For an arch in ``ARCH_LIMITS`` the target carries its per-block limits, which dlight
+    and TVM's GPU code verifier read (TVM otherwise assumes them, with a warning).
+    """
     import tvm
 
-    return tvm.target.Target({"kind": "cuda", "arch": arch})
+    config = {"kind": "cuda", "arch": arch}
+    if arch in ARCH_LIMITS:
+        config["max_threads_per_block"] = ARCH_LIMITS[arch]["max_threads_per_block"]
+        config["max_shared_memory_per_block"] = ARCH_LIMITS[arch]["max_static_shared_bytes"]
+    return tvm.target.Target(config)
 
 
 def _cuda_modules(module):
@@ -77,9 +103,22 @@ def compile_ptx(source: str, arch: str) -> str:
     with cuda_target(arch):
         try:
             ptx = nvcc.compile_cuda(source, target_format="ptx", compiler="nvcc")
-        except Exception as exc:  # nvcc's own message, first line only
-            detail = str(exc).strip().splitlines()
+        except Exception as exc:  # nvcc's first error line stands for the rest
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            detail = next((line for line in lines if ": error" in line), lines[-1] if lines else "no message")
             raise SparseccError(
-                f"nvcc could not compile the CUDA source for {arch}: {detail[-1] if detail else exc}."
+                f"nvcc could not compile the CUDA source for {arch}: {detail.rstrip('.')}."
             ) from None
     return bytes(ptx).decode()
+
+
+def use_nvcc_without_nvrtc() -> None:
+    """Makes TVM compile CUDA modules with nvcc when NVRTC's Python bindings are missing.
+
+    TVM 0.27 compiles a module's CUDA source when the module is loaded on a GPU, with
+    NVRTC through the ``cuda-bindings`` package by default; without that package, nvcc
+    (``TVM_CUDA_COMPILE_MODE=nvcc``) is the way that works. A mode the user set is kept.
+    """
+    if importlib.util.find_spec("cuda") is None or importlib.util.find_spec("cuda.bindings") is None:
+        if shutil.which("nvcc") is not None:
+            os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")

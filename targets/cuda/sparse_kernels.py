@@ -15,18 +15,19 @@ reads consecutive addresses):
     y[m, i] = sum_{j in [indptr[i], indptr[i+1])} values[j] * x[m, indices[j]]
 
   One warp per output row ``i``, ``CSR_WARPS`` rows per thread block. Lane ``l`` takes
-  the row's nonzeros ``l, l + 32, ...`` (coalesced reads of ``values`` and ``indices``,
-  gathers of ``x`` from L1/L2); the 32 lane sums per row of ``x`` are then reduced
-  through shared memory (see "Reductions").
+  the row's nonzeros ``l, l + 32, ...``, ``SPARSE_UNROLL`` of them per step (coalesced
+  reads of ``values`` and ``indices``, gathers of ``x`` from L1/L2); the 32 lane sums per
+  row of ``x`` are then reduced through shared memory (see "Reductions").
 
 ``bsr`` -- ``encode(W, "bsr", (R, C))``, ``W^T`` zero-padded to whole ``R x C`` blocks::
 
     y[m, ib*R + r] = sum_{b in [indptr[ib], indptr[ib+1])} sum_c
                          values[b, r, c] * x[m, indices[b]*C + c]
 
-  A group of ``G = max(32, R*C)`` threads per block row; thread ``e`` of the group owns
-  position ``(r, c) = divmod(e % (R*C), C)`` of blocks ``e // (R*C)``, ``+ G / (R*C)``,
-  ..., so the group reads each step's ``G`` values as one contiguous run. Rows of the
+  A group of ``G = max(BSR_GROUP, R*C)`` threads per block row; thread ``e`` of the
+  group owns position ``(r, c) = divmod(e % (R*C), C)`` of blocks ``e // (R*C)``,
+  ``+ G / (R*C)``, ..., so the group reads each step's ``G`` values as one contiguous
+  run (``SPARSE_UNROLL`` steps at a time). Rows of the
   last block row past ``n`` are never written, and columns past ``k`` of the last block
   column never read (their stored values are the zero padding).
 
@@ -36,7 +37,7 @@ with ``gate(x)[m, k] = x[m, k] if |x[m, k]| > t else 0`` (``passes.sparse_ops``'
 weight, so all the weights an input ``k`` touches are one contiguous row (column-major
 in torch's [out, in] convention). The grid is (``ceil(N / 32)`` column tiles, ``k_parts``
 slices of K): a block has ``GATED_WARPS`` warps, warp ``w`` takes rows ``w, w + 8, ...``
-of its slice and lane ``l`` column ``l`` of its tile. For each row the warp computes the
+of its slice (``GATED_ROW_UNROLL`` at a time) and lane ``l`` column ``l`` of its tile. For each row the warp computes the
 gate in the kernel and skips the row (a warp-uniform branch) when no row of ``x`` is
 active there, so an inactive input costs no weight read at all. Split-K: the warps'
 sums are reduced in shared memory into one partial sum per (slice, m, column) in a
@@ -87,6 +88,7 @@ from targets.cpu.sparse_kernels import (
     _check_index_dtype,
     _check_sizes,
 )
+from targets.cuda.codegen import ARCH_LIMITS
 
 #: Rows of ``x`` a kernel takes: the per-thread accumulators are ``m`` registers, and a
 #: larger batch is no longer a matrix-vector product (dense GEMM schedules serve it).
@@ -95,40 +97,30 @@ MAX_ROWS = 8
 WARP = 32
 #: Output rows (one warp each) per thread block of the CSR kernel.
 CSR_WARPS = 4
-#: Threads per thread block the BSR kernel aims at (a block row needs at least 32, and
-#: ``R * C`` for a 16x16 block).
+#: Steps of the CSR and BSR loops over a row's nonzeros (or blocks) issued together,
+#: unrolled, so that a warp has that many independent weight loads in flight.
+SPARSE_UNROLL = 4
+#: Threads per block row of the BSR kernel (at least ``R * C``): block rows are 16 times
+#: fewer than rows, so a whole warp or more per block row keeps enough loads in flight.
+BSR_GROUP = 128
+#: Threads per thread block the BSR kernel aims at.
 BSR_THREADS = 128
 #: Warps per thread block of the gated and dual kernels; each takes its own rows of the
 #: block's slice of K.
 GATED_WARPS = 8
-#: Thread blocks the gated and dual kernels aim at when ``k_parts`` is not given: a few
-#: waves of the 108 (A100) to 132 (H100) SMs.
-GATED_TARGET_BLOCKS = 512
+#: Rows of ``W`` a warp of the gated and dual kernels handles per step, unrolled, so that
+#: their gates and then their (predicated) weight loads are issued together rather than
+#: one latency at a time.
+GATED_ROW_UNROLL = 4
+#: Thread blocks the gated and dual kernels aim at when ``k_parts`` is not given: about
+#: eight resident blocks of 256 threads on each of the 108 (A100) to 132 (H100) SMs,
+#: twice over.
+GATED_TARGET_BLOCKS = 2048
 #: Threads per block of the kernel that adds the split-K partials.
 REDUCE_THREADS = 256
 #: The widest lane sum that the last reduction phase adds serially; wider ones are folded
 #: first (see "Reductions" in the module docstring).
 SERIAL_LANES = 8
-
-# Per-block limits from NVIDIA's CUDA C++ Programming Guide, "Technical Specifications per
-# Compute Capability" (compute capability 8.0 and 9.0): 1024 threads per block, 48 KB of
-# static shared memory per block (more only by dynamic shared memory and an opt-in
-# attribute: 163 KB on 8.0, 227 KB on 9.0), and 255 32-bit registers per thread.
-ARCH_LIMITS = {
-    "sm_80": {
-        "max_threads_per_block": 1024,
-        "max_static_shared_bytes": 48 * 1024,
-        "max_optin_shared_bytes": 163 * 1024,
-        "max_registers_per_thread": 255,
-    },
-    "sm_90": {
-        "max_threads_per_block": 1024,
-        "max_static_shared_bytes": 48 * 1024,
-        "max_optin_shared_bytes": 227 * 1024,
-        "max_registers_per_thread": 255,
-    },
-}
-
 
 def _check_rows(m: int) -> None:
     _check_sizes(m=m)
@@ -233,10 +225,15 @@ def csr_matmul_func(m: int, k: int, n: int, nnz: int, index_dtype: str = "int16"
                     acc[r] = T.float32(0)
                 if row < n:
                     # Lane l takes nonzeros first + l, first + l + 32, ... of the row.
-                    for s in range((indptr[row + 1] - indptr[row] - lane + WARP - 1) // WARP):
-                        j = indptr[row] + lane + s * WARP
-                        for r in range(m):
-                            acc[r] = acc[r] + values[j] * x[r, T.Cast("int32", indices[j])]
+                    for s in range(
+                        (indptr[row + 1] - indptr[row] + WARP * SPARSE_UNROLL - 1)
+                        // (WARP * SPARSE_UNROLL)
+                    ):
+                        for u in T.unroll(SPARSE_UNROLL):
+                            j = indptr[row] + lane + (s * SPARSE_UNROLL + u) * WARP
+                            if j < indptr[row + 1]:
+                                for r in range(m):
+                                    acc[r] = acc[r] + values[j] * x[r, T.Cast("int32", indices[j])]
                 for r in range(m):
                     lanes[(t // WARP) * m + r, lane] = acc[r]
             fold(lanes, folded, items, width)
@@ -263,7 +260,7 @@ def bsr_matmul_func(
     Parameters, in order: ``x`` float32 [m, k], ``indptr`` int32 [ceil(n / R) + 1],
     ``indices`` ``index_dtype`` [nnzb] (block columns), ``values`` float32 [nnzb, R, C],
     ``y`` float32 [m, n] (every element written). ``k`` and ``n`` need not be multiples
-    of the block. A group of ``max(32, R * C)`` threads per block row (see the module
+    of the block. A group of ``max(BSR_GROUP, R * C)`` threads per block row (see the module
     docstring), ``max(1, BSR_THREADS // group)`` block rows per thread block. Global
     symbol ``cuda_bsr_matmul_m{m}_k{k}_n{n}_b{R}x{C}_nnzb{nnzb}_{index_dtype}``.
 
@@ -295,7 +292,7 @@ def bsr_matmul_func(
     block_r, block_c = int(block[0]), int(block[1])
     block_size = block_r * block_c
     block_rows = _ceil_div(n, block_r)
-    group = max(WARP, block_size)  # threads per block row
+    group = max(BSR_GROUP, block_size)  # threads per block row
     groups = max(1, BSR_THREADS // group)  # block rows per thread block
     threads = group * groups
     per_step = group // block_size  # blocks a group reads per step
@@ -343,15 +340,18 @@ def bsr_matmul_func(
                     acc[r] = T.float32(0)
                 if ib < block_rows:
                     for s in range(
-                        (indptr[ib + 1] - indptr[ib] - e // block_size + per_step - 1) // per_step
+                        (indptr[ib + 1] - indptr[ib] + per_step * SPARSE_UNROLL - 1)
+                        // (per_step * SPARSE_UNROLL)
                     ):
-                        b = indptr[ib] + e // block_size + s * per_step
-                        col = T.Cast("int32", indices[b]) * block_c + e % block_c
-                        if partial_col:
-                            if col < k:
-                                accumulate(acc, x, values, b, e, col)
-                        else:
-                            accumulate(acc, x, values, b, e, col)
+                        for u in T.unroll(SPARSE_UNROLL):
+                            b = indptr[ib] + e // block_size + (s * SPARSE_UNROLL + u) * per_step
+                            if b < indptr[ib + 1]:
+                                col = T.Cast("int32", indices[b]) * block_c + e % block_c
+                                if partial_col:
+                                    if col < k:
+                                        accumulate(acc, x, values, b, e, col)
+                                else:
+                                    accumulate(acc, x, values, b, e, col)
                 # Output row r = e % (R*C) // C gathers the lanes (block slot, c).
                 for r in range(m):
                     lanes[
@@ -392,16 +392,23 @@ def _check_gate_args(per_channel, k_parts) -> None:
     _check_sizes(k_parts=k_parts)
 
 
-def _split_k_macros(m: int, k: int, n: int, per_channel: bool, k_parts: int):
-    """The phases shared by the gated and dual kernels: ``gate_row`` (the gate of one
-    input in the kernel), ``store_partials`` (the warps' sums of a block, reduced in shared
-    memory, into the split-K workspace) and ``add_partials`` (the second kernel)."""
+def _split_k_macros(m: int, k: int, n: int, per_channel: bool, k_parts: int, dual: bool):
+    """The two kernels of ``gated_matmul_func`` (``dual`` False) or ``dual_matmul_func``.
+
+    Returns ``(split_k_block, add_partials)``: ``split_k_block(x, threshold, weights,
+    partials, bx, by)`` is the body of thread block ``(bx, by)`` of the first kernel, with
+    ``weights`` the tuple ``(w,)`` or ``(bits, offsets, values)``: each warp walks its
+    rows of slice ``by``, computes the gate and skips the inactive rows, then the warps'
+    sums are reduced in shared memory into ``partials[by]``. ``add_partials(partials, y)``
+    is the second kernel.
+    """
     from tvm.script import tirx as T
 
     threads = WARP * GATED_WARPS
     items = m * WARP  # (row of x, column of the tile)
     width = _fold_width(GATED_WARPS)
     fold = _fold_macro(threads)
+    k_slice = _ceil_div(k, k_parts)
 
     def limit(threshold, kk):
         return threshold[kk] if per_channel else threshold[0]
@@ -416,7 +423,48 @@ def _split_k_macros(m: int, k: int, n: int, per_channel: bool, k_parts: int):
                 live[0] = 1
 
     @T.macro
-    def store_partials(lanes, folded, partials, bx, by):
+    def add_dense_row(acc, gated, w, kk, col):
+        if col < n:
+            for r in range(m):
+                acc[r] = acc[r] + gated[r] * w[kk, col]
+
+    @T.macro
+    def add_bitmask_row(acc, gated, bits, offsets, values, kk, word_index, lane):
+        word = bits[kk, word_index]
+        if T.bitwise_and(T.shift_right(word, lane), T.uint32(1)) == T.uint32(1):
+            # The set lanes below this one come first in values.
+            below = T.bitwise_and(word, T.shift_left(T.uint32(1), lane) - T.uint32(1))
+            v = values[offsets[kk, word_index] + T.Cast("int32", T.popcount(below))]
+            for r in range(m):
+                acc[r] = acc[r] + gated[r] * v
+
+    @T.macro
+    def split_k_block(x, threshold, weights, partials, bx, by):
+        lanes = T.alloc_buffer((items, GATED_WARPS), "float32", scope="shared")
+        folded = T.alloc_buffer((items, width), "float32", scope="shared")
+        for t in T.thread_binding(threads, thread="threadIdx.x"):
+            acc = T.alloc_buffer((m,), "float32", scope="local")
+            gated = T.alloc_buffer((m,), "float32", scope="local")
+            live = T.alloc_buffer((1,), "int32", scope="local")
+            for r in range(m):
+                acc[r] = T.float32(0)
+            # Warp t // 32 takes rows t // 32, t // 32 + GATED_WARPS, ... of the slice.
+            for s in range(_ceil_div(k_slice, GATED_WARPS * GATED_ROW_UNROLL)):
+                for u in T.unroll(GATED_ROW_UNROLL):
+                    slot = t // WARP + (s * GATED_ROW_UNROLL + u) * GATED_WARPS
+                    kk = by * k_slice + slot
+                    if slot < k_slice and kk < k:
+                        gate_row(x, threshold, kk, gated, live)
+                        if live[0] == 1:
+                            if dual:
+                                add_bitmask_row(
+                                    acc, gated, weights[0], weights[1], weights[2], kk, bx,
+                                    T.Cast("uint32", t % WARP),
+                                )
+                            else:
+                                add_dense_row(acc, gated, weights[0], kk, bx * WARP + t % WARP)
+            for r in range(m):
+                lanes[r * WARP + t % WARP, t // WARP] = acc[r]
         if width < GATED_WARPS:
             fold(lanes, folded, items, width)
         for t in T.thread_binding(threads, thread="threadIdx.x"):
@@ -444,7 +492,7 @@ def _split_k_macros(m: int, k: int, n: int, per_channel: bool, k_parts: int):
                         total[0] = total[0] + partials[p, b * REDUCE_THREADS + t]
                     y[(b * REDUCE_THREADS + t) // n, (b * REDUCE_THREADS + t) % n] = total[0]
 
-    return gate_row, store_partials, add_partials
+    return split_k_block, add_partials
 
 
 def gated_matmul_func(m: int, k: int, n: int, per_channel: bool, k_parts: int | None = None):
@@ -479,8 +527,7 @@ def gated_matmul_func(m: int, k: int, n: int, per_channel: bool, k_parts: int | 
     k_parts = default_k_parts(k, n) if k_parts is None else k_parts
     _check_gate_args(per_channel, k_parts)
 
-    gate_row, store_partials, add_partials = _split_k_macros(m, k, n, per_channel, k_parts)
-    k_slice = _ceil_div(k, k_parts)
+    split_k_block, add_partials = _split_k_macros(m, k, n, per_channel, k_parts, dual=False)
     threshold_size = k if per_channel else 1
 
     @T.prim_func
@@ -496,26 +543,7 @@ def gated_matmul_func(m: int, k: int, n: int, per_channel: bool, k_parts: int | 
         partials = T.alloc_buffer((k_parts, m * n), "float32")
         for bx in T.thread_binding(_ceil_div(n, WARP), thread="blockIdx.x"):
             for by in T.thread_binding(k_parts, thread="blockIdx.y"):
-                lanes = T.alloc_buffer((m * WARP, GATED_WARPS), "float32", scope="shared")
-                folded = T.alloc_buffer((m * WARP, _fold_width(GATED_WARPS)), "float32", scope="shared")
-                for t in T.thread_binding(WARP * GATED_WARPS, thread="threadIdx.x"):
-                    col = bx * WARP + t % WARP
-                    acc = T.alloc_buffer((m,), "float32", scope="local")
-                    gated = T.alloc_buffer((m,), "float32", scope="local")
-                    live = T.alloc_buffer((1,), "int32", scope="local")
-                    for r in range(m):
-                        acc[r] = T.float32(0)
-                    # Warp t // 32 takes rows t // 32, t // 32 + GATED_WARPS, ... of the slice.
-                    for s in range(_ceil_div(k_slice, GATED_WARPS)):
-                        kk = by * k_slice + t // WARP + s * GATED_WARPS
-                        if t // WARP + s * GATED_WARPS < k_slice and kk < k:
-                            gate_row(x, threshold, kk, gated, live)
-                            if live[0] == 1 and col < n:
-                                for r in range(m):
-                                    acc[r] = acc[r] + gated[r] * w[kk, col]
-                    for r in range(m):
-                        lanes[r * WARP + t % WARP, t // WARP] = acc[r]
-                store_partials(lanes, folded, partials, bx, by)
+                split_k_block(x, threshold, (w,), partials, bx, by)
         add_partials(partials, y)
 
     return gated_matmul
@@ -599,8 +627,7 @@ def dual_matmul_func(
     k_parts = default_k_parts(k, n) if k_parts is None else k_parts
     _check_gate_args(per_channel, k_parts)
 
-    gate_row, store_partials, add_partials = _split_k_macros(m, k, n, per_channel, k_parts)
-    k_slice = _ceil_div(k, k_parts)
+    split_k_block, add_partials = _split_k_macros(m, k, n, per_channel, k_parts, dual=True)
     words = _ceil_div(n, WARP)
     threshold_size = k if per_channel else 1
 
@@ -621,39 +648,7 @@ def dual_matmul_func(
         partials = T.alloc_buffer((k_parts, m * n), "float32")
         for bx in T.thread_binding(words, thread="blockIdx.x"):
             for by in T.thread_binding(k_parts, thread="blockIdx.y"):
-                lanes = T.alloc_buffer((m * WARP, GATED_WARPS), "float32", scope="shared")
-                folded = T.alloc_buffer((m * WARP, _fold_width(GATED_WARPS)), "float32", scope="shared")
-                for t in T.thread_binding(WARP * GATED_WARPS, thread="threadIdx.x"):
-                    lane = T.Cast("uint32", t % WARP)
-                    acc = T.alloc_buffer((m,), "float32", scope="local")
-                    gated = T.alloc_buffer((m,), "float32", scope="local")
-                    live = T.alloc_buffer((1,), "int32", scope="local")
-                    for r in range(m):
-                        acc[r] = T.float32(0)
-                    for s in range(_ceil_div(k_slice, GATED_WARPS)):
-                        kk = by * k_slice + t // WARP + s * GATED_WARPS
-                        if t // WARP + s * GATED_WARPS < k_slice and kk < k:
-                            gate_row(x, threshold, kk, gated, live)
-                            if live[0] == 1:
-                                word = bits[kk, bx]
-                                if T.bitwise_and(T.shift_right(word, lane), T.uint32(1)) == T.uint32(1):
-                                    # The lanes below l that are set come first in values.
-                                    v = values[
-                                        offsets[kk, bx]
-                                        + T.Cast(
-                                            "int32",
-                                            T.popcount(
-                                                T.bitwise_and(
-                                                    word, T.shift_left(T.uint32(1), lane) - T.uint32(1)
-                                                )
-                                            ),
-                                        )
-                                    ]
-                                    for r in range(m):
-                                        acc[r] = acc[r] + gated[r] * v
-                    for r in range(m):
-                        lanes[r * WARP + t % WARP, t // WARP] = acc[r]
-                store_partials(lanes, folded, partials, bx, by)
+                split_k_block(x, threshold, (bits, offsets, values), partials, bx, by)
         add_partials(partials, y)
 
     return dual_matmul

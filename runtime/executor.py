@@ -30,6 +30,21 @@ def check_host(path, target: dict) -> None:
         )
 
 
+def choose_cuda_compiler() -> None:
+    """Makes TVM compile CUDA modules with nvcc when NVRTC's Python bindings are missing.
+
+    TVM 0.27 compiles a module's CUDA source when the module is loaded on a GPU, with
+    NVRTC through the ``cuda-bindings`` package by default; without that package, nvcc
+    (``TVM_CUDA_COMPILE_MODE=nvcc``) is the way that works. A mode the user set is kept.
+    """
+    import importlib.util
+    import shutil
+
+    if importlib.util.find_spec("cuda") is None or importlib.util.find_spec("cuda.bindings") is None:
+        if shutil.which("nvcc") is not None:
+            os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
+
+
 def cuda_device(path, target: dict):
     """The first CUDA device, for an artifact of the cuda target.
 
@@ -54,6 +69,7 @@ def cuda_device(path, target: dict):
     if not found:
         raise SparseccError(f"no CUDA device was found; {path} was compiled for NVIDIA GPUs ({target.get('arch', 'cuda')}) "
                             "and runs only on a machine with one.")
+    choose_cuda_compiler()
     return device
 
 

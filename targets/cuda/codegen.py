@@ -8,8 +8,6 @@ CUDA toolkit but no device.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import shutil
 
 from runtime.errors import SparseccError
@@ -25,6 +23,13 @@ ARCH_LIMITS = {
         "max_optin_shared_bytes": 163 * 1024,
         "max_registers_per_thread": 255,
     },
+    # Jetson Orin (8.7): the same per-block limits as 8.0 in that table.
+    "sm_87": {
+        "max_threads_per_block": 1024,
+        "max_static_shared_bytes": 48 * 1024,
+        "max_optin_shared_bytes": 163 * 1024,
+        "max_registers_per_thread": 255,
+    },
     "sm_90": {
         "max_threads_per_block": 1024,
         "max_static_shared_bytes": 48 * 1024,
@@ -34,11 +39,13 @@ ARCH_LIMITS = {
 }
 
 
-def cuda_target(arch: str):
+def cuda_target(arch: str, host: bool = False):
     """The ``tvm.target.Target`` for CUDA on ``arch`` (``"sm_80"``, ``"sm_90"``, ...).
 
     For an arch in ``ARCH_LIMITS`` the target carries its per-block limits, which dlight
-    and TVM's GPU code verifier read (TVM otherwise assumes them, with a warning).
+    and TVM's GPU code verifier read (TVM otherwise assumes them, with a warning). With
+    ``host``, the host code is for this machine's processor family without CPU-specific
+    instructions (a whole model's Relax VM program).
     """
     import tvm
 
@@ -46,7 +53,7 @@ def cuda_target(arch: str):
     if arch in ARCH_LIMITS:
         config["max_threads_per_block"] = ARCH_LIMITS[arch]["max_threads_per_block"]
         config["max_shared_memory_per_block"] = ARCH_LIMITS[arch]["max_static_shared_bytes"]
-    return tvm.target.Target(config)
+    return tvm.target.Target(config, host={"kind": "llvm"}) if host else tvm.target.Target(config)
 
 
 def _cuda_modules(module):
@@ -54,6 +61,11 @@ def _cuda_modules(module):
         yield module
     for imported in module.imports:
         yield from _cuda_modules(imported)
+
+
+def cuda_sources(module) -> list[str]:
+    """The CUDA C source of every CUDA module inside a built ``module``."""
+    return [m.inspect_source("cuda") for m in _cuda_modules(module)]
 
 
 def cuda_source(mod_or_func, arch: str) -> str:
@@ -76,7 +88,7 @@ def cuda_source(mod_or_func, arch: str) -> str:
     if isinstance(mod_or_func, tvm.tirx.PrimFunc):
         mod = tvm.IRModule({str(mod_or_func.attrs["global_symbol"]): mod_or_func})
     executable = tvm.compile(mod, target=cuda_target(arch))
-    sources = [m.inspect_source("cuda") for m in _cuda_modules(executable.mod)]
+    sources = cuda_sources(executable.mod)
     if not sources:
         raise SparseccError(f"the module compiled for {arch} holds no CUDA kernels.")
     return "\n".join(sources)
@@ -113,12 +125,7 @@ def compile_ptx(source: str, arch: str) -> str:
 
 
 def use_nvcc_without_nvrtc() -> None:
-    """Makes TVM compile CUDA modules with nvcc when NVRTC's Python bindings are missing.
+    """``runtime.executor.choose_cuda_compiler``: nvcc when NVRTC's bindings are missing."""
+    from runtime.executor import choose_cuda_compiler
 
-    TVM 0.27 compiles a module's CUDA source when the module is loaded on a GPU, with
-    NVRTC through the ``cuda-bindings`` package by default; without that package, nvcc
-    (``TVM_CUDA_COMPILE_MODE=nvcc``) is the way that works. A mode the user set is kept.
-    """
-    if importlib.util.find_spec("cuda") is None or importlib.util.find_spec("cuda.bindings") is None:
-        if shutil.which("nvcc") is not None:
-            os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
+    choose_cuda_compiler()

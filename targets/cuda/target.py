@@ -28,27 +28,13 @@ from runtime.errors import SparseccError
 from targets.base import Lowered
 from targets.cpu.target import LIBRARY, WEIGHTS, CpuTarget, write_weights
 from targets.cuda import legalize as cuda_legalize
-from targets.cuda.sparse_kernels import ARCH_LIMITS, kernel_report, within_limits
+from targets.cuda.codegen import cuda_sources, cuda_target
+from targets.cuda.sparse_kernels import kernel_report, within_limits
 
 SOURCE = "kernels.cu"
 DEFAULT_ARCH = "sm_80"
 #: Architectures ``-t cuda:ARCH`` accepts: A100 (sm_80), Jetson Orin (sm_87), H100 (sm_90).
 ARCHS = ("sm_80", "sm_87", "sm_90")
-
-
-def cuda_target(arch: str):
-    """TVM's target: CUDA on ``arch``, host code for this machine's processor family."""
-    import tvm
-
-    # 48 KB: the static shared memory a block may use on every supported architecture.
-    return tvm.target.Target({"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152}, host={"kind": "llvm"})
-
-
-def _cuda_sources(module) -> list[str]:
-    found = [module.inspect_source("cuda")] if module.kind == "cuda" else []
-    for imported in module.imports:
-        found.extend(_cuda_sources(imported))
-    return found
 
 
 def _static_bytes(ty) -> int:
@@ -211,14 +197,14 @@ class CudaTarget(CpuTarget):
     def build(self, lowered: Lowered, staging: Path, dump: Callable[[str, str], None] | None = None) -> dict:
         import tvm
 
-        target = cuda_target(self.arch)
+        target = cuda_target(self.arch, host=True)
         records: list[dict] = []
         executable = tvm.compile(lowered.module, target=target, relax_pipeline=relax_pipeline(target, records))
-        source = "\n".join(_cuda_sources(executable.mod))
+        source = "\n".join(cuda_sources(executable.mod))
         if not source.strip():
             raise SparseccError("TVM produced no CUDA kernels for this model.")
         kernels = kernel_report(source)
-        problems = within_limits(kernels, "sm_90" if self.arch == "sm_90" else "sm_80")
+        problems = within_limits(kernels, self.arch)
         if problems:
             raise SparseccError(f"a generated kernel exceeds the limits of {self.arch}: {problems[0]}")
         if dump:

@@ -2,7 +2,9 @@
 
 1. nvcc compiles the generated CUDA source to PTX for sm_80 and sm_90, and every
    ``__global__`` kernel's threads per block and static shared memory, read from the PTX
-   and from the source, stay within ``ARCH_LIMITS`` (skipped without nvcc).
+   and from the source, stay within ``ARCH_LIMITS``; so do its registers (``ptxas -v``),
+   with no spills, and every kernel with shared memory has a barrier (skipped without
+   nvcc).
 2. The same TIR with its thread-bound loops made serial (``serial_copy``), built for the
    host by LLVM, matches numpy: SmolLM2's 576x1536 and 1536x576 at m = 1 and 4, CSR and
    BSR at 70-90 % weight sparsity, BSR with partial edge blocks, gated and dual kernels
@@ -237,7 +239,7 @@ def ptx_module():
 @needs_nvcc
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_kernels_compile_to_ptx_within_limits(ptx_module, arch):
-    from targets.cuda.codegen import compile_ptx, cuda_source
+    from targets.cuda.codegen import compile_ptx, cuda_source, ptxas_usage
 
     source = cuda_source(ptx_module, arch)
     ptx = compile_ptx(source, arch)
@@ -254,6 +256,15 @@ def test_kernels_compile_to_ptx_within_limits(ptx_module, arch):
         assert kernel["threads_per_block"] == by_name[kernel["name"]]["threads_per_block"]
         assert kernel["static_shared_bytes"] == by_name[kernel["name"]]["static_shared_bytes"]
     assert any(k["static_shared_bytes"] > 0 for k in from_ptx)
+    # Every kernel that shares memory between phases synchronises between them.
+    for kernel in from_ptx:
+        assert (kernel["barriers"] > 0) == (kernel["static_shared_bytes"] > 0), kernel
+    # ptxas: registers within the limit, and the per-thread accumulators not spilled.
+    usage = ptxas_usage(ptx, arch)
+    for kernel in from_ptx:
+        kernel.update(usage[kernel["name"]])
+        assert kernel["shared_bytes"] == kernel["static_shared_bytes"]
+        assert kernel["spill_stores"] == 0 and kernel["spill_loads"] == 0, kernel
     assert sk.within_limits(from_ptx, arch) == []
 
 
@@ -277,18 +288,20 @@ def test_kernel_report_reads_ptx_and_source_and_flags_limits():
 """
     report = sk.kernel_report(ptx)
     assert report == [
-        {"name": "small", "threads_per_block": 256, "static_shared_bytes": 3072},
-        {"name": "big", "threads_per_block": 2048, "static_shared_bytes": 60000},
+        {"name": "small", "threads_per_block": 256, "static_shared_bytes": 3072, "barriers": 0},
+        {"name": "big", "threads_per_block": 2048, "static_shared_bytes": 60000, "barriers": 0},
     ]
+    report[0]["registers"] = 256
     problems = sk.within_limits(report, "sm_90")
-    assert len(problems) == 2 and all(p.startswith("big:") for p in problems)
+    assert len(problems) == 3
+    assert problems[0].startswith("small: 256 registers") and all(p.startswith("big:") for p in problems[1:])
     source = (
         'extern "C" __global__ void __launch_bounds__(128) f(float* x);\n'
         'extern "C" __global__ void __launch_bounds__(128) f(float* x) {\n'
-        "  __shared__ alignas(64) float lanes_ptr[384];\n}\n"
+        "  __shared__ alignas(64) float lanes_ptr[384];\n  __syncthreads();\n}\n"
     )
     assert sk.kernel_report(source) == [
-        {"name": "f", "threads_per_block": 128, "static_shared_bytes": 1536}
+        {"name": "f", "threads_per_block": 128, "static_shared_bytes": 1536, "barriers": 1}
     ]
 
 

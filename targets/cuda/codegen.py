@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
+import subprocess
+import tempfile
 
 from runtime.errors import SparseccError
 
@@ -122,3 +125,56 @@ def use_nvcc_without_nvrtc() -> None:
     if importlib.util.find_spec("cuda") is None or importlib.util.find_spec("cuda.bindings") is None:
         if shutil.which("nvcc") is not None:
             os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
+
+
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '(\w+)'")
+_PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
+_PTXAS_SHARED = re.compile(r"(\d+) bytes smem")
+
+
+def ptxas_usage(ptx: str, arch: str) -> dict[str, dict]:
+    """Assembles PTX with ``ptxas -v`` and returns each kernel's resource usage.
+
+    Args:
+        ptx: PTX text, as from ``compile_ptx``.
+        arch: the CUDA architecture, such as ``"sm_90"``.
+
+    Returns:
+        ``{kernel name: {"registers", "shared_bytes", "stack_bytes", "spill_stores",
+        "spill_loads"}}`` (bytes, and 32-bit registers per thread).
+
+    Raises:
+        SparseccError: if ptxas is not installed or rejects the PTX.
+    """
+    if shutil.which("ptxas") is None:
+        raise SparseccError("ptxas was not found on PATH; install the CUDA toolkit to assemble PTX.")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernels.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        done = subprocess.run(
+            ["ptxas", f"-arch={arch}", "-v", path, "-o", os.path.join(folder, "kernels.cubin")],
+            capture_output=True, text=True,
+        )
+    if done.returncode != 0:
+        first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip())
+        raise SparseccError(f"ptxas could not assemble the PTX for {arch}: {first.rstrip('.')}.")
+    usage: dict[str, dict] = {}
+    current = None
+    for line in (done.stdout + done.stderr).splitlines():
+        entry = _PTXAS_ENTRY.search(line)
+        if entry:
+            current = usage.setdefault(entry.group(1), {"registers": 0, "shared_bytes": 0})
+            continue
+        if current is None:
+            continue
+        spills = _PTXAS_SPILLS.search(line)
+        if spills:
+            current["stack_bytes"], current["spill_stores"], current["spill_loads"] = map(int, spills.groups())
+        registers = _PTXAS_REGISTERS.search(line)
+        if registers:
+            current["registers"] = int(registers.group(1))
+            shared = _PTXAS_SHARED.search(line)
+            current["shared_bytes"] = int(shared.group(1)) if shared else 0
+    return usage

@@ -709,6 +709,8 @@ _CU_SHARED = re.compile(
     r"__shared__\s+(?:(?:alignas|__align__)\(\d+\)\s+)?(\w+)\s+\w+\[(\d+)\]"
 )
 _CU_TYPE_BYTES = {"float": 4, "int": 4, "uint": 4, "half": 2, "double": 8, "char": 1, "short": 2}
+_PTX_BARRIER = re.compile(r"\b(?:bar|barrier)\.sync\b")
+_CU_BARRIER = re.compile(r"__syncthreads\(\)")
 
 
 def kernel_report(code: str) -> list[dict]:
@@ -721,10 +723,11 @@ def kernel_report(code: str) -> list[dict]:
         One dict per kernel, in order: ``name``, ``threads_per_block`` (PTX ``.maxntid``
         or the source's ``__launch_bounds__``; None when neither is given) and
         ``static_shared_bytes`` (the sum of the kernel's ``.shared`` / ``__shared__``
-        arrays).
+        arrays) and ``barriers`` (its ``bar.sync`` / ``__syncthreads()`` statements).
     """
     ptx = ".entry" in code
     entry, shared = (_PTX_ENTRY, _PTX_SHARED) if ptx else (_CU_KERNEL, _CU_SHARED)
+    barrier = _PTX_BARRIER if ptx else _CU_BARRIER
     starts = list(entry.finditer(code))
     kernels = []
     for i, match in enumerate(starts):
@@ -744,12 +747,18 @@ def kernel_report(code: str) -> list[dict]:
             shared_bytes = sum(
                 _CU_TYPE_BYTES.get(ctype, 4) * int(count) for ctype, count in shared.findall(body)
             )
-        kernels.append({"name": name, "threads_per_block": threads, "static_shared_bytes": shared_bytes})
+        kernels.append({
+            "name": name,
+            "threads_per_block": threads,
+            "static_shared_bytes": shared_bytes,
+            "barriers": len(barrier.findall(body)),
+        })
     return kernels
 
 
 def within_limits(report: list[dict], arch: str) -> list[str]:
-    """The ways in which the kernels of ``kernel_report`` exceed ``ARCH_LIMITS[arch]``.
+    """The ways in which the kernels of ``kernel_report`` exceed ``ARCH_LIMITS[arch]``
+    (registers too, for entries that carry ``registers`` from ``codegen.ptxas_usage``).
 
     Returns:
         One sentence per kernel over a limit; empty when all fit.
@@ -769,4 +778,6 @@ def within_limits(report: list[dict], arch: str) -> list[str]:
             problems.append(
                 f"{kernel['name']}: {kernel['static_shared_bytes']} bytes of static shared memory on {arch}"
             )
+        if kernel.get("registers", 0) > limits["max_registers_per_thread"]:
+            problems.append(f"{kernel['name']}: {kernel['registers']} registers per thread on {arch}")
     return problems

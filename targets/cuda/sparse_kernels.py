@@ -82,9 +82,13 @@ import re
 
 import numpy as np
 
+# The argument checks and function attributes are the CPU kernels' own: both sets take
+# the same arguments and are scheduled by hand.
 from targets.cpu.sparse_kernels import (
     BSR_BLOCK_SIDES,
     _check_count,
+    _check_gate_args,
+    _func_attrs,
     _check_index_dtype,
     _check_sizes,
 )
@@ -100,8 +104,8 @@ CSR_WARPS = 4
 #: Steps of the CSR and BSR loops over a row's nonzeros (or blocks) issued together,
 #: unrolled, so that a warp has that many independent weight loads in flight.
 SPARSE_UNROLL = 4
-#: Threads per block row of the BSR kernel (at least ``R * C``): block rows are 16 times
-#: fewer than rows, so a whole warp or more per block row keeps enough loads in flight.
+#: Threads per block row of the BSR kernel (at least ``R * C``): there are ``R`` times
+#: fewer block rows than rows, so several warps per block row keep enough loads in flight.
 BSR_GROUP = 128
 #: Threads per thread block the BSR kernel aims at.
 BSR_THREADS = 128
@@ -122,6 +126,7 @@ REDUCE_THREADS = 256
 #: first (see "Reductions" in the module docstring).
 SERIAL_LANES = 8
 
+
 def _check_rows(m: int) -> None:
     _check_sizes(m=m)
     if m > MAX_ROWS:
@@ -130,10 +135,6 @@ def _check_rows(m: int) -> None:
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _func_attrs(symbol: str) -> dict:
-    return {"global_symbol": symbol, "tir.noalias": True, "tirx.is_scheduled": True}
 
 
 def _fold_width(lanes: int) -> int:
@@ -384,12 +385,6 @@ def default_k_parts(k: int, n: int) -> int:
     ``GATED_WARPS * 8`` rows, so that each warp still walks several rows."""
     tiles = _ceil_div(n, WARP)
     return max(1, min(_ceil_div(GATED_TARGET_BLOCKS, tiles), k // (GATED_WARPS * 8)))
-
-
-def _check_gate_args(per_channel, k_parts) -> None:
-    if not isinstance(per_channel, bool):
-        raise ValueError(f"per_channel must be a bool, got {per_channel!r}")
-    _check_sizes(k_parts=k_parts)
 
 
 def _split_k_macros(m: int, k: int, n: int, per_channel: bool, k_parts: int, dual: bool):

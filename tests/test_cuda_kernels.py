@@ -9,7 +9,7 @@
    host by LLVM, matches numpy: SmolLM2's 576x1536 and 1536x576 at m = 1 and 4, CSR and
    BSR at 70-90 % weight sparsity, BSR with partial edge blocks, gated and dual kernels
    with scalar and per-channel thresholds, inputs exactly at the threshold (inactive: the
-   gate is ``|x| > t``) and an all-inactive input.
+   gate is ``|x| > t``), an all-inactive input and all-zero weights (``nnz = 0``).
 3. On a CUDA device (``gpu`` marker), the real kernels match numpy.
 
 Tolerance: ``rtol = atol = 1e-5`` against a float64 reference. With ``W`` scaled by
@@ -114,6 +114,7 @@ CASES = {
     "csr-576x1536-m1-70%": lambda: csr_case(1, 576, 1536, 0.7, 1),
     "csr-1536x576-m4-90%": lambda: csr_case(4, 1536, 576, 0.9, 2),
     "csr-odd-m8-int32": lambda: csr_case(8, 45, 37, 0.8, 3, "int32"),
+    "csr-all-zero-m2": lambda: csr_case(2, 40, 33, 1.0, 17),
     "bsr16x1-576x1536-m1-90%": lambda: bsr_case(1, 576, 1536, (16, 1), 0.9, 4),
     "bsr4x4-1536x576-m4-80%": lambda: bsr_case(4, 1536, 576, (4, 4), 0.8, 5),
     "bsr16x4-edges-m3": lambda: bsr_case(3, 102, 70, (16, 4), 0.7, 6),
@@ -127,6 +128,7 @@ CASES = {
     "dual-1536x576-m4-scalar": lambda: dual_case(4, 1536, 576, False, 0.7, 14),
     "dual-odd-m3-scalar-5parts": lambda: dual_case(3, 100, 70, False, 0.5, 15, k_parts=5),
     "dual-all-inactive-m1": lambda: dual_case(1, 64, 96, False, 0.5, 16, inactive=1.0),
+    "dual-all-zero-m2": lambda: dual_case(2, 64, 40, True, 1.0, 18),
 }
 
 
@@ -217,6 +219,7 @@ PTX_CASES = (
     "bsr4x4-1536x576-m4-80%",
     "bsr16x4-edges-m3",
     "bsr16x16-edges-m2",
+    "csr-all-zero-m2",
     "gated-576x1536-m1-scalar",
     "gated-1536x576-m4-channel",
     "dual-576x1536-m1-channel",

@@ -154,14 +154,13 @@ def _fold_macro(threads: int):
     def fold(lanes, folded, items, width):
         for t in T.thread_binding(threads, thread="threadIdx.x"):
             for u in range(_ceil_div(items * width, threads)):
-                if t + u * threads < items * width:
+                slot = t + u * threads  # (item, lane left) = divmod(slot, width)
+                if slot < items * width:
                     total = T.alloc_buffer((1,), "float32", scope="local")
                     total[0] = T.float32(0)
                     for f in range(lanes.shape[1] // width):
-                        total[0] = total[0] + lanes[
-                            (t + u * threads) // width, (t + u * threads) % width + f * width
-                        ]
-                    folded[(t + u * threads) // width, (t + u * threads) % width] = total[0]
+                        total[0] = total[0] + lanes[slot // width, slot % width + f * width]
+                    folded[slot // width, slot % width] = total[0]
 
     return fold
 

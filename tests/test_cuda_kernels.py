@@ -31,6 +31,7 @@ import pytest
 
 from passes.sparse_formats import decode, encode
 from targets.cuda import sparse_kernels as sk
+from targets.cuda.codegen import kernel_report, within_limits
 from test_cli import assert_one_sentence_error, sparsecc
 
 RTOL = 1e-5
@@ -247,8 +248,8 @@ def test_kernels_compile_to_ptx_within_limits(ptx_module, arch):
     source = cuda_source(ptx_module, arch)
     ptx = compile_ptx(source, arch)
     assert f".target {arch}" in ptx
-    from_source = sk.kernel_report(source)
-    from_ptx = sk.kernel_report(ptx)
+    from_source = kernel_report(source)
+    from_ptx = kernel_report(ptx)
     # One kernel per CSR and BSR function, two (the split-K sum) per gated and dual one.
     symbols = [str(gv.name_hint) for gv in ptx_module.get_global_vars()]
     expected = sum(2 if "gated" in s or "dual" in s else 1 for s in symbols)
@@ -268,7 +269,22 @@ def test_kernels_compile_to_ptx_within_limits(ptx_module, arch):
         kernel.update(usage[kernel["name"]])
         assert kernel["shared_bytes"] == kernel["static_shared_bytes"]
         assert kernel["spill_stores"] == 0 and kernel["spill_loads"] == 0, kernel
-    assert sk.within_limits(from_ptx, arch) == []
+    assert within_limits(from_ptx, arch) == []
+
+
+@needs_nvcc
+def test_kernel_facts_of_one_function():
+    from targets.cuda.codegen import kernel_facts
+
+    facts = kernel_facts(sk.gated_matmul_func(2, 64, 96, True), "sm_90")
+    assert [f["name"] for f in facts] == [
+        "cuda_gated_matmul_m2_k64_n96_channel_kernel",
+        "cuda_gated_matmul_m2_k64_n96_channel_kernel_1",
+    ]
+    assert [f["threads_per_block"] for f in facts] == [256, sk.REDUCE_THREADS]
+    # lanes[m * 32, GATED_WARPS] floats; the split-K sum needs no shared memory.
+    assert [f["static_shared_bytes"] for f in facts] == [2 * 32 * sk.GATED_WARPS * 4, 0]
+    assert all(0 < f["registers"] <= 255 for f in facts)
 
 
 def test_kernel_report_reads_ptx_and_source_and_flags_limits():
@@ -289,13 +305,13 @@ def test_kernel_report_reads_ptx_and_source_and_flags_limits():
     .shared .align 4 .b8 more[20000];
 }
 """
-    report = sk.kernel_report(ptx)
+    report = kernel_report(ptx)
     assert report == [
         {"name": "small", "threads_per_block": 256, "static_shared_bytes": 3072, "barriers": 0},
         {"name": "big", "threads_per_block": 2048, "static_shared_bytes": 60000, "barriers": 0},
     ]
     report[0]["registers"] = 256
-    problems = sk.within_limits(report, "sm_90")
+    problems = within_limits(report, "sm_90")
     assert len(problems) == 3
     assert problems[0].startswith("small: 256 registers") and all(p.startswith("big:") for p in problems[1:])
     source = (
@@ -303,7 +319,7 @@ def test_kernel_report_reads_ptx_and_source_and_flags_limits():
         'extern "C" __global__ void __launch_bounds__(128) f(float* x) {\n'
         "  __shared__ alignas(64) float lanes_ptr[384];\n  __syncthreads();\n}\n"
     )
-    assert sk.kernel_report(source) == [
+    assert kernel_report(source) == [
         {"name": "f", "threads_per_block": 128, "static_shared_bytes": 1536, "barriers": 1}
     ]
 

@@ -78,8 +78,6 @@ yet.
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
 # The argument checks and function attributes are the CPU kernels' own: both sets take
@@ -92,7 +90,6 @@ from targets.cpu.sparse_kernels import (
     _check_index_dtype,
     _check_sizes,
 )
-from targets.cuda.codegen import ARCH_LIMITS
 
 #: Rows of ``x`` a kernel takes: the per-thread accumulators are ``m`` registers, and a
 #: larger batch is no longer a matrix-vector product (dense GEMM schedules serve it).
@@ -648,7 +645,7 @@ def dual_matmul_func(
     return dual_matmul
 
 
-# --- Checking and inspecting ------------------------------------------------------------
+# --- Checking on the CPU ----------------------------------------------------------------
 
 
 def serial_copy(func):
@@ -690,88 +687,3 @@ def _serial_stmt(stmt):
     if isinstance(stmt, tirx.While):
         return tirx.While(stmt.condition, _serial_stmt(stmt.body))
     return stmt  # no nested statements
-
-
-_PTX_ENTRY = re.compile(r"\.entry\s+(\w+)\s*\(")
-_PTX_MAXNTID = re.compile(r"\.maxntid\s+(\d+)(?:\s*,\s*(\d+))?(?:\s*,\s*(\d+))?")
-_PTX_SHARED = re.compile(r"\.shared\s+(?:\.align\s+\d+\s+)?\.(?:b|u|s|f)(\d+)\s+\w+\[(\d+)\]")
-# A definition (not a declaration): the parameter list is followed by the body.
-_CU_KERNEL = re.compile(
-    r"__global__\s+void\s+(?:__launch_bounds__\((\d+)\)\s+)?(\w+)\s*\([^)]*\)\s*\{"
-)
-_CU_SHARED = re.compile(
-    r"__shared__\s+(?:(?:alignas|__align__)\(\d+\)\s+)?(\w+)\s+\w+\[(\d+)\]"
-)
-_CU_TYPE_BYTES = {"float": 4, "int": 4, "uint": 4, "half": 2, "double": 8, "char": 1, "short": 2}
-_PTX_BARRIER = re.compile(r"\b(?:bar|barrier)\.sync\b")
-_CU_BARRIER = re.compile(r"__syncthreads\(\)")
-
-
-def kernel_report(code: str) -> list[dict]:
-    """Lists each ``__global__`` kernel of CUDA source or PTX with its launch facts.
-
-    Args:
-        code: CUDA C source as TVM emits it, or PTX from ``codegen.compile_ptx``.
-
-    Returns:
-        One dict per kernel, in order: ``name``, ``threads_per_block`` (PTX ``.maxntid``
-        or the source's ``__launch_bounds__``; None when neither is given) and
-        ``static_shared_bytes`` (the sum of the kernel's ``.shared`` / ``__shared__``
-        arrays) and ``barriers`` (its ``bar.sync`` / ``__syncthreads()`` statements).
-    """
-    ptx = ".entry" in code
-    entry, shared = (_PTX_ENTRY, _PTX_SHARED) if ptx else (_CU_KERNEL, _CU_SHARED)
-    barrier = _PTX_BARRIER if ptx else _CU_BARRIER
-    starts = list(entry.finditer(code))
-    kernels = []
-    for i, match in enumerate(starts):
-        body = code[match.end() : starts[i + 1].start() if i + 1 < len(starts) else len(code)]
-        if ptx:
-            name = match.group(1)
-            bound = _PTX_MAXNTID.search(body)
-            threads = None
-            if bound:
-                threads = 1
-                for side in bound.groups():
-                    threads *= int(side or 1)
-            shared_bytes = sum(int(bits) // 8 * int(count) for bits, count in shared.findall(body))
-        else:
-            name = match.group(2)
-            threads = int(match.group(1)) if match.group(1) else None
-            shared_bytes = sum(
-                _CU_TYPE_BYTES.get(ctype, 4) * int(count) for ctype, count in shared.findall(body)
-            )
-        kernels.append({
-            "name": name,
-            "threads_per_block": threads,
-            "static_shared_bytes": shared_bytes,
-            "barriers": len(barrier.findall(body)),
-        })
-    return kernels
-
-
-def within_limits(report: list[dict], arch: str) -> list[str]:
-    """The ways in which the kernels of ``kernel_report`` exceed ``ARCH_LIMITS[arch]``
-    (registers too, for entries that carry ``registers`` from ``codegen.ptxas_usage``).
-
-    Returns:
-        One sentence per kernel over a limit; empty when all fit.
-
-    Raises:
-        ValueError: for an arch missing from ``ARCH_LIMITS``.
-    """
-    if arch not in ARCH_LIMITS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCH_LIMITS)}")
-    limits = ARCH_LIMITS[arch]
-    problems = []
-    for kernel in report:
-        threads = kernel["threads_per_block"]
-        if threads is None or threads > limits["max_threads_per_block"]:
-            problems.append(f"{kernel['name']}: {threads} threads per block on {arch}")
-        if kernel["static_shared_bytes"] > limits["max_static_shared_bytes"]:
-            problems.append(
-                f"{kernel['name']}: {kernel['static_shared_bytes']} bytes of static shared memory on {arch}"
-            )
-        if kernel.get("registers", 0) > limits["max_registers_per_thread"]:
-            problems.append(f"{kernel['name']}: {kernel['registers']} registers per thread on {arch}")
-    return problems

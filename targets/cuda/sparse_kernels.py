@@ -27,9 +27,9 @@ reads consecutive addresses):
   A group of ``G = max(BSR_GROUP, R*C)`` threads per block row; thread ``e`` of the
   group owns position ``(r, c) = divmod(e % (R*C), C)`` of blocks ``e // (R*C)``,
   ``+ G / (R*C)``, ..., so the group reads each step's ``G`` values as one contiguous
-  run (``SPARSE_UNROLL`` steps at a time). Rows of the
-  last block row past ``n`` are never written, and columns past ``k`` of the last block
-  column never read (their stored values are the zero padding).
+  run (``SPARSE_UNROLL`` steps at a time). Rows of the last block row past ``n`` are
+  never written, and columns past ``k`` of the last block column never read (their
+  stored values are the zero padding).
 
 ``gated`` (activation sparsity, dense weight; the TEAL design) -- ``y = gate(x) @ W``
 with ``gate(x)[m, k] = x[m, k] if |x[m, k]| > t else 0`` (``passes.sparse_ops``'s
@@ -37,12 +37,13 @@ with ``gate(x)[m, k] = x[m, k] if |x[m, k]| > t else 0`` (``passes.sparse_ops``'
 weight, so all the weights an input ``k`` touches are one contiguous row (column-major
 in torch's [out, in] convention). The grid is (``ceil(N / 32)`` column tiles, ``k_parts``
 slices of K): a block has ``GATED_WARPS`` warps, warp ``w`` takes rows ``w, w + 8, ...``
-of its slice (``GATED_ROW_UNROLL`` at a time) and lane ``l`` column ``l`` of its tile. For each row the warp computes the
-gate in the kernel and skips the row (a warp-uniform branch) when no row of ``x`` is
-active there, so an inactive input costs no weight read at all. Split-K: the warps'
-sums are reduced in shared memory into one partial sum per (slice, m, column) in a
-global workspace ``partials[k_parts, m * n]``, and a second kernel adds the
-``k_parts`` partials into ``y``.
+of its slice (``GATED_ROW_UNROLL`` at a time) and lane ``l`` column ``l`` of its tile.
+For each row the warp computes the gate in the kernel and skips the row (a warp-uniform
+branch) when no row of ``x`` is active there, so an inactive input costs no weight read
+at all. Split-K: the warps' sums are reduced in shared memory into one partial sum per
+(slice, m, column) in a global workspace ``partials[k_parts, m * n]`` (allocated by TVM
+on the device at each call), and a second kernel adds the ``k_parts`` partials into
+``y``. There are no atomics, so the result does not depend on the order blocks run in.
 
 ``dual`` (activation sparsity and sparse weight) -- the same grid, gate and split-K as
 ``gated``, with each 32-column word of each row of ``W`` stored as a bitmask::
@@ -257,8 +258,8 @@ def bsr_matmul_func(
     Parameters, in order: ``x`` float32 [m, k], ``indptr`` int32 [ceil(n / R) + 1],
     ``indices`` ``index_dtype`` [nnzb] (block columns), ``values`` float32 [nnzb, R, C],
     ``y`` float32 [m, n] (every element written). ``k`` and ``n`` need not be multiples
-    of the block. A group of ``max(BSR_GROUP, R * C)`` threads per block row (see the module
-    docstring), ``max(1, BSR_THREADS // group)`` block rows per thread block. Global
+    of the block. A group of ``max(BSR_GROUP, R * C)`` threads per block row (see the
+    module docstring), ``max(1, BSR_THREADS // group)`` block rows per thread block. Global
     symbol ``cuda_bsr_matmul_m{m}_k{k}_n{n}_b{R}x{C}_nnzb{nnzb}_{index_dtype}``.
 
     Args:
@@ -369,7 +370,6 @@ def bsr_matmul_func(
                                 add_lanes(y, lanes, item, ib, item % block_r)
 
     return bsr_matmul
-
 
 
 # --- Gated and dual (split-K over the active inputs) -------------------------------------

@@ -2,12 +2,14 @@
 
 1. nvcc compiles the generated CUDA source to PTX for sm_80 and sm_90, and every
    ``__global__`` kernel's threads per block and static shared memory, read from the PTX
-   and from the source, stay within ``ARCH_LIMITS`` (skipped without nvcc).
+   and from the source, stay within ``ARCH_LIMITS``; so do its registers (``ptxas -v``),
+   with no spills, and every kernel with shared memory has a barrier (skipped without
+   nvcc).
 2. The same TIR with its thread-bound loops made serial (``serial_copy``), built for the
    host by LLVM, matches numpy: SmolLM2's 576x1536 and 1536x576 at m = 1 and 4, CSR and
    BSR at 70-90 % weight sparsity, BSR with partial edge blocks, gated and dual kernels
    with scalar and per-channel thresholds, inputs exactly at the threshold (inactive: the
-   gate is ``|x| > t``) and an all-inactive input.
+   gate is ``|x| > t``), an all-inactive input and all-zero weights (``nnz = 0``).
 3. On a CUDA device (``gpu`` marker), the real kernels match numpy.
 
 Tolerance: ``rtol = atol = 1e-5`` against a float64 reference. With ``W`` scaled by
@@ -29,6 +31,7 @@ import pytest
 
 from passes.sparse_formats import decode, encode
 from targets.cuda import sparse_kernels as sk
+from targets.cuda.codegen import kernel_report, within_limits
 from test_cli import assert_one_sentence_error, sparsecc
 
 RTOL = 1e-5
@@ -112,6 +115,7 @@ CASES = {
     "csr-576x1536-m1-70%": lambda: csr_case(1, 576, 1536, 0.7, 1),
     "csr-1536x576-m4-90%": lambda: csr_case(4, 1536, 576, 0.9, 2),
     "csr-odd-m8-int32": lambda: csr_case(8, 45, 37, 0.8, 3, "int32"),
+    "csr-all-zero-m2": lambda: csr_case(2, 40, 33, 1.0, 17),
     "bsr16x1-576x1536-m1-90%": lambda: bsr_case(1, 576, 1536, (16, 1), 0.9, 4),
     "bsr4x4-1536x576-m4-80%": lambda: bsr_case(4, 1536, 576, (4, 4), 0.8, 5),
     "bsr16x4-edges-m3": lambda: bsr_case(3, 102, 70, (16, 4), 0.7, 6),
@@ -125,6 +129,7 @@ CASES = {
     "dual-1536x576-m4-scalar": lambda: dual_case(4, 1536, 576, False, 0.7, 14),
     "dual-odd-m3-scalar-5parts": lambda: dual_case(3, 100, 70, False, 0.5, 15, k_parts=5),
     "dual-all-inactive-m1": lambda: dual_case(1, 64, 96, False, 0.5, 16, inactive=1.0),
+    "dual-all-zero-m2": lambda: dual_case(2, 64, 40, True, 1.0, 18),
 }
 
 
@@ -215,6 +220,7 @@ PTX_CASES = (
     "bsr4x4-1536x576-m4-80%",
     "bsr16x4-edges-m3",
     "bsr16x16-edges-m2",
+    "csr-all-zero-m2",
     "gated-576x1536-m1-scalar",
     "gated-1536x576-m4-channel",
     "dual-576x1536-m1-channel",
@@ -237,13 +243,13 @@ def ptx_module():
 @needs_nvcc
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_kernels_compile_to_ptx_within_limits(ptx_module, arch):
-    from targets.cuda.codegen import compile_ptx, cuda_source
+    from targets.cuda.codegen import compile_ptx, cuda_source, ptxas_usage
 
     source = cuda_source(ptx_module, arch)
     ptx = compile_ptx(source, arch)
     assert f".target {arch}" in ptx
-    from_source = sk.kernel_report(source)
-    from_ptx = sk.kernel_report(ptx)
+    from_source = kernel_report(source)
+    from_ptx = kernel_report(ptx)
     # One kernel per CSR and BSR function, two (the split-K sum) per gated and dual one.
     symbols = [str(gv.name_hint) for gv in ptx_module.get_global_vars()]
     expected = sum(2 if "gated" in s or "dual" in s else 1 for s in symbols)
@@ -254,7 +260,31 @@ def test_kernels_compile_to_ptx_within_limits(ptx_module, arch):
         assert kernel["threads_per_block"] == by_name[kernel["name"]]["threads_per_block"]
         assert kernel["static_shared_bytes"] == by_name[kernel["name"]]["static_shared_bytes"]
     assert any(k["static_shared_bytes"] > 0 for k in from_ptx)
-    assert sk.within_limits(from_ptx, arch) == []
+    # Every kernel that shares memory between phases synchronises between them.
+    for kernel in from_ptx:
+        assert (kernel["barriers"] > 0) == (kernel["static_shared_bytes"] > 0), kernel
+    # ptxas: registers within the limit, and the per-thread accumulators not spilled.
+    usage = ptxas_usage(ptx, arch)
+    for kernel in from_ptx:
+        kernel.update(usage[kernel["name"]])
+        assert kernel["shared_bytes"] == kernel["static_shared_bytes"]
+        assert kernel["spill_stores"] == 0 and kernel["spill_loads"] == 0, kernel
+    assert within_limits(from_ptx, arch) == []
+
+
+@needs_nvcc
+def test_kernel_facts_of_one_function():
+    from targets.cuda.codegen import kernel_facts
+
+    facts = kernel_facts(sk.gated_matmul_func(2, 64, 96, True), "sm_90")
+    assert [f["name"] for f in facts] == [
+        "cuda_gated_matmul_m2_k64_n96_channel_kernel",
+        "cuda_gated_matmul_m2_k64_n96_channel_kernel_1",
+    ]
+    assert [f["threads_per_block"] for f in facts] == [256, sk.REDUCE_THREADS]
+    # lanes[m * 32, GATED_WARPS] floats; the split-K sum needs no shared memory.
+    assert [f["static_shared_bytes"] for f in facts] == [2 * 32 * sk.GATED_WARPS * 4, 0]
+    assert all(0 < f["registers"] <= 255 for f in facts)
 
 
 def test_kernel_report_reads_ptx_and_source_and_flags_limits():
@@ -275,20 +305,22 @@ def test_kernel_report_reads_ptx_and_source_and_flags_limits():
     .shared .align 4 .b8 more[20000];
 }
 """
-    report = sk.kernel_report(ptx)
+    report = kernel_report(ptx)
     assert report == [
-        {"name": "small", "threads_per_block": 256, "static_shared_bytes": 3072},
-        {"name": "big", "threads_per_block": 2048, "static_shared_bytes": 60000},
+        {"name": "small", "threads_per_block": 256, "static_shared_bytes": 3072, "barriers": 0},
+        {"name": "big", "threads_per_block": 2048, "static_shared_bytes": 60000, "barriers": 0},
     ]
-    problems = sk.within_limits(report, "sm_90")
-    assert len(problems) == 2 and all(p.startswith("big:") for p in problems)
+    report[0]["registers"] = 256
+    problems = within_limits(report, "sm_90")
+    assert len(problems) == 3
+    assert problems[0].startswith("small: 256 registers") and all(p.startswith("big:") for p in problems[1:])
     source = (
         'extern "C" __global__ void __launch_bounds__(128) f(float* x);\n'
         'extern "C" __global__ void __launch_bounds__(128) f(float* x) {\n'
-        "  __shared__ alignas(64) float lanes_ptr[384];\n}\n"
+        "  __shared__ alignas(64) float lanes_ptr[384];\n  __syncthreads();\n}\n"
     )
-    assert sk.kernel_report(source) == [
-        {"name": "f", "threads_per_block": 128, "static_shared_bytes": 1536}
+    assert kernel_report(source) == [
+        {"name": "f", "threads_per_block": 128, "static_shared_bytes": 1536, "barriers": 1}
     ]
 
 

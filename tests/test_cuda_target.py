@@ -43,7 +43,7 @@ def _manifest(path):
 
 
 def test_artifact_carries_cuda_source_and_costs(artifacts):
-    from targets.cuda.sparse_kernels import kernel_report
+    from targets.cuda.codegen import kernel_report
 
     for name in ("dense", "sparse"):
         path, _ = artifacts[name]
@@ -70,14 +70,17 @@ def test_sparse_layers_get_our_kernels(artifacts):
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("name", ["dense", "sparse"])
 def test_model_cuda_compiles_to_ptx_within_limits(artifacts, name, arch):
-    from targets.cuda.codegen import compile_ptx
-    from targets.cuda.sparse_kernels import kernel_report, within_limits
+    from targets.cuda.codegen import compile_ptx, kernel_report, ptxas_usage, within_limits
 
     path, _ = artifacts[name]
     source = (path / "kernels.cu").read_text()
     ptx = compile_ptx(source, arch)
     report = kernel_report(ptx)
     assert [k["name"] for k in report] == [k["name"] for k in kernel_report(source)]
+    usage = ptxas_usage(ptx, arch)
+    for kernel in report:
+        kernel.update(usage[kernel["name"]])
+        assert kernel["spill_stores"] == 0, kernel
     assert within_limits(report, arch) == []
 
 

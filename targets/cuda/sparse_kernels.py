@@ -27,9 +27,9 @@ reads consecutive addresses):
   A group of ``G = max(BSR_GROUP, R*C)`` threads per block row; thread ``e`` of the
   group owns position ``(r, c) = divmod(e % (R*C), C)`` of blocks ``e // (R*C)``,
   ``+ G / (R*C)``, ..., so the group reads each step's ``G`` values as one contiguous
-  run (``SPARSE_UNROLL`` steps at a time). Rows of the
-  last block row past ``n`` are never written, and columns past ``k`` of the last block
-  column never read (their stored values are the zero padding).
+  run (``SPARSE_UNROLL`` steps at a time). Rows of the last block row past ``n`` are
+  never written, and columns past ``k`` of the last block column never read (their
+  stored values are the zero padding).
 
 ``gated`` (activation sparsity, dense weight; the TEAL design) -- ``y = gate(x) @ W``
 with ``gate(x)[m, k] = x[m, k] if |x[m, k]| > t else 0`` (``passes.sparse_ops``'s
@@ -37,12 +37,13 @@ with ``gate(x)[m, k] = x[m, k] if |x[m, k]| > t else 0`` (``passes.sparse_ops``'
 weight, so all the weights an input ``k`` touches are one contiguous row (column-major
 in torch's [out, in] convention). The grid is (``ceil(N / 32)`` column tiles, ``k_parts``
 slices of K): a block has ``GATED_WARPS`` warps, warp ``w`` takes rows ``w, w + 8, ...``
-of its slice (``GATED_ROW_UNROLL`` at a time) and lane ``l`` column ``l`` of its tile. For each row the warp computes the
-gate in the kernel and skips the row (a warp-uniform branch) when no row of ``x`` is
-active there, so an inactive input costs no weight read at all. Split-K: the warps'
-sums are reduced in shared memory into one partial sum per (slice, m, column) in a
-global workspace ``partials[k_parts, m * n]``, and a second kernel adds the
-``k_parts`` partials into ``y``.
+of its slice (``GATED_ROW_UNROLL`` at a time) and lane ``l`` column ``l`` of its tile.
+For each row the warp computes the gate in the kernel and skips the row (a warp-uniform
+branch) when no row of ``x`` is active there, so an inactive input costs no weight read
+at all. Split-K: the warps' sums are reduced in shared memory into one partial sum per
+(slice, m, column) in a global workspace ``partials[k_parts, m * n]`` (allocated by TVM
+on the device at each call), and a second kernel adds the ``k_parts`` partials into
+``y``. There are no atomics, so the result does not depend on the order blocks run in.
 
 ``dual`` (activation sparsity and sparse weight) -- the same grid, gate and split-K as
 ``gated``, with each 32-column word of each row of ``W`` stored as a bitmask::
@@ -78,17 +79,18 @@ yet.
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
+# The argument checks and function attributes are the CPU kernels' own: both sets take
+# the same arguments and are scheduled by hand.
 from targets.cpu.sparse_kernels import (
     BSR_BLOCK_SIDES,
     _check_count,
+    _check_gate_args,
+    _func_attrs,
     _check_index_dtype,
     _check_sizes,
 )
-from targets.cuda.codegen import ARCH_LIMITS
 
 #: Rows of ``x`` a kernel takes: the per-thread accumulators are ``m`` registers, and a
 #: larger batch is no longer a matrix-vector product (dense GEMM schedules serve it).
@@ -100,8 +102,8 @@ CSR_WARPS = 4
 #: Steps of the CSR and BSR loops over a row's nonzeros (or blocks) issued together,
 #: unrolled, so that a warp has that many independent weight loads in flight.
 SPARSE_UNROLL = 4
-#: Threads per block row of the BSR kernel (at least ``R * C``): block rows are 16 times
-#: fewer than rows, so a whole warp or more per block row keeps enough loads in flight.
+#: Threads per block row of the BSR kernel (at least ``R * C``): there are ``R`` times
+#: fewer block rows than rows, so several warps per block row keep enough loads in flight.
 BSR_GROUP = 128
 #: Threads per thread block the BSR kernel aims at.
 BSR_THREADS = 128
@@ -122,6 +124,7 @@ REDUCE_THREADS = 256
 #: first (see "Reductions" in the module docstring).
 SERIAL_LANES = 8
 
+
 def _check_rows(m: int) -> None:
     _check_sizes(m=m)
     if m > MAX_ROWS:
@@ -130,10 +133,6 @@ def _check_rows(m: int) -> None:
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _func_attrs(symbol: str) -> dict:
-    return {"global_symbol": symbol, "tir.noalias": True, "tirx.is_scheduled": True}
 
 
 def _fold_width(lanes: int) -> int:
@@ -153,14 +152,13 @@ def _fold_macro(threads: int):
     def fold(lanes, folded, items, width):
         for t in T.thread_binding(threads, thread="threadIdx.x"):
             for u in range(_ceil_div(items * width, threads)):
-                if t + u * threads < items * width:
+                slot = t + u * threads  # (item, lane left) = divmod(slot, width)
+                if slot < items * width:
                     total = T.alloc_buffer((1,), "float32", scope="local")
                     total[0] = T.float32(0)
                     for f in range(lanes.shape[1] // width):
-                        total[0] = total[0] + lanes[
-                            (t + u * threads) // width, (t + u * threads) % width + f * width
-                        ]
-                    folded[(t + u * threads) // width, (t + u * threads) % width] = total[0]
+                        total[0] = total[0] + lanes[slot // width, slot % width + f * width]
+                    folded[slot // width, slot % width] = total[0]
 
     return fold
 
@@ -260,8 +258,8 @@ def bsr_matmul_func(
     Parameters, in order: ``x`` float32 [m, k], ``indptr`` int32 [ceil(n / R) + 1],
     ``indices`` ``index_dtype`` [nnzb] (block columns), ``values`` float32 [nnzb, R, C],
     ``y`` float32 [m, n] (every element written). ``k`` and ``n`` need not be multiples
-    of the block. A group of ``max(BSR_GROUP, R * C)`` threads per block row (see the module
-    docstring), ``max(1, BSR_THREADS // group)`` block rows per thread block. Global
+    of the block. A group of ``max(BSR_GROUP, R * C)`` threads per block row (see the
+    module docstring), ``max(1, BSR_THREADS // group)`` block rows per thread block. Global
     symbol ``cuda_bsr_matmul_m{m}_k{k}_n{n}_b{R}x{C}_nnzb{nnzb}_{index_dtype}``.
 
     Args:
@@ -374,7 +372,6 @@ def bsr_matmul_func(
     return bsr_matmul
 
 
-
 # --- Gated and dual (split-K over the active inputs) -------------------------------------
 
 
@@ -384,12 +381,6 @@ def default_k_parts(k: int, n: int) -> int:
     ``GATED_WARPS * 8`` rows, so that each warp still walks several rows."""
     tiles = _ceil_div(n, WARP)
     return max(1, min(_ceil_div(GATED_TARGET_BLOCKS, tiles), k // (GATED_WARPS * 8)))
-
-
-def _check_gate_args(per_channel, k_parts) -> None:
-    if not isinstance(per_channel, bool):
-        raise ValueError(f"per_channel must be a bool, got {per_channel!r}")
-    _check_sizes(k_parts=k_parts)
 
 
 def _split_k_macros(m: int, k: int, n: int, per_channel: bool, k_parts: int, dual: bool):
@@ -654,7 +645,7 @@ def dual_matmul_func(
     return dual_matmul
 
 
-# --- Checking and inspecting ------------------------------------------------------------
+# --- Checking on the CPU ----------------------------------------------------------------
 
 
 def serial_copy(func):
@@ -696,77 +687,3 @@ def _serial_stmt(stmt):
     if isinstance(stmt, tirx.While):
         return tirx.While(stmt.condition, _serial_stmt(stmt.body))
     return stmt  # no nested statements
-
-
-_PTX_ENTRY = re.compile(r"\.entry\s+(\w+)\s*\(")
-_PTX_MAXNTID = re.compile(r"\.maxntid\s+(\d+)(?:\s*,\s*(\d+))?(?:\s*,\s*(\d+))?")
-_PTX_SHARED = re.compile(r"\.shared\s+(?:\.align\s+\d+\s+)?\.(?:b|u|s|f)(\d+)\s+\w+\[(\d+)\]")
-# A definition (not a declaration): the parameter list is followed by the body.
-_CU_KERNEL = re.compile(
-    r"__global__\s+void\s+(?:__launch_bounds__\((\d+)\)\s+)?(\w+)\s*\([^)]*\)\s*\{"
-)
-_CU_SHARED = re.compile(
-    r"__shared__\s+(?:(?:alignas|__align__)\(\d+\)\s+)?(\w+)\s+\w+\[(\d+)\]"
-)
-_CU_TYPE_BYTES = {"float": 4, "int": 4, "uint": 4, "half": 2, "double": 8, "char": 1, "short": 2}
-
-
-def kernel_report(code: str) -> list[dict]:
-    """Lists each ``__global__`` kernel of CUDA source or PTX with its launch facts.
-
-    Args:
-        code: CUDA C source as TVM emits it, or PTX from ``codegen.compile_ptx``.
-
-    Returns:
-        One dict per kernel, in order: ``name``, ``threads_per_block`` (PTX ``.maxntid``
-        or the source's ``__launch_bounds__``; None when neither is given) and
-        ``static_shared_bytes`` (the sum of the kernel's ``.shared`` / ``__shared__``
-        arrays).
-    """
-    ptx = ".entry" in code
-    entry, shared = (_PTX_ENTRY, _PTX_SHARED) if ptx else (_CU_KERNEL, _CU_SHARED)
-    starts = list(entry.finditer(code))
-    kernels = []
-    for i, match in enumerate(starts):
-        body = code[match.end() : starts[i + 1].start() if i + 1 < len(starts) else len(code)]
-        if ptx:
-            name = match.group(1)
-            bound = _PTX_MAXNTID.search(body)
-            threads = None
-            if bound:
-                threads = 1
-                for side in bound.groups():
-                    threads *= int(side or 1)
-            shared_bytes = sum(int(bits) // 8 * int(count) for bits, count in shared.findall(body))
-        else:
-            name = match.group(2)
-            threads = int(match.group(1)) if match.group(1) else None
-            shared_bytes = sum(
-                _CU_TYPE_BYTES.get(ctype, 4) * int(count) for ctype, count in shared.findall(body)
-            )
-        kernels.append({"name": name, "threads_per_block": threads, "static_shared_bytes": shared_bytes})
-    return kernels
-
-
-def within_limits(report: list[dict], arch: str) -> list[str]:
-    """The ways in which the kernels of ``kernel_report`` exceed ``ARCH_LIMITS[arch]``.
-
-    Returns:
-        One sentence per kernel over a limit; empty when all fit.
-
-    Raises:
-        ValueError: for an arch missing from ``ARCH_LIMITS``.
-    """
-    if arch not in ARCH_LIMITS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCH_LIMITS)}")
-    limits = ARCH_LIMITS[arch]
-    problems = []
-    for kernel in report:
-        threads = kernel["threads_per_block"]
-        if threads is None or threads > limits["max_threads_per_block"]:
-            problems.append(f"{kernel['name']}: {threads} threads per block on {arch}")
-        if kernel["static_shared_bytes"] > limits["max_static_shared_bytes"]:
-            problems.append(
-                f"{kernel['name']}: {kernel['static_shared_bytes']} bytes of static shared memory on {arch}"
-            )
-    return problems

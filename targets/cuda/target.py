@@ -28,8 +28,7 @@ from runtime.errors import SparseccError
 from targets.base import Lowered
 from targets.cpu.target import LIBRARY, WEIGHTS, CpuTarget, write_weights
 from targets.cuda import legalize as cuda_legalize
-from targets.cuda.codegen import cuda_sources, cuda_target
-from targets.cuda.sparse_kernels import kernel_report, within_limits
+from targets.cuda.codegen import cuda_sources, cuda_target, kernel_report, within_limits
 
 SOURCE = "kernels.cu"
 DEFAULT_ARCH = "sm_80"

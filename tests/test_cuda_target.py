@@ -181,3 +181,31 @@ def test_on_a_gpu_matches_onnxruntime(artifacts, name):
     reference_model = sorted(artifacts["dump"].glob("*.onnx"))[-1] if name == "sparse" else _manifest(path)["summary"]["source"]
     reference = onnxruntime_reference(reference_model, {spec.name: ids})[0]
     np.testing.assert_allclose(model.run({spec.name: ids})["logits"], reference, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_smollm2_sparse_gated_step_for_cuda(tmp_path, monkeypatch):
+    """SmolLM2-135M, 50 % magnitude weights + 40 % gates, one token, for cuda: 120 dual-sparse
+    kernels, PTX for sm_90 within limits, and the host simulation against onnxruntime on the
+    same gated sparse ONNX (tolerance as in test_smollm2.py: logits reach ~40, 2e-3 absolute)."""
+    import targets
+    from compiler.export import ExportOptions, export
+    from targets.cuda.codegen import compile_ptx, kernel_report, within_limits
+    from targets.cuda.simulate import HostSimulatedCudaTarget
+
+    onnx_path = tmp_path / "step.onnx"
+    export(ExportOptions("smollm2-135m", str(onnx_path), prune_magnitude=0.5, seq_len=1), progress=lambda *_: None)
+    options = {"activation_sparsity": 0.4, "calib": "pydoc", "calib_tokens": 128}
+    summary = _compile(onnx_path, tmp_path / "cuda.sccx", **options)
+    assert sum("dual-sparse kernel" in line for line in summary["explanations"]) == 120
+    if shutil.which("nvcc"):
+        assert within_limits(kernel_report(compile_ptx((tmp_path / "cuda.sccx" / "kernels.cu").read_text(), "sm_90")), "sm_90") == []
+    monkeypatch.setattr(targets, "get_target", lambda spec, chips=1: HostSimulatedCudaTarget())
+    dump = tmp_path / "dump"
+    _compile(onnx_path, tmp_path / "sim.sccx", dump_dir=str(dump), **options)
+    ids = np.array([[504]], np.int64)
+    reference = onnxruntime_reference(sorted(dump.glob("*.onnx"))[-1], {"input_ids": ids})[0]
+    ours = runtime.load(tmp_path / "sim.sccx").run({"input_ids": ids})["logits"]
+    np.testing.assert_allclose(ours, reference, atol=2e-3, rtol=0)
+    assert ours.argmax() == reference.argmax()

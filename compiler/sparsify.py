@@ -40,10 +40,11 @@ Activation methods (``--activations METHOD:LEVEL``), written as ``ai.sparsecc``
 * ``relu``: SiLU becomes ReLU (natural zeros), with the same exact gate on the down input.
 * ``dynk:L`` (D2DMoE, ``compiler/dynk.py``): every MLP's neurons are clustered into experts
   and a linear router fitted on the calibration rows predicts each expert's output norm;
-  per token the experts with predicted norm >= tau * the largest run, one tau for all
-  MLPs set so that the fraction L of experts is skipped on the calibration data
-  (``dynk:L:topk``: the round((1 - L) E) best experts run). The mask multiplies the down
-  projection's input, which gets the same exact gate; gate/up still compute every neuron.
+  per token the experts with predicted norm >= tau * the largest run, tau set per MLP so
+  that it skips the fraction L of its experts on the calibration data (``dynk:L:global``:
+  one tau for all MLPs, as in the paper; ``dynk:L:topk``: the round((1 - L) E) best
+  experts run). The mask multiplies the down projection's input, which gets the same
+  exact gate; gate/up still compute every neuron.
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ from runtime.errors import SparseccError
 
 WEIGHT_METHODS = ("magnitude", "wanda", "seap", "functional")
 ACTIVATION_METHODS = ("teal", "cats", "relu", "dynk")
-# dynk's expert selection rules: threshold (the default, no option) or a fixed top-k.
-DYNK_OPTIONS = ("topk",)
+# dynk's expert selection: a tau per MLP (the default, no option), one tau for all MLPs
+# (the paper's single tau), or a fixed top-k.
+DYNK_OPTIONS = ("global", "topk")
 # Independent components per MLP for the 'functional' method, and FastICA's limits.
 ICA_COMPONENTS = 32
 ICA_ITERATIONS = 200
@@ -113,8 +115,8 @@ def parse_method(text: str, kind: str) -> Method:
     if name == "dynk" and ":" in rest:
         rest, _, option = rest.partition(":")
         if option not in DYNK_OPTIONS:
-            raise SparseccError(f"--activations {text!r}: unknown option {option!r}; write dynk:L (experts above tau * max run) "
-                                "or dynk:L:topk (a fixed number of experts per token).")
+            raise SparseccError(f"--activations {text!r}: unknown option {option!r}; write dynk:L (a tau per MLP), "
+                                "dynk:L:global (one tau for all MLPs) or dynk:L:topk (a fixed number of experts per token).")
     try:
         level = float(rest)
     except ValueError:
@@ -537,18 +539,18 @@ def route_experts(model: onnx.ModelProto, blocks: list[Mlp], method: Method, opt
     feeds = calibration(model, options, progress)
     hidden_of = {block.down.input: block.gate.input for block in blocks}
     stats = collect_stats(model, [*hidden_of.values(), *hidden_of], feeds, progress, dynk.ROWS, options.seed, paired=True)
-    fits, scores = {}, []
+    fits, scores = {}, {}
     for block in blocks:
         neurons = stats[block.down.input].sample
         experts = dynk.expert_count(neurons.shape[1])
         assignment = dynk.cluster_neurons(neurons, experts, options.seed)
         norms = dynk.expert_norms(neurons, get_weight(model, block.down), assignment, experts)
         fits[block.down.input] = (dynk.fit_router(stats[block.gate.input].sample, norms, options.seed), assignment)
-        scores.append(dynk.predicted_scores(stats[block.gate.input].sample, fits[block.down.input][0]))
+        scores[block.down.input] = dynk.predicted_scores(stats[block.gate.input].sample, fits[block.down.input][0])
         progress(f"dynk: {block.down.input}: {experts} experts, router R^2 {fits[block.down.input][0].r2:.3f}")
     top_k = method.option == "topk"
-    tau = None if top_k else dynk.calibrate_tau(scores, method.level)
-    routers = [Router(hidden_of[neurons], neurons, fit.weight, fit.bias, assignment, tau,
+    taus = {} if top_k else dynk.calibrate_taus(scores, method.level, method.option == "global")
+    routers = [Router(hidden_of[neurons], neurons, fit.weight, fit.bias, assignment, taus.get(neurons),
                       dynk.top_k_for(method.level, fit.weight.shape[1]) if top_k else None)
                for neurons, (fit, assignment) in fits.items()]
     insert_expert_routers(model, routers)
@@ -559,10 +561,10 @@ def route_experts(model: onnx.ModelProto, blocks: list[Mlp], method: Method, opt
         routed_scores, skipped = routing_on(model, list(fits), feeds)
         if refinement == refinements:
             break
-        tau = dynk.calibrate_tau(list(routed_scores.values()), method.level)
-        for neurons in fits:
+        taus = dynk.calibrate_taus(routed_scores, method.level, method.option == "global")
+        for neurons, tau in taus.items():
             set_tau(model, neurons, tau)
-    return {router.neurons: {"experts": int(router.weight.shape[1]), "tau": tau, "top_k": router.top_k,
+    return {router.neurons: {"experts": int(router.weight.shape[1]), "tau": taus.get(router.neurons), "top_k": router.top_k,
                              "router_r2": fits[router.neurons][0].r2, "calibrated": skipped[router.neurons]}
             for router in routers}
 

@@ -30,7 +30,7 @@ def test_dynk_skips_the_asked_fraction_of_experts(exported, tmp_path):
     assert abs(skipped.mean() - 0.5) < 0.01  # measured here, on the routed model
     assert skipped.std() > 0  # dynamic k: tokens differ in how many experts run
     mlps = summary["activation_sparsity"]["gates"]
-    assert [m["experts"] for m in mlps.values()] == [8, 8]  # I = 176: the divisor nearest 176 / 24
+    assert [m["experts"] for m in mlps.values()] == [22, 22]  # I = 176: the divisor nearest 176 / 8
     assert all(abs(m["calibrated"] - 0.5) < 0.01 and 0 < m["tau"] < 1 for m in mlps.values())  # a tau per MLP
     assert skipped.mean(axis=0) == pytest.approx([m["calibrated"] for m in mlps.values()])
     assert all(0.3 < m["router_r2"] <= 1 for m in mlps.values())
@@ -52,10 +52,10 @@ def test_dynk_global_uses_one_tau(exported, tmp_path):
 
 
 def test_dynk_topk_runs_a_fixed_number_of_experts(exported, tmp_path):
-    model, summary = run(exported, tmp_path, activations="dynk:0.75:topk")
+    model, summary = run(exported, tmp_path, activations="dynk:0.5:topk")
     skipped, _ = skipped_per_token(model, summary)
-    assert np.all(skipped == 0.75)  # top 2 of 8 for every token
-    assert [m["top_k"] for m in summary["activation_sparsity"]["gates"].values()] == [2, 2]
+    assert np.all(skipped == 0.5)  # top 11 of 22 for every token
+    assert [m["top_k"] for m in summary["activation_sparsity"]["gates"].values()] == [11, 11]
 
 
 def test_dynk_same_seed_same_bytes(exported, tmp_path):
@@ -118,7 +118,7 @@ def test_clustering_finds_planted_co_active_groups():
 
 
 def test_expert_count_and_norms():
-    assert dynk.expert_count(1536) == 64 and dynk.expert_count(176) == 8 and dynk.expert_count(7) == 1
+    assert dynk.expert_count(1536) == 192 and dynk.expert_count(176) == 22 and dynk.expert_count(7) == 1
     h = np.array([[1.0, 2.0, 0.0, 3.0]])
     down = np.array([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0], [1.0, 1.0]])
     norms = dynk.expert_norms(h, down, np.array([0, 0, 1, 1]), 2)

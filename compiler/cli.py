@@ -155,7 +155,11 @@ def compile_command(model, target, output, shapes, dump_dir, explain, activation
 @click.argument("model", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="ONNX file to write (weights go to OUTPUT.data).")
 @click.option("--weights", metavar="METHOD:LEVEL", help="magnitude:L, wanda:L, wanda:N:M or seap:L (structured MLP neurons).")
-@click.option("--activations", metavar="METHOD:LEVEL", help="teal:L (all linear inputs), cats:L (SiLU outputs) or relu.")
+@click.option("--activations", metavar="METHOD:LEVEL",
+              help="teal:L (all linear inputs), cats:L (SiLU outputs), relu, or dynk:L: each MLP becomes a mixture of "
+                   "experts (neurons clustered by co-activation) with a router fitted on the calibration data, and per "
+                   "token only the experts whose predicted output norm is at least tau times the largest run, tau set so "
+                   "that the fraction L of experts is skipped on average (dynk:L:topk: a fixed number per token).")
 @click.option("--mask", type=click.Path(dir_okay=False), help="External masks: a torch.nn.utils.prune state dict (.pt, its *_mask tensors) or a compressed-tensors sparse-bitmask checkpoint (.safetensors).")
 @click.option("--calib", metavar="CORPUS", help="Calibration data: 'pydoc', a text file, or an .npz of input arrays.")
 @click.option("--calib-tokens", default=2048, show_default=True, type=int, help="Tokens of text to calibrate on.")
@@ -181,6 +185,13 @@ def sparsify(model, output, weights, activations, mask, calib, calib_tokens, see
         parts.append(f"{len(act['gates'])} activation gates" + (f" ({level:.1%} zeros on calibration data)" if level is not None else ""))
         if act.get("measured"):
             parts.append(f"{np.mean(list(act['measured'].values())):.1%} zeros per gate output when the result runs on it")
+        for name, mlp in act["gates"].items():
+            if "experts" in mlp:  # dynk: one line per MLP
+                rule = f"top {mlp['top_k']}" if mlp["top_k"] is not None else f"tau {mlp['tau']:.3f}"
+                zeros = act.get("measured", {}).get(f"{name}_routed_gated")
+                click.echo(f"{name}: {mlp['experts']} experts, {rule}, {mlp['calibrated']:.1%} of experts skipped on the "
+                           f"calibration data, router R^2 {mlp['router_r2']:.3f} (held-out rows)"
+                           + (f", {zeros:.1%} zeros at the down projection's gate" if zeros is not None else ""))
     click.echo(f"wrote {summary['output']} ({', '.join(parts)}) in {summary['seconds']:.1f} s")
 
 

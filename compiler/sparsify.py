@@ -38,6 +38,13 @@ Activation methods (``--activations METHOD:LEVEL``), written as ``ai.sparsecc``
   |values| at L) plus an exact (threshold 0) gate on the down projection's input so the
   compiled down projection skips the zeros.
 * ``relu``: SiLU becomes ReLU (natural zeros), with the same exact gate on the down input.
+* ``dynk:L`` (D2DMoE, ``compiler/dynk.py``): every MLP's neurons are clustered into experts
+  and a linear router fitted on the calibration rows predicts each expert's output norm;
+  per token the experts with predicted norm >= tau * the largest run, tau set per MLP so
+  that it skips the fraction L of its experts on the calibration data (``dynk:L:global``:
+  one tau for all MLPs, as in the paper; ``dynk:L:topk``: the round((1 - L) E) best
+  experts run). The mask multiplies the down projection's input, which gets the same
+  exact gate; gate/up still compute every neuron.
 """
 
 from __future__ import annotations
@@ -50,17 +57,20 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from compiler import dynk
 from compiler.mask_files import read_masks
 from compiler.progress import SILENT, Progress
 from passes import sparse_ops
 from passes.base import Graph, attribute, gemm_refusal, remove_unused_initializers
 from passes.insert_activation_gates import gated_inputs, insert_activation_gates, probe_session
+from passes.insert_expert_routers import Router, insert_expert_routers, set_tau, tensor_names
 from runtime.errors import SparseccError
 
 WEIGHT_METHODS = ("magnitude", "wanda", "seap", "functional")
-ACTIVATION_METHODS = ("teal", "cats", "relu")
-# Methods of the seeds that are planned but not built: named so users get an honest answer.
-NOT_BUILT = {"dynk": "dynamic-k experts (D2DMoE)"}
+ACTIVATION_METHODS = ("teal", "cats", "relu", "dynk")
+# dynk's expert selection: a tau per MLP (the default, no option), one tau for all MLPs
+# (the paper's single tau), or a fixed top-k.
+DYNK_OPTIONS = ("global", "topk")
 # Independent components per MLP for the 'functional' method, and FastICA's limits.
 ICA_COMPONENTS = 32
 ICA_ITERATIONS = 200
@@ -80,14 +90,14 @@ class Method:
     level: float = 0.0
     n: int | None = None
     m: int | None = None
+    option: str | None = None
 
 
 def parse_method(text: str, kind: str) -> Method:
     """Parses ``--weights`` (kind "weights") or ``--activations`` (kind "activations")."""
     known = WEIGHT_METHODS if kind == "weights" else ACTIVATION_METHODS
     name, _, rest = text.partition(":")
-    if name in NOT_BUILT:
-        raise SparseccError(f"--{kind} {text!r}: {name} ({NOT_BUILT[name]}) is not built yet; choose from {', '.join(known)}.")
+    option = None
     if name not in known:
         raise SparseccError(f"--{kind} {text!r}: unknown method {name!r} (choose from {', '.join(known)}).")
     if name == "relu":
@@ -102,13 +112,18 @@ def parse_method(text: str, kind: str) -> Method:
         if not 0 < n < m:
             raise SparseccError(f"--weights {text!r}: N:M needs 0 < N < M (keep N of every M), e.g. wanda:2:4.")
         return Method(name, (m - n) / m, n, m)
+    if name == "dynk" and ":" in rest:
+        rest, _, option = rest.partition(":")
+        if option not in DYNK_OPTIONS:
+            raise SparseccError(f"--activations {text!r}: unknown option {option!r}; write dynk:L (a tau per MLP), "
+                                "dynk:L:global (one tau for all MLPs) or dynk:L:topk (a fixed number of experts per token).")
     try:
         level = float(rest)
     except ValueError:
         raise SparseccError(f"--{kind} {text!r} needs a level: {name}:LEVEL with LEVEL between 0 and 1, e.g. {name}:0.5.") from None
     if not 0.0 <= level < 1.0:
         raise SparseccError(f"--{kind} {text!r}: the level must be in [0, 1), not {level:g}.")
-    return Method(name, level)
+    return Method(name, level, option=option)
 
 
 @dataclass(frozen=True)
@@ -233,15 +248,17 @@ class TensorStats:
 
 
 def collect_stats(model: onnx.ModelProto, tensors: list[str], feeds: list[dict], progress: Progress,
-                  rows: int = 0, seed: int = 0) -> dict[str, TensorStats]:
+                  rows: int = 0, seed: int = 0, paired: bool = False) -> dict[str, TensorStats]:
     """Runs ``model`` on ``feeds`` batch by batch, accumulating per-channel statistics of
-    ``tensors`` (last axis = channel) and keeping up to ``rows`` random token rows each."""
+    ``tensors`` (last axis = channel) and keeping up to ``rows`` random token rows each;
+    ``paired``: the same token rows for every tensor (they must have the same rows)."""
     tensors = sorted(set(tensors))
     session = probe_session(model, tensors)
     rng = np.random.default_rng(seed)
     stats: dict[str, TensorStats] = {}
     per_batch = -(-rows // max(1, len(feeds))) if rows else 0
     for index, feed in enumerate(feeds, start=1):
+        take = None
         for name, value in zip(tensors, session.run(tensors, feed)):
             flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
             entry = stats.setdefault(name, TensorStats(np.zeros(flat.shape[1]), np.zeros(flat.shape[1])))
@@ -249,8 +266,9 @@ def collect_stats(model: onnx.ModelProto, tensors: list[str], feeds: list[dict],
             entry.sumabs += np.abs(flat).sum(axis=0)
             entry.count += flat.shape[0]
             if per_batch:
-                take = rng.choice(flat.shape[0], min(per_batch, flat.shape[0]), replace=False)
-                entry.rows.append(flat[np.sort(take)].astype(np.float32))
+                if take is None or not paired:
+                    take = np.sort(rng.choice(flat.shape[0], min(per_batch, flat.shape[0]), replace=False))
+                entry.rows.append(flat[take].astype(np.float32))
         if index % max(1, len(feeds) // 10) == 0 or index == len(feeds):
             progress(f"calibration batch {index}/{len(feeds)}: {len(tensors)} tensors")
     return stats
@@ -499,16 +517,71 @@ def gate_activations(model: onnx.ModelProto, method: Method, options: SparsifyOp
             threshold = float(np.quantile(magnitudes, method.level)) if method.level > 0 else 0.0
             _gate_tensor(model, block.act, threshold)
             gates[block.act] = {"threshold": threshold, "calibrated": float((magnitudes <= threshold).mean())}
+    elif method.name == "dynk":
+        gates = route_experts(model, blocks, method, options, progress)
     else:  # relu
         _silu_to_relu(model, blocks)
         gates = {block.act: {"threshold": None} for block in blocks}
     remove_unused_initializers(model.graph)
     # An exact gate (threshold 0) on the down projection's input lets the compiled kernel
     # skip the zeros made upstream.
-    insert_activation_gates(model, {block.down.input: 0.0 for block in blocks})
+    down_inputs = [tensor_names(b.down.input)["routed"] if method.name == "dynk" else b.down.input for b in blocks]
+    insert_activation_gates(model, dict.fromkeys(down_inputs, 0.0))
     sparse_ops.attach_reference_functions(model)
     calibrated = [g["calibrated"] for g in gates.values() if "calibrated" in g]
     return {"gates": gates, "sparsity": float(np.mean(calibrated)) if calibrated else None}
+
+
+def route_experts(model: onnx.ModelProto, blocks: list[Mlp], method: Method, options: SparsifyOptions,
+                  progress: Progress) -> dict[str, dict]:
+    """dynk: experts, routers and tau for every MLP (``compiler/dynk.py``); inserts the
+    routers and returns per MLP its experts, rule, router R^2 and skipped fraction."""
+    feeds = calibration(model, options, progress)
+    hidden_of = {block.down.input: block.gate.input for block in blocks}
+    stats = collect_stats(model, [*hidden_of.values(), *hidden_of], feeds, progress, dynk.ROWS, options.seed, paired=True)
+    fits, scores = {}, {}
+    for block in blocks:
+        neurons = stats[block.down.input].sample
+        experts = dynk.expert_count(neurons.shape[1])
+        assignment = dynk.cluster_neurons(neurons, experts, options.seed)
+        norms = dynk.expert_norms(neurons, get_weight(model, block.down), assignment, experts)
+        fits[block.down.input] = (dynk.fit_router(stats[block.gate.input].sample, norms, options.seed), assignment)
+        scores[block.down.input] = dynk.predicted_scores(stats[block.gate.input].sample, fits[block.down.input][0])
+        progress(f"dynk: {block.down.input}: {experts} experts, router R^2 {fits[block.down.input][0].r2:.3f}")
+    top_k = method.option == "topk"
+    taus = {} if top_k else dynk.calibrate_taus(scores, method.level, method.option == "global")
+    routers = [Router(hidden_of[neurons], neurons, fit.weight, fit.bias, assignment, taus.get(neurons),
+                      dynk.top_k_for(method.level, fit.weight.shape[1]) if top_k else None)
+               for neurons, (fit, assignment) in fits.items()]
+    insert_expert_routers(model, routers)
+    # The routed model's later MLPs see the inputs its routed earlier MLPs make: tau is
+    # re-set on the routed model itself, then the skipped fractions are measured on it.
+    refinements = 0 if top_k else dynk.TAU_REFINEMENTS
+    for refinement in range(refinements + 1):
+        routed_scores, skipped = routing_on(model, list(fits), feeds)
+        if refinement == refinements:
+            break
+        taus = dynk.calibrate_taus(routed_scores, method.level, method.option == "global")
+        for neurons, tau in taus.items():
+            set_tau(model, neurons, tau)
+    return {router.neurons: {"experts": int(router.weight.shape[1]), "tau": taus.get(router.neurons), "top_k": router.top_k,
+                             "router_r2": fits[router.neurons][0].r2, "calibrated": skipped[router.neurons]}
+            for router in routers}
+
+
+def routing_on(model: onnx.ModelProto, down_inputs: list[str], feeds: list[dict]) -> tuple[dict, dict]:
+    """Runs a model with expert routers on ``feeds``: per MLP (named by its down input),
+    the router scores of all tokens [tokens, E] and the fraction of experts skipped."""
+    names = [tensor_names(neurons)[key] for neurons in down_inputs for key in ("scores", "mask")]
+    probe = probe_session(model, names)
+    scores = {neurons: [] for neurons in down_inputs}
+    skipped = dict.fromkeys(down_inputs, 0.0)
+    for feed in feeds:
+        values = probe.run(names, feed)
+        for neurons, score, mask in zip(down_inputs, values[0::2], values[1::2]):
+            scores[neurons].append(score.reshape(-1, score.shape[-1]))
+            skipped[neurons] += float(1 - mask.mean()) / len(feeds)
+    return {neurons: np.concatenate(value) for neurons, value in scores.items()}, skipped
 
 
 def measure_gate_sparsity(model: onnx.ModelProto, feeds: list[dict]) -> dict[str, float]:

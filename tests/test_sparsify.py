@@ -182,6 +182,10 @@ def test_cli_sparsify_and_eval(capsys, exported, tmp_path):
     (["--weights", "magnitude"], "needs a level"),
     (["--activations", "teal:2"], "the level must be in [0, 1)"),
     (["--activations", "relu:0.5"], "takes no level"),
+    (["--activations", "dynk:1.5"], "the level must be in [0, 1)"),
+    (["--activations", "dynk:-0.1"], "the level must be in [0, 1)"),
+    (["--activations", "dynk:0.5:top3"], "unknown option 'top3'"),
+    (["--activations", "dynk"], "needs a level"),
     ([], "nothing to do"),
     (["--weights", "wanda:0.5"], "needs calibration data"),
     (["--weights", "wanda:0.5", "--calib", "EMPTY"], "fewer than one batch"),
@@ -255,9 +259,3 @@ def test_compressed_tensors_bitmask_checkpoint_prunes_like_its_masks(exported, t
     code, _, err = sparsecc(capsys, "sparsify", str(exported("tiny-llama")), "-o", str(tmp_path / "x.onnx"), "--mask", str(path))
     assert_one_sentence_error(code, err, "sparse-bitmask format")
 
-
-def test_a_method_not_built_yet_says_so(exported, tmp_path, capsys):
-    code, _, err = sparsecc(capsys, "sparsify", str(exported("tiny-llama")), "-o", str(tmp_path / "x.onnx"),
-                            "--activations", "dynk:0.5", "--calib", "pydoc")
-    assert_one_sentence_error(code, err, "not built yet")
-    assert not (tmp_path / "x.onnx").exists()

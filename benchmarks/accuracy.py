@@ -98,8 +98,10 @@ def remove_export(path: Path) -> None:
             victim.unlink()
 
 
-def measure_speed(dense_decode: Path, sparsified: Path | None, work: Path, args, progress: Progress) -> dict:
-    """Decode tokens/s of the compiled row against onnxruntime on the dense decode graph."""
+def measure_speed(dense_decode: Path, sparsified: Path | None, stem: Path, args, progress: Progress) -> dict:
+    """Decode tokens/s of the compiled row against onnxruntime on the dense decode graph;
+    the row's files are ``STEM-decode.*``. Each row needs its own artifact path: a process
+    that loaded a library keeps it, and loading another from the same path gets the first."""
     import onnx
 
     import runtime
@@ -112,9 +114,9 @@ def measure_speed(dense_decode: Path, sparsified: Path | None, work: Path, args,
 
     decode = dense_decode
     if sparsified is not None:
-        decode = work / "row-decode.onnx"
+        decode = stem.with_name(f"{stem.name}-decode.onnx")
         sparsify(SparsifyOptions(str(dense_decode), str(decode), like=str(sparsified)), progress)
-    artifact = work / "row.sccx"
+    artifact = stem.with_name(f"{stem.name}-decode.sccx")
     with progress.step(f"compiling {decode} (in a subprocess)"):
         built = compile_in_subprocess(decode, artifact)
     prompt = load_tokenizer("smollm2-135m")(PROMPT)["input_ids"]
@@ -136,6 +138,8 @@ def measure_speed(dense_decode: Path, sparsified: Path | None, work: Path, args,
     return {"speed_vs_dense_onnxruntime": medians["ours"] / medians["onnxruntime dense"],
             "ours_tokens_per_s": medians["ours"], "onnxruntime_dense_tokens_per_s": medians["onnxruntime dense"],
             "same_tokens_as_onnxruntime_sparsified": tokens["ours"] == expected,
+            "first_token_differing_from_onnxruntime_sparsified":
+                next((i for i, (a, b) in enumerate(zip(tokens["ours"], expected)) if a != b), None),
             "load_average_before_after_timing": load, **built}
 
 
@@ -195,7 +199,7 @@ def main() -> None:
         del summary
         gc.collect()
         if args.speed:
-            row.update(measure_speed(dense_decode, path if path != dense else None, work, args, progress))
+            row.update(measure_speed(dense_decode, path if path != dense else None, work / f"row{index}", args, progress))
         if path != dense:
             remove_export(path)
         results[label] = row

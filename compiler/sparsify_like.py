@@ -123,7 +123,8 @@ def read_sparsification(path: str) -> Sparsification:
 
 def apply_sparsification(model: onnx.ModelProto, like: Sparsification, name: str) -> dict:
     """Copies ``like`` onto ``model`` (in place); returns the weight sparsity reached."""
-    from compiler.sparsify import _gate_tensor, _silu_to_relu, get_weight, linear_layers, match_by_shape, mlp_blocks, set_weight, weight_sparsity
+    from compiler.sparsify import (_gate_tensor, _silu_to_relu, get_weight, linear_layers, match_by_shape, mlp_blocks,
+                                   set_weight, weight_sparsity)
 
     if any(node.op_type == "ActivationGate" for node in model.graph.node):
         raise SparseccError(f"{name} already has activation gates; --like applies to an export that is not sparsified yet.")

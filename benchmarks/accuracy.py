@@ -7,12 +7,12 @@ seed 0. Peak memory is this process's (the calibration runs in it).
 With ``--speed``, each row is also compiled and timed at decode, where its sparse and
 gated kernels run (a 512-token prompt runs the dense kernels): SmolLM2 is exported with
 ``--decode`` (a cache of ``--max-context`` tokens), the row's sparsified seq-512 model is
-copied onto it (``sparsecc sparsify --like``), compiled for the CPU in a subprocess (so
-its 8-10 GB are returned before the timing), and its greedy decode tokens/s are timed
-against onnxruntime on the dense decode graph in this process and run, rounds
-alternating, median of the rounds (``compiler.bench_decode.time_decoding``). Its tokens
-are checked against onnxruntime running the row's sparsified decode graph. Rows run one
-at a time and their files are deleted after them.
+copied onto it (``sparsecc sparsify --like``) and compiled for the CPU in a subprocess
+(so its several GB are returned before the next row), one row at a time. Then the greedy
+decode tokens/s of all the rows' artifacts and of onnxruntime on the dense decode graph
+are timed in this process, in the same rounds, alternating, median of the rounds
+(``compiler.bench_decode.time_decoding``), and the artifacts deleted. Each artifact's
+tokens are checked against onnxruntime running the row's sparsified decode graph.
 
     python benchmarks/accuracy.py --workdir /tmp/accuracy --json docs/accuracy.json
     python benchmarks/accuracy.py --speed --merge --rows "dense,wanda 50 %"   # add speed to two rows
@@ -98,20 +98,26 @@ def remove_export(path: Path) -> None:
             victim.unlink()
 
 
-def measure_speed(dense_decode: Path, sparsified: Path | None, stem: Path, args, progress: Progress) -> dict:
-    """Decode tokens/s of the compiled row against onnxruntime on the dense decode graph;
-    the row's files are ``STEM-decode.*``. Each row needs its own artifact path: a process
-    that loaded a library keeps it, and loading another from the same path gets the first."""
+def _onnxruntime_decoder(path: Path):
     import onnx
 
-    import runtime
-    from compiler.bench_decode import PROMPT, OnnxRuntimeDecoder, generate_compiled, time_decoding
+    from compiler.bench_decode import OnnxRuntimeDecoder
     from compiler.decode_export import decoding_metadata
+
+    return OnnxRuntimeDecoder(path, decoding_metadata(onnx.load(str(path), load_external_data=False)))
+
+
+def _prompt() -> list[int]:
+    from compiler.bench_decode import PROMPT
     from compiler.export import load_tokenizer
 
-    def decoder(path: Path) -> OnnxRuntimeDecoder:
-        return OnnxRuntimeDecoder(path, decoding_metadata(onnx.load(str(path), load_external_data=False)))
+    return load_tokenizer("smollm2-135m")(PROMPT)["input_ids"]
 
+
+def build_row(dense_decode: Path, sparsified: Path | None, stem: Path, args, progress: Progress) -> dict:
+    """Compiles a row's decoder into ``STEM-decode.sccx`` and runs the row's sparsified
+    decode graph in onnxruntime for the tokens the artifact should give. Each row has its
+    own artifact path: a process keeps the first library it loaded from a path."""
     decode = dense_decode
     if sparsified is not None:
         decode = stem.with_name(f"{stem.name}-decode.onnx")
@@ -119,28 +125,56 @@ def measure_speed(dense_decode: Path, sparsified: Path | None, stem: Path, args,
     artifact = stem.with_name(f"{stem.name}-decode.sccx")
     with progress.step(f"compiling {decode} (in a subprocess)"):
         built = compile_in_subprocess(decode, artifact)
-    prompt = load_tokenizer("smollm2-135m")(PROMPT)["input_ids"]
     with progress.step("onnxruntime on the row's sparsified decode graph (the tokens to expect)"):
-        expected = decoder(decode).generate(prompt, args.new_tokens)[0]
+        expected = _onnxruntime_decoder(decode).generate(_prompt(), args.new_tokens)[0]
+    if decode != dense_decode:
+        remove_export(decode)
     gc.collect()
-    compiled, onnxruntime = runtime.load(artifact), decoder(dense_decode)
-    runs = {"ours": lambda: generate_compiled(compiled, prompt, args.new_tokens),
-            "onnxruntime dense": lambda: onnxruntime.generate(prompt, args.new_tokens)}
+    return {"artifact": artifact, "expected": expected, **built}
+
+
+def time_rows(dense_decode: Path, built: dict[str, dict], args, progress: Progress) -> dict[str, dict]:
+    """Times every built row and onnxruntime on the dense decode graph in the same rounds
+    (``compiler.bench_decode.time_decoding``); deletes the artifacts; the speed per row."""
+    import time
+
+    import runtime
+    from compiler.bench_decode import generate_compiled, time_decoding
+
+    prompt = _prompt()
+    models = {label: runtime.load(entry["artifact"]) for label, entry in built.items()}
+    onnxruntime = _onnxruntime_decoder(dense_decode)
+    runs = {"onnxruntime dense": lambda: onnxruntime.generate(prompt, args.new_tokens)}
+    runs.update({label: (lambda m=model: generate_compiled(m, prompt, args.new_tokens)) for label, model in models.items()})
     # The machine may be shared: its load while timing is kept with the figures.
     load_before = os.getloadavg()[0]
     tokens, medians = time_decoding(runs, args.rounds, args.new_tokens, progress)
-    load = [load_before, os.getloadavg()[0]]
-    del compiled, onnxruntime, runs
+    timing = {"timed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "timed_together": list(runs),
+              "load_average_before_after_timing": [load_before, os.getloadavg()[0]]}
+    del models, runs
     gc.collect()
-    remove_export(artifact)
-    if decode != dense_decode:
-        remove_export(decode)
-    return {"speed_vs_dense_onnxruntime": medians["ours"] / medians["onnxruntime dense"],
-            "ours_tokens_per_s": medians["ours"], "onnxruntime_dense_tokens_per_s": medians["onnxruntime dense"],
-            "same_tokens_as_onnxruntime_sparsified": tokens["ours"] == expected,
+    speeds = {}
+    for label, entry in built.items():
+        remove_export(entry["artifact"])
+        expected = entry["expected"]
+        speeds[label] = {
+            "speed_vs_dense_onnxruntime": medians[label] / medians["onnxruntime dense"],
+            "ours_tokens_per_s": medians[label], "onnxruntime_dense_tokens_per_s": medians["onnxruntime dense"],
+            "same_tokens_as_onnxruntime_sparsified": tokens[label] == expected,
             "first_token_differing_from_onnxruntime_sparsified":
-                next((i for i, (a, b) in enumerate(zip(tokens["ours"], expected)) if a != b), None),
-            "load_average_before_after_timing": load, **built}
+                next((i for i, (a, b) in enumerate(zip(tokens[label], expected)) if a != b), None),
+            "compile_seconds": entry["compile_seconds"], "compile_peak_rss_gb": entry["compile_peak_rss_gb"], **timing}
+    return speeds
+
+
+def write_table(path: str, stored: dict, results: dict[str, dict], args) -> None:
+    """Writes the rows in table order; other keys of ``stored`` (calibration_memory.py's) stay."""
+    ordered = [results[name] for name, _, _ in ROWS if name in results]
+    speed = {"max_context": args.max_context, "rounds": args.rounds, "new_tokens": args.new_tokens,
+             "threads": os.cpu_count(), "target": "cpu"}
+    Path(path).write_text(json.dumps({**stored, "calibration": "data/emma.txt", "corpus": "data/pride_and_prejudice.txt",
+                                      "tokens": args.tokens, "calib_tokens": args.calib_tokens,
+                                      "speed": speed if args.speed else stored.get("speed"), "rows": ordered}, indent=2) + "\n")
 
 
 def main() -> None:
@@ -174,7 +208,7 @@ def main() -> None:
             sys.exit(f"--merge: {args.json} has {stored['tokens']} tokens and {stored['calib_tokens']} calibration tokens, "
                      f"not {args.tokens} and {args.calib_tokens}.")
         previous = {row["row"]: row for row in stored["rows"]}
-    results = dict(previous)
+    results, built = dict(previous), {}
     for index in choose_rows(args.rows):
         label, weights, activations = ROWS[index]
         path, summary = dense, {}
@@ -199,19 +233,17 @@ def main() -> None:
         del summary
         gc.collect()
         if args.speed:
-            row.update(measure_speed(dense_decode, path if path != dense else None, work / f"row{index}", args, progress))
+            built[label] = build_row(dense_decode, path if path != dense else None, work / f"row{index}", args, progress)
         if path != dense:
             remove_export(path)
         results[label] = row
         print(json.dumps(row), flush=True)
-        ordered = [results[name] for name, _, _ in ROWS if name in results]
-        # Other keys (benchmarks/calibration_memory.py's) are kept.
-        Path(args.json).write_text(json.dumps({**stored, "calibration": "data/emma.txt", "corpus": "data/pride_and_prejudice.txt",
-                                               "tokens": args.tokens, "calib_tokens": args.calib_tokens,
-                                               "speed": {"max_context": args.max_context, "rounds": args.rounds,
-                                                         "new_tokens": args.new_tokens, "threads": os.cpu_count(),
-                                                         "target": "cpu"},
-                                               "rows": ordered}, indent=2) + "\n")
+        write_table(args.json, stored, results, args)
+    if built:
+        for label, speed in time_rows(dense_decode, built, args, progress).items():
+            results[label].update(speed)
+            print(json.dumps(results[label]), flush=True)
+        write_table(args.json, stored, results, args)
     ordered = [results[name] for name, _, _ in ROWS if name in results]
     base = next((row["perplexity"] for row in ordered if row["row"] == "dense"), None)
     print("| model | weight sparsity | gate zeros (measured) | perplexity | vs dense | decode vs dense onnxruntime |\n"

@@ -125,7 +125,7 @@ def _ideal_bytes(onnx_path: Path, activation_sparsity: float | None, vocab_size:
     return dense, variant
 
 
-class _OnnxRuntimeDecoder:
+class OnnxRuntimeDecoder:
     """Our decode loop on onnxruntime: the dense prefill and decode graphs, cache in numpy."""
 
     def __init__(self, decode_path: Path, spec: dict):
@@ -183,6 +183,31 @@ def _transformers_generate(model, prompt: list[int], new_tokens: int) -> tuple[l
     return tokens, seconds
 
 
+def generate_compiled(model, prompt: list[int], new_tokens: int) -> tuple[list[int], float]:
+    """Greedy decoding with a loaded decoder artifact; (tokens, seconds of decode steps)."""
+    tokens = list(model.generate_ids(prompt, new_tokens, stop_at_eos=False))
+    return tokens, model.stats.decode_seconds
+
+
+def time_decoding(runs: dict, rounds: int, new_tokens: int, progress: Progress) -> tuple[dict, dict]:
+    """Times ``runs`` (name -> a call returning (tokens, decode seconds)) side by side:
+    one warm-up each, then ``rounds`` rounds alternating between them, each after a pause
+    so the previous runtime's spinning threads are idle, under the timing lock.
+
+    Returns:
+        (tokens of the warm-up, median decode tokens per second), per name.
+    """
+    tokens = {name: run()[0] for name, run in runs.items()}
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    with _timing_lock(progress), progress.step(f"timing {len(runs)} variants, {rounds} rounds of {new_tokens} tokens"):
+        for _ in range(rounds):
+            for name, run in runs.items():
+                time.sleep(SETTLE_SECONDS)
+                _, seconds = run()
+                rates[name].append((new_tokens - 1) / seconds)
+    return tokens, {name: float(np.median(values)) for name, values in rates.items()}
+
+
 @contextlib.contextmanager
 def _timing_lock(progress: Progress):
     """Holds ``LOCK_FILE`` while timing, so two benchmarks on a shared machine never time at
@@ -220,28 +245,16 @@ def run_decode_bench(workdir: str, rounds: int, new_tokens: int, json_path: str 
         ideal[name] = _ideal_bytes(onnx_path, activation, models[name].vocab_size)
     dense_onnx = work / "dense.onnx"
     spec = decoding_metadata(load_model(dense_onnx))
-    onnxruntime = _OnnxRuntimeDecoder(dense_onnx, spec)
+    onnxruntime = OnnxRuntimeDecoder(dense_onnx, spec)
     torch.set_num_threads(os.cpu_count() or 1)
     eager = load_torch_model("smollm2-135m", progress=progress)
     eager.config.use_cache = True
     prompt = load_tokenizer("smollm2-135m")(PROMPT)["input_ids"]
 
-    def ours(model):
-        tokens = list(model.generate_ids(prompt, new_tokens, stop_at_eos=False))
-        return tokens, model.stats.decode_seconds
-
     runs = {"transformers eager": lambda: _transformers_generate(eager, prompt, new_tokens),
             "onnxruntime dense": lambda: onnxruntime.generate(prompt, new_tokens)}
-    runs.update({name: (lambda m=model: ours(m)) for name, model in models.items()})
-    tokens = {name: run()[0] for name, run in runs.items()}  # warm-up, and the texts
-    rates: dict[str, list[float]] = {name: [] for name in runs}
-    with _timing_lock(progress), progress.step(f"timing {len(runs)} variants, {rounds} rounds of {new_tokens} tokens"):
-        for _ in range(rounds):
-            for name, run in runs.items():
-                time.sleep(SETTLE_SECONDS)
-                _, seconds = run()
-                rates[name].append((new_tokens - 1) / seconds)
-    medians = {name: float(np.median(values)) for name, values in rates.items()}
+    runs.update({name: (lambda m=model: generate_compiled(m, prompt, new_tokens)) for name, model in models.items()})
+    tokens, medians = time_decoding(runs, rounds, new_tokens, progress)
     base = medians["onnxruntime dense"]
     dense_bytes = ideal["ours dense"][0]
     items = []

@@ -161,10 +161,14 @@ def compile_command(model, target, output, shapes, dump_dir, explain, activation
                    "token only the experts whose predicted output norm is at least tau times the largest run, tau set so "
                    "that the fraction L of experts is skipped on average (dynk:L:topk: a fixed number per token).")
 @click.option("--mask", type=click.Path(dir_okay=False), help="External masks: a torch.nn.utils.prune state dict (.pt, its *_mask tensors) or a compressed-tensors sparse-bitmask checkpoint (.safetensors).")
+@click.option("--like", type=click.Path(dir_okay=False), metavar="SPARSIFIED.onnx",
+              help="Copy the sparsification of SPARSIFIED.onnx (another export of the same model, e.g. the --seq-len 512 "
+                   "graph it was calibrated on): its weights' zeros, ReLUs and activation gates. On a --decode export, "
+                   "both the decode and the prefill graph get it.")
 @click.option("--calib", metavar="CORPUS", help="Calibration data: 'pydoc', a text file, or an .npz of input arrays.")
 @click.option("--calib-tokens", default=2048, show_default=True, type=int, help="Tokens of text to calibrate on.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for the sampled calibration rows.")
-def sparsify(model, output, weights, activations, mask, calib, calib_tokens, seed):
+def sparsify(model, output, weights, activations, mask, like, calib, calib_tokens, seed):
     """Prune the weights and gate the activations of MODEL (ONNX); write the result as ONNX.
 
     Zeros stay in the weights and gates become ai.sparsecc ActivationGate ops, so
@@ -175,7 +179,11 @@ def sparsify(model, output, weights, activations, mask, calib, calib_tokens, see
     from compiler.progress import Progress
     from compiler.sparsify import SparsifyOptions, sparsify as run_sparsify
 
-    summary = run_sparsify(SparsifyOptions(model, output, weights, activations, calib, calib_tokens, seed, mask), Progress())
+    summary = run_sparsify(SparsifyOptions(model, output, weights, activations, calib, calib_tokens, seed, mask, like), Progress())
+    if like:
+        click.echo(f"wrote {summary['output']} ({summary['weight_sparsity']['sparsity']:.1%} weight sparsity, "
+                   f"{summary['gates']} activation gates, as {like}) in {summary['seconds']:.1f} s")
+        return
     parts = []
     if "weight_sparsity" in summary:
         parts.append(f"{summary['weight_sparsity']['sparsity']:.1%} weight sparsity")

@@ -24,6 +24,8 @@ weight except the output projection (whose result is a model output), y = x @ W,
   state dict (``.pt``) or a compressed-tensors ``sparse-bitmask`` checkpoint
   (``.safetensors``); the masks, in module order, are matched to the linear layers in graph
   order by shape ([N, K] transposed).
+* ``--like SPARSIFIED``: the weights, ReLUs and gates of another export of the same model,
+  copied (``compiler/sparsify_like.py``), e.g. from the seq-512 graph onto a ``--decode`` export.
 
 Activation methods (``--activations METHOD:LEVEL``), written as ``ai.sparsecc``
 ``ActivationGate`` nodes that onnxruntime runs and ``sparsecc compile`` fuses:
@@ -52,6 +54,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -138,6 +141,7 @@ class SparsifyOptions:
     calib_tokens: int = 2048
     seed: int = 0
     mask: str | None = None
+    like: str | None = None
 
 
 # --- the graph: linear layers and SwiGLU MLPs ---------------------------------------
@@ -354,20 +358,31 @@ def ica_scores(rows: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.abs(mixing).max(axis=1)
 
 
+def match_by_shape(model: onnx.ModelProto, layers: list[Linear], shapes: list[tuple[int, int]],
+                   refusal: Callable[[int], str]) -> list[Linear]:
+    """The layer for each of ``shapes`` ([K, N]), in order: the next remaining layer of that
+    shape. Raises ``refusal(i)`` when shape ``i`` finds none."""
+    remaining = list(layers)
+    matched = []
+    for index, shape in enumerate(shapes):
+        match = next((layer for layer in remaining if get_weight(model, layer).shape == tuple(shape)), None)
+        if match is None:
+            raise SparseccError(refusal(index))
+        remaining = remaining[remaining.index(match) + 1:]
+        matched.append(match)
+    return matched
+
+
 def apply_masks(model: onnx.ModelProto, layers: list[Linear], path: str) -> list[str]:
     """Multiplies the weights by the masks in ``path``, matched in order by shape."""
     masks = read_masks(path)
-    remaining = list(layers)
-    matched = []
-    for mask in masks:
-        want = mask.T.shape  # torch Linear weights are [N, K]
-        match = next((layer for layer in remaining if get_weight(model, layer).shape == want), None)
-        if match is None:
-            raise SparseccError(f"{path}: a mask of shape {list(mask.shape)} matches no remaining linear layer of shape {list(want)} (transposed).")
-        remaining = remaining[remaining.index(match) + 1:]
-        set_weight(model, match, get_weight(model, match) * mask.T)
-        matched.append(match.weight)
-    return matched
+    # torch Linear weights are [N, K]
+    matched = match_by_shape(model, layers, [mask.T.shape for mask in masks],
+                             lambda i: f"{path}: a mask of shape {list(masks[i].shape)} matches no remaining linear layer "
+                                       f"of shape {list(masks[i].T.shape)} (transposed).")
+    for mask, layer in zip(masks, matched):
+        set_weight(model, layer, get_weight(model, layer) * mask.T)
+    return [layer.weight for layer in matched]
 
 
 def prune_weights(model: onnx.ModelProto, method: Method, options: SparsifyOptions, progress: Progress) -> dict:
@@ -606,6 +621,10 @@ def sparsify(options: SparsifyOptions, progress: Progress = SILENT) -> dict:
     """Applies the weight and activation methods; writes ``options.output``; returns a summary."""
     from compiler.onnx_io import load_model, save_model
 
+    if options.like:
+        from compiler.sparsify_like import sparsify_like
+
+        return sparsify_like(options, progress)
     weights = parse_method(options.weights, "weights") if options.weights else None
     activations = parse_method(options.activations, "activations") if options.activations else None
     if weights is None and activations is None and not options.mask:

@@ -16,6 +16,33 @@ from runtime.tvm_runtime import isa_flags, llvm_cpu_name, tvm as _tvm
 SUPPORTED_TARGETS = ("cpu", "cuda")
 
 
+# Absolute library path -> sha256 of the library this process loaded from it.
+_LOADED_LIBRARIES: dict[str, str] = {}
+
+
+def load_library(path: Path, sha256: str | None):
+    """``tvm.runtime.load_module(path)``, also for a path this process already loaded a
+    different library from (an artifact rebuilt in place): the dynamic loader would return
+    the first library for a path it has seen, so such a library is loaded from a copy
+    named by its sha256 in the temporary folder."""
+    tvm = _tvm()
+    key = str(Path(path).resolve())
+    digest = sha256 or ""
+    if _LOADED_LIBRARIES.setdefault(key, digest) == digest:
+        return tvm.runtime.load_module(key)
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.gettempdir()) / f"sparsecc-libraries-{os.getuid()}"
+    folder.mkdir(exist_ok=True)
+    copy = folder / f"{digest}{Path(path).suffix}"
+    if not copy.exists():
+        partial = folder / f".{digest}.{os.getpid()}.partial"
+        shutil.copyfile(key, partial)
+        partial.replace(copy)
+    return tvm.runtime.load_module(str(copy))
+
+
 def check_host(path, target: dict) -> None:
     """Refuses an artifact built for another CPU: by LLVM's CPU name when the full TVM is
     loaded, else by the instruction-set flags it was built with."""
@@ -99,7 +126,7 @@ class CompiledModel:
         self.lock = threading.Lock()
         self._weight_cache = {} if weight_cache is None else weight_cache
         try:
-            library = tvm.runtime.load_module(str(self.path / manifest.library))
+            library = load_library(self.path / manifest.library, manifest.files.get(manifest.library))
         except Exception as exc:  # a library that fails to load is a damaged artifact
             raise SparseccError(f"{path}: its compiled library cannot be loaded ({exc}).") from None
         self._vm = tvm_vm.VirtualMachine(library, self.device)

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import SparseccError
-from runtime.executor import CompiledModel
+from runtime.executor import CompiledModel, load_library
 
 CALLBACK = "sparsecc_neuro_linear"
 _ACTIVE: list = []  # the model whose run is in progress (the callback has no other context)
@@ -156,8 +156,9 @@ class NeuroModel(CompiledModel):
         self.chip = target["chip"]
         self.device = tvm.cpu(0)
         try:
-            program = tvm.runtime.load_module(str(self.path / manifest.library))
-            self._kernel = tvm.runtime.load_module(str(self.path / target["event_library"]))["neuro_events"]
+            program = load_library(self.path / manifest.library, manifest.files.get(manifest.library))
+            events = target["event_library"]
+            self._kernel = load_library(self.path / events, manifest.files.get(events))["neuro_events"]
         except Exception as exc:  # a library that fails to load is a damaged artifact
             raise SparseccError(f"{path}: its compiled libraries cannot be loaded ({exc}).") from None
         _register_callback()  # the VM looks its packed functions up when it is created

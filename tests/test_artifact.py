@@ -6,6 +6,7 @@ import pytest
 
 import runtime
 from runtime.artifact import FORMAT_VERSION, MANIFEST, Manifest, TensorSpec, WeightSpec, read_manifest
+from conftest import onnxruntime_reference
 from runtime.errors import SparseccError
 
 
@@ -98,9 +99,9 @@ def test_other_cpu_is_refused(artifact_copy):
 
 def test_other_target_is_refused(artifact_copy):
     data = json.loads((artifact_copy / MANIFEST).read_text())
-    data["target"]["name"] = "cuda"
+    data["target"]["name"] = "tpu"
     (artifact_copy / MANIFEST).write_text(json.dumps(data))
-    with pytest.raises(SparseccError, match="compiled for target 'cuda'"):
+    with pytest.raises(SparseccError, match="compiled for target 'tpu'"):
         runtime.load(artifact_copy)
 
 
@@ -146,3 +147,19 @@ def test_token_ids_past_the_embedding_table_are_refused(compiled):
     model = runtime.load(compiled("tiny-llama", 0.0))
     with pytest.raises(SparseccError, match=r"'input_ids' holds 512, outside the valid range \[0, 511\]"):
         model.run({"input_ids": np.full((1, 16), 512, np.int64)})
+
+
+def test_artifact_rebuilt_at_the_same_path_runs_its_own_library(exported, tmp_path, token_ids):
+    """A process that loaded an artifact and then loads another one compiled to the same
+    path gets the new library (the dynamic loader alone would hand back the first)."""
+    from compiler.driver import CompileOptions, compile_model
+
+    path = tmp_path / "same.sccx"
+    outputs = {}
+    for source in ("tiny-llama", "tiny-gpt2"):
+        compile_model(CompileOptions(str(exported(source)), str(path)))
+        model = runtime.load(path)
+        ids = token_ids % 256  # within both models' vocabularies
+        outputs[source] = model.run({"input_ids": ids})["logits"]
+        reference = onnxruntime_reference(exported(source), {"input_ids": ids})[0]
+        np.testing.assert_allclose(outputs[source], reference, atol=1e-4, rtol=0)

@@ -33,26 +33,12 @@ from passes.sparse_formats import decode, encode
 from targets.cuda import sparse_kernels as sk
 from targets.cuda.codegen import kernel_report, within_limits
 from test_cli import assert_one_sentence_error, sparsecc
+from test_sparse_kernels import _weight
 
 RTOL = 1e-5
 ATOL = 1e-5
 SMOLLM2_SHAPES = ((576, 1536), (1536, 576))
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-
-
-def _weight(k, n, sparsity, seed, block=None):
-    """A [k, n] weight with about ``sparsity`` zeros, unstructured or in (R, C) blocks of
-    W^T, and one all-zero output (column 0 of W), so that some row of W^T is empty."""
-    rng = np.random.default_rng(seed)
-    weight = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
-    if block is None:
-        weight[rng.random((k, n)) < sparsity] = 0
-    else:
-        r, c = block
-        keep = rng.random((-(-n // r), -(-k // c))) >= sparsity
-        weight *= np.repeat(np.repeat(keep, r, 0), c, 1)[:n, :k].T
-    weight[:, 0] = 0
-    return weight
 
 
 def _activations(m, k, seed, inactive=0.5, per_channel=True):

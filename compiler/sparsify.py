@@ -24,8 +24,9 @@ weight except the output projection (whose result is a model output), y = x @ W,
   state dict (``.pt``) or a compressed-tensors ``sparse-bitmask`` checkpoint
   (``.safetensors``); the masks, in module order, are matched to the linear layers in graph
   order by shape ([N, K] transposed).
-* ``--like SPARSIFIED``: the weights, ReLUs and gates of another export of the same model,
-  copied (``compiler/sparsify_like.py``), e.g. from the seq-512 graph onto a ``--decode`` export.
+* ``--like SPARSIFIED``: the weights, ReLUs, gates and dynk expert routers of another export
+  of the same model, copied (``compiler/sparsify_like.py``), e.g. from the seq-512 graph onto
+  a ``--decode`` export.
 
 Activation methods (``--activations METHOD:LEVEL``), written as ``ai.sparsecc``
 ``ActivationGate`` nodes that onnxruntime runs and ``sparsecc compile`` fuses:

@@ -28,6 +28,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from passes.analyze_sparsity import constant_weight
+from targets.attention import fuse_decode_attention
 from passes import sparse_ops
 from passes.base import Graph, attribute, gemm_refusal, node_label, remove_unused_initializers
 from passes.sparse_formats import decode, encode
@@ -67,6 +68,8 @@ class Backend:
     max_rows: int = SPARSE_MAX_ROWS
     #: formats the sparse kernel takes; a weight in another is re-encoded as csr.
     sparse_formats: tuple[str, ...] = ("csr", "bsr", "bitmask")
+    #: whether the target has a ``DecodeAttention`` kernel (``targets.attention``).
+    decode_attention: bool = False
 
 
 def _gemm_weight(node: onnx.NodeProto, graph: Graph) -> tuple[np.ndarray, str] | str:
@@ -243,8 +246,10 @@ def legalize(model: onnx.ModelProto, backend: Backend) -> tuple[onnx.ModelProto,
         The rewritten model, the lifted weights as (input name, array, source name) in
         graph-input order, and one explanation per linear layer.
     """
-    graph = Graph(model.graph)
     explanations: list[str] = []
+    if backend.decode_attention:
+        explanations.extend(f"{backend.name}: {line}" for line in fuse_decode_attention(model, backend.domain))
+    graph = Graph(model.graph)
     weights: list[tuple[str, np.ndarray, str]] = []
     stored_names: dict[tuple[str, bool], str] = {}
     new_nodes: list[onnx.NodeProto] = []

@@ -8,7 +8,9 @@ The private ops (domain ``ai.sparsecc.cpu``):
 - ``CpuSparseMatMul``, ``CpuGatedMatMul``: ``targets.cpu.sparse_kernels``;
 - ``PackedGather(pack(E^T), ids)``: rows of an embedding table ``E`` read from the packed
   tied output projection. Row ``v`` of ``E`` is column ``v`` of ``W = E^T``, which the
-  panel layout ``[N / width, K, width]`` stores at ``[v // width, :, v % width]``.
+  panel layout ``[N / width, K, width]`` stores at ``[v // width, :, v % width]``;
+- ``DecodeAttention``: a decode step's attention over the filled cache slots
+  (``targets.attention``, ``targets.cpu.attention``).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def _packed_gather(node: onnx.NodeProto, packed: str, table: np.ndarray) -> onnx
 
 
 BACKEND = Backend(name="cpu", domain=DOMAIN, sparse_op=SPARSE_MATMUL, gated_op=GATED_MATMUL, dense=_panel_matmul,
-                  store_dense=kernels.pack_dense_weight, pack_dual=sparse_kernels.pack_dual_weight, gather=_packed_gather)
+                  store_dense=kernels.pack_dense_weight, pack_dual=sparse_kernels.pack_dual_weight, gather=_packed_gather,
+                  decode_attention=True)
 
 
 def legalize(model: onnx.ModelProto):

@@ -36,6 +36,9 @@ from runtime.errors import SparseccError
 
 # The most rows of x a sparse or gated kernel takes (decode, small batches).
 SPARSE_MAX_ROWS = 8
+# The gated op's ``dual`` attribute: a dense weight, ``Backend.pack_dual``'s arrays or
+# ``Backend.pack_segments``'s.
+DUAL_NONE, DUAL_BITMASK, DUAL_SEGMENTS = 0, 1, 2
 LIFT_MIN_BYTES = 64 * 1024
 
 
@@ -47,7 +50,7 @@ class Backend:
         name: the target's name, in explanations.
         domain: the private ONNX domain of the target's ops.
         sparse_op, gated_op: op types of the sparse and of the gated / dual-sparse kernel;
-            their attributes are ``format, k, n[, block]`` and ``k, n, dual``.
+            their attributes are ``format, k, n[, block]`` and ``k, n, dual`` (``DUAL_*``).
         dense: ``(x, stored, k, n, output, name) -> nodes`` for ``y = x @ W`` where
             ``stored`` is the lifted name of ``store_dense(W)``.
         store_dense: W [K, N] -> the array the dense kernel reads.
@@ -68,6 +71,9 @@ class Backend:
     max_rows: int = SPARSE_MAX_ROWS
     #: formats the sparse kernel takes; a weight in another is re-encoded as csr.
     sparse_formats: tuple[str, ...] = ("csr", "bsr", "bitmask")
+    #: W [K, N] -> the arrays of a dual-sparse kernel over windows of columns, used
+    #: instead of ``pack_dual`` when they are fewer bytes (block-pruned weights), or None.
+    pack_segments: Callable[[np.ndarray], list[np.ndarray]] | None = None
     #: whether the target has a ``DecodeAttention`` kernel (``targets.attention``).
     decode_attention: bool = False
 
@@ -182,11 +188,18 @@ def _legalize_sparse_op(node: onnx.NodeProto, model: onnx.ModelProto, graph: Gra
         if format == "dense":
             names = [lift(weight, source)]
             explanations.append(f"{backend.name}: {label} [{k}x{n}] -> gated kernel (skips the weight rows of inactive inputs).")
+            dual = DUAL_NONE
         else:
-            names = [lift(array, f"{source}:dual{i}") for i, array in enumerate(backend.pack_dual(weight))]
-            explanations.append(f"{backend.name}: {label} [{k}x{n}] -> dual-sparse kernel (inactive inputs and zero weights skipped).")
+            packed, dual, kind = backend.pack_dual(weight), DUAL_BITMASK, "bitmask rows"
+            if backend.pack_segments is not None and n >= 16:
+                segments = backend.pack_segments(weight)
+                if sum(a.nbytes for a in segments) < sum(a.nbytes for a in packed):
+                    packed, dual, kind = segments, DUAL_SEGMENTS, "windows of 16 columns"
+            names = [lift(array, f"{source}:dual{i}") for i, array in enumerate(packed)]
+            explanations.append(f"{backend.name}: {label} [{k}x{n}] -> dual-sparse kernel over {kind} "
+                                f"(inactive inputs and zero weights skipped).")
         return [helper.make_node(backend.gated_op, [x, threshold, *names], [node.output[0]], name=label, domain=backend.domain,
-                                 k=k, n=n, dual=int(format != "dense"))]
+                                 k=k, n=n, dual=dual)]
     weight = decode(arrays, format, (k, n), block)
     nodes = []
     if gated:

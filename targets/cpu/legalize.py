@@ -43,6 +43,7 @@ def _packed_gather(node: onnx.NodeProto, packed: str, table: np.ndarray) -> onnx
 
 BACKEND = Backend(name="cpu", domain=DOMAIN, sparse_op=SPARSE_MATMUL, gated_op=GATED_MATMUL, dense=_panel_matmul,
                   store_dense=kernels.pack_dense_weight, pack_dual=sparse_kernels.pack_dual_weight, gather=_packed_gather,
+                  pack_segments=sparse_kernels.pack_segment_weight,
                   decode_attention=True)
 
 

@@ -1,5 +1,6 @@
-"""``--prune-output-projection``: the output projection pruned with the other layers, and a
-tied embedding table pruned with it.
+"""``--prune-output-projection``, and a tied embedding table pruned with the projection:
+compiled, it is stored once, sparse, and read by both the projection's sparse kernel and
+the embedding lookup (``SparseGather``).
 
 The model is tiny-llama with its embedding table tied to the output projection (its config
 with ``tie_word_embeddings``, saved as a Hugging Face folder), as SmolLM2-135M's is.
@@ -8,6 +9,8 @@ Tolerance: 1e-4 absolute on logits of order 1, as in ``test_compile_models.py``:
 kernels sum in another order than onnxruntime's MLAS (the gather only copies values, so
 rounding comes from the matmuls alone).
 """
+
+import json
 
 import numpy as np
 import onnx
@@ -21,6 +24,7 @@ from compiler.onnx_io import load_model
 from compiler.sparsify import SparsifyOptions, output_projection, get_weight, sparsify
 from conftest import onnxruntime_reference
 from passes.analyze_sparsity import analyze_sparsity
+from passes.sparse_formats import csr_bytes
 from test_cli import assert_one_sentence_error, sparsecc
 
 TOLERANCE = 1e-4
@@ -80,6 +84,69 @@ def test_export_prunes_the_tied_table_once_for_both_uses(tied_export):
     assert projection.weight == name and projection.transposed
     layers = analyze_sparsity(model).layers
     assert len(layers) == 15 and all(abs(layer.sparsity - 0.9) < 0.01 for layer in layers)
+
+
+@pytest.mark.parametrize("prune, seq_len, format", [(0.9, 1, "csr"), (0.9, 16, "csr"), (0.5, 16, "bitmask")])
+def test_tied_sparse_table_matches_onnxruntime(tied_export, tmp_path, prune, seq_len, format):
+    """One token (every layer sparse) and a 16-token prompt (the other layers run the dense
+    kernel; the tied table stays sparse): logits equal onnxruntime's on the same ONNX."""
+    source = tied_export(prune, seq_len)
+    summary = compile_model(CompileOptions(str(source), str(tmp_path / "t.sccx"), explain=True))
+    lines = summary["explanations"]
+    assert any(f"-> {format} sparse kernel at every row count" in line for line in lines), lines
+    assert any(f"reads the embedding rows from the {format} arrays" in line for line in lines), lines
+    ids = np.random.default_rng(seq_len).integers(0, VOCAB, size=(1, seq_len)).astype(np.int64)
+    ids[0, 0] = VOCAB - 1
+    reference = onnxruntime_reference(source, {"input_ids": ids})[0]
+    ours = runtime.load(tmp_path / "t.sccx").run({"input_ids": ids})["logits"]
+    np.testing.assert_allclose(ours, reference, atol=TOLERANCE, rtol=0)
+
+
+def test_artifact_stores_the_tied_table_once_as_csr(tied_export, tmp_path):
+    """The weight bytes by hand: the 14 other layers panel-packed dense (16 rows: the dense
+    kernel; every N is a multiple of the panel width, so no padding) plus the table once, as
+    csr with int16 column indices; and the dense figure counts the table once too."""
+    source = tied_export(0.9, 16)
+    compile_model(CompileOptions(str(source), str(tmp_path / "t.sccx")))
+    manifest = runtime.load(tmp_path / "t.sccx").manifest
+    model = load_model(source)
+    name, table = _table(model)
+    others = [layer for layer in analyze_sparsity(model).layers if layer.shape != (HIDDEN, VOCAB)]
+    assert len(others) == 14
+    table_bytes = csr_bytes(HIDDEN, VOCAB, np.count_nonzero(table))
+    assert table_bytes == 4 * (VOCAB + 1) + (2 + 4) * np.count_nonzero(table)
+    assert manifest.summary["weight_bytes"] == sum(4 * k * n for k, n in (l.shape for l in others)) + table_bytes
+    assert manifest.summary["weight_bytes"] == sum(w.nbytes for w in manifest.weights)
+    assert [w.dtype for w in manifest.weights if tuple(w.shape) == (VOCAB + 1,)] == ["int32"]  # one indptr: one copy
+    every_layer_dense = 4 * sum(layer.shape[0] * layer.shape[1] for layer in analyze_sparsity(model).layers)
+    assert every_layer_dense <= manifest.summary["dense_weight_bytes"] < every_layer_dense + table.nbytes
+    assert manifest.summary["weights_vs_dense"] == manifest.summary["weight_bytes"] / manifest.summary["dense_weight_bytes"]
+
+
+@pytest.mark.slow
+def test_decoder_with_a_pruned_tied_table_matches_onnxruntime(tied_llama, tmp_path):
+    """``--decode``: the decode step (1 token) and the prefill step (8 tokens) both read the
+    one csr table, stored once in the artifact, and each equals onnxruntime on its ONNX."""
+    onnx_path = tmp_path / "step.onnx"
+    export(ExportOptions(str(tied_llama), str(onnx_path), 0.9, decode=True, max_context=32, prune_output_projection=True),
+           progress=lambda *_: None)
+    summary = compile_model(CompileOptions(str(onnx_path), str(tmp_path / "step.sccx"), explain=True))
+    gathers = [line for line in summary["explanations"] if "reads the embedding rows from the csr arrays" in line]
+    assert len(gathers) == 2, summary["explanations"]  # prefill and decode
+    manifest = json.loads((tmp_path / "step.sccx" / "manifest.json").read_text())
+    indptrs = [(w["offset"], w["nbytes"]) for graph in (manifest, manifest["graphs"]["prefill"])
+               for w in graph["weights"] if w["shape"] == [VOCAB + 1]]
+    assert len(indptrs) == 2 and len(set(indptrs)) == 1
+
+    model = runtime.load(tmp_path / "step.sccx")
+    rng = np.random.default_rng(2)
+    cache = {spec.name: rng.standard_normal(spec.shape).astype(np.float32) * 0.5 for spec in model.inputs[2:]}
+    for graph, path, ids in ((model, onnx_path, [[VOCAB - 1]]),
+                             (model.prefill, onnx_path.with_name("step.prefill.onnx"), [list(range(0, 512, 64))])):
+        feeds = {**cache, "input_ids": np.array(ids, np.int64), "position": np.array([5], np.int64)}
+        ours = graph.run(feeds)
+        for name, expected in zip(("logits", "new_keys", "new_values"), onnxruntime_reference(path, feeds)):
+            np.testing.assert_allclose(ours[name], expected, atol=TOLERANCE, rtol=0)
 
 
 def test_untied_output_projection_is_pruned_and_compiles(tmp_path):

@@ -647,6 +647,10 @@ def sparsify(options: SparsifyOptions, progress: Progress = SILENT) -> dict:
     """Applies the weight and activation methods; writes ``options.output``; returns a summary."""
     from compiler.onnx_io import load_model, save_model
 
+    if options.prune_output_projection and (options.like or options.weights is None
+                                            or options.weights.partition(":")[0] not in ("magnitude", "wanda")):
+        raise SparseccError("--prune-output-projection prunes with --weights magnitude:L or wanda:L; give one of them "
+                            "(seap and functional remove MLP neurons, which the output projection does not have).")
     if options.like:
         from compiler.sparsify_like import sparsify_like
 
@@ -659,9 +663,6 @@ def sparsify(options: SparsifyOptions, progress: Progress = SILENT) -> dict:
         raise SparseccError("give either --weights or --mask, not both.")
     if options.calib_tokens < 1:
         raise SparseccError(f"--calib-tokens must be positive, not {options.calib_tokens}.")
-    if options.prune_output_projection and (weights is None or weights.name not in ("magnitude", "wanda")):
-        raise SparseccError("--prune-output-projection prunes with --weights magnitude:L or wanda:L; give one of them "
-                            "(seap and functional remove MLP neurons, which the output projection does not have).")
     start = time.perf_counter()
     with progress.step(f"loading {options.model}"):
         model = load_model(options.model)

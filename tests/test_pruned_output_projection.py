@@ -203,6 +203,7 @@ def test_sparsify_prunes_the_tied_table(tied_export, tmp_path, method, level):
     (["export", "tiny-llama", "--prune-output-projection"], "give --prune-magnitude too"),
     (["sparsify", "MODEL", "--weights", "seap:0.2", "--prune-output-projection"], "prunes with --weights magnitude:L or wanda:L"),
     (["sparsify", "MODEL", "--activations", "relu", "--prune-output-projection"], "prunes with --weights magnitude:L or wanda:L"),
+    (["sparsify", "MODEL", "--like", "MODEL", "--prune-output-projection"], "prunes with --weights magnitude:L or wanda:L"),
 ])
 def test_bad_combinations_are_one_sentence(capsys, exported, tmp_path, args, fragment):
     args = [str(exported("tiny-llama")) if arg == "MODEL" else arg for arg in args]

@@ -236,10 +236,7 @@ def main() -> None:
                         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
         del summary
         gc.collect()
-        if args.speed and activations and activations.startswith("dynk"):
-            # sparsify --like copies zeros and gates, not dynk's expert routers.
-            row["speed_not_measured"] = "sparsify --like cannot copy dynk's routers onto the decode export yet"
-        elif args.speed:
+        if args.speed:
             built[label] = build_row(dense_decode, path if path != dense else None, work / f"row{index}", args, progress)
         if path != dense:
             remove_export(path)

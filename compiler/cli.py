@@ -168,8 +168,8 @@ def compile_command(model, target, output, shapes, dump_dir, explain, activation
 @click.option("--mask", type=click.Path(dir_okay=False), help="External masks: a torch.nn.utils.prune state dict (.pt, its *_mask tensors) or a compressed-tensors sparse-bitmask checkpoint (.safetensors).")
 @click.option("--like", type=click.Path(dir_okay=False), metavar="SPARSIFIED.onnx",
               help="Copy the sparsification of SPARSIFIED.onnx (another export of the same model, e.g. the --seq-len 512 "
-                   "graph it was calibrated on): its weights' zeros, ReLUs and activation gates. On a --decode export, "
-                   "both the decode and the prefill graph get it.")
+                   "graph it was calibrated on): its weights' zeros, ReLUs, activation gates and dynk's expert routers. "
+                   "On a --decode export, both the decode and the prefill graph get it.")
 @click.option("--calib", metavar="CORPUS", help="Calibration data: 'pydoc', a text file, or an .npz of input arrays.")
 @click.option("--calib-tokens", default=2048, show_default=True, type=int, help="Tokens of text to calibrate on.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for the sampled calibration rows.")
@@ -192,7 +192,7 @@ def sparsify(model, output, weights, activations, mask, like, calib, calib_token
                                            prune_output_projection), Progress())
     if like:
         click.echo(f"wrote {summary['output']} ({summary['weight_sparsity']['sparsity']:.1%} weight sparsity, "
-                   f"{summary['gates']} activation gates, as {like}) in {summary['seconds']:.1f} s")
+                   f"{summary['gates']} activation gates, {summary['routers']} expert routers, as {like}) in {summary['seconds']:.1f} s")
         return
     parts = []
     if "weight_sparsity" in summary:

@@ -28,8 +28,9 @@ table itself is pruned, so the lookup reads the same zeros:
   state dict (``.pt``) or a compressed-tensors ``sparse-bitmask`` checkpoint
   (``.safetensors``); the masks, in module order, are matched to the linear layers in graph
   order by shape ([N, K] transposed).
-* ``--like SPARSIFIED``: the weights, ReLUs and gates of another export of the same model,
-  copied (``compiler/sparsify_like.py``), e.g. from the seq-512 graph onto a ``--decode`` export.
+* ``--like SPARSIFIED``: the weights, ReLUs, gates and dynk expert routers of another export
+  of the same model, copied (``compiler/sparsify_like.py``), e.g. from the seq-512 graph onto
+  a ``--decode`` export.
 
 Activation methods (``--activations METHOD:LEVEL``), written as ``ai.sparsecc``
 ``ActivationGate`` nodes that onnxruntime runs and ``sparsecc compile`` fuses:

@@ -15,14 +15,23 @@ on the first, and copied onto the others, so that they compute the same function
   input of a set of linear layers (``teal``, the exact gates on down projections), or the
   activation of an MLP (``cats``'s gate on the SiLU output). It is recreated at the matched
   place of MODEL with the same mode and the same float32 threshold.
+* Expert routers (``dynk``). Each router of SPARSIFIED, as
+  ``passes.insert_expert_routers.find_expert_routers`` reads it back, sits in front of an
+  MLP's down projection and reads that MLP's input. It is taken out before the linear
+  layers are counted (its MatMul is not one of the model's) and recreated by
+  ``insert_expert_routers`` in front of the matched MLP of MODEL with the same weight,
+  bias, neuron -> expert grouping and rule (tau or top-k): the nodes a direct
+  ``--activations dynk`` writes. The exact gate on the routed down input is copied as any
+  other gate.
 
 A ``--decode`` export is two graphs, the decode step and the prefill step its metadata
 names; both get the same sparsification, and OUTPUT's prefill graph (and tokenizer) are
 written beside OUTPUT under OUTPUT's stem, so ``sparsecc compile OUTPUT`` builds both.
 
 Precondition: MODEL has no activation gates. Postcondition: every linear weight, SiLU/ReLU
-choice and gate of SPARSIFIED is in OUTPUT; on the tokens both graphs see, OUTPUT computes
-what SPARSIFIED computes (up to float rounding of the two exports' attention).
+choice, gate and expert router of SPARSIFIED is in OUTPUT; on the tokens both graphs see,
+OUTPUT computes what SPARSIFIED computes (up to float rounding of the two exports'
+attention).
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +50,7 @@ from compiler.progress import SILENT, Progress
 from passes import sparse_ops
 from passes.base import Graph, remove_unused_initializers
 from passes.insert_activation_gates import gated_inputs, insert_activation_gates
+from passes.insert_expert_routers import Router, find_expert_routers, insert_expert_routers, remove_expert_routers
 from runtime.errors import SparseccError
 
 
@@ -58,12 +68,14 @@ class GateSite:
 @dataclass(frozen=True)
 class Sparsification:
     """What ``--like`` copies: the prunable weights ([K, N], graph order), the MLPs made
-    ReLU (by their down projection's index) and the gates."""
+    ReLU (by their down projection's index), the gates, and the expert routers (by their
+    MLP's down projection index; their tensor names are the source's)."""
 
     source: str
     weights: list[np.ndarray]
     relu_mlps: tuple[int, ...]
     gates: list[GateSite]
+    routers: dict[int, Router]
 
 
 def _strip_gates(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, list[str]]]:
@@ -99,6 +111,8 @@ def read_sparsification(path: str) -> Sparsification:
 
     model = load_model(path)
     gates = _strip_gates(model)
+    routers = find_expert_routers(model)
+    remove_expert_routers(model, routers)
     layers = linear_layers(model)
     if not layers:
         raise SparseccError(f"--like {path} has no linear layers with constant weights to copy.")
@@ -118,7 +132,14 @@ def read_sparsification(path: str) -> Sparsification:
             raise SparseccError(f"--like {path}: the gate {gate.name or gate.output[0]} reads {gate.input[0]}, which is "
                                 f"neither the input of linear layers nor an MLP's activation, so it cannot be placed in another export.")
     relu = tuple(position[block.down.node.output[0]] for block in blocks if block.silu is None)
-    return Sparsification(path, [get_weight(model, layer) for layer in layers], relu, sites)
+    routed = {}
+    for router in routers:
+        block = next((block for block in blocks if block.down.input == router.neurons), None)
+        if block is None or block.gate.input != router.hidden:
+            raise SparseccError(f"--like {path}: the expert router in front of {router.neurons} does not sit between "
+                                "an MLP's input and its down projection, so it cannot be placed in another export.")
+        routed[position[block.down.node.output[0]]] = router
+    return Sparsification(path, [get_weight(model, layer) for layer in layers], relu, sites, routed)
 
 
 def apply_sparsification(model: onnx.ModelProto, like: Sparsification, name: str) -> dict:
@@ -153,12 +174,17 @@ def apply_sparsification(model: onnx.ModelProto, like: Sparsification, name: str
 
     relu = [mlp(down) for down in like.relu_mlps]
     _silu_to_relu(model, [block for block in relu if block.silu is not None])
+    insert_expert_routers(model, [replace(router, hidden=mlp(down).gate.input, neurons=mlp(down).down.input)
+                                  for down, router in like.routers.items()])
+    # A router makes its down projection read the routed tensor: gates are placed by what
+    # the layers read now.
+    reads = {node.output[0]: node.input[0] for node in model.graph.node}
     thresholds = {}
     for site in like.gates:
         if site.mlp_down is not None:
             _gate_tensor(model, mlp(site.mlp_down).act, site.threshold)
             continue
-        tensors = {matched[i].input for i in site.layers}
+        tensors = {reads[matched[i].node.output[0]] for i in site.layers}
         if len(tensors) != 1:
             raise SparseccError(f"--like {like.source}: one of its gates feeds linear layers {list(site.layers)}, which read "
                                 f"{len(tensors)} different tensors in {name}.")
@@ -211,7 +237,7 @@ def sparsify_like(options, progress: Progress = SILENT) -> dict:
                 if prop.key == DECODE_KEY:
                     prop.value = json.dumps({**json.loads(prop.value), **renamed})
         graphs.append((prefill, str(prefill_path), output.with_name(renamed["prefill_model"])))
-    summary: dict = {"output": str(output), "like": options.like, "gates": len(like.gates)}
+    summary: dict = {"output": str(output), "like": options.like, "gates": len(like.gates), "routers": len(like.routers)}
     for graph, name, _ in graphs:
         with progress.step(f"copying it onto {name}"):
             summary.setdefault("weight_sparsity", apply_sparsification(graph, like, name))

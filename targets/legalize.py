@@ -30,6 +30,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from passes.analyze_sparsity import constant_weight
+from targets.attention import fuse_decode_attention
 from passes import sparse_ops
 from passes.base import Graph, attribute, gemm_refusal, node_label, remove_unused_initializers
 from passes.sparse_formats import decode, encode
@@ -37,6 +38,9 @@ from runtime.errors import SparseccError
 
 # The most rows of x a sparse or gated kernel takes (decode, small batches).
 SPARSE_MAX_ROWS = 8
+# The gated op's ``dual`` attribute: a dense weight, ``Backend.pack_dual``'s arrays or
+# ``Backend.pack_segments``'s.
+DUAL_NONE, DUAL_BITMASK, DUAL_SEGMENTS = 0, 1, 2
 LIFT_MIN_BYTES = 64 * 1024
 
 
@@ -48,7 +52,7 @@ class Backend:
         name: the target's name, in explanations.
         domain: the private ONNX domain of the target's ops.
         sparse_op, gated_op: op types of the sparse and of the gated / dual-sparse kernel;
-            their attributes are ``format, k, n[, block]`` and ``k, n, dual``.
+            their attributes are ``format, k, n[, block]`` and ``k, n, dual`` (``DUAL_*``).
         dense: ``(x, stored, k, n, output, name) -> nodes`` for ``y = x @ W`` where
             ``stored`` is the lifted name of ``store_dense(W)``.
         store_dense: W [K, N] -> the array the dense kernel reads.
@@ -76,6 +80,11 @@ class Backend:
     sparse_formats: tuple[str, ...] = ("csr", "bsr", "bitmask")
     #: formats ``sparse_gather`` reads; a tied table in another is re-encoded as csr.
     sparse_gather_formats: tuple[str, ...] = ("csr", "bitmask")
+    #: W [K, N] -> the arrays of a dual-sparse kernel over windows of columns, used
+    #: instead of ``pack_dual`` when they are fewer bytes (block-pruned weights), or None.
+    pack_segments: Callable[[np.ndarray], list[np.ndarray]] | None = None
+    #: whether the target has a ``DecodeAttention`` kernel (``targets.attention``).
+    decode_attention: bool = False
 
 
 def _gemm_weight(node: onnx.NodeProto, graph: Graph) -> tuple[np.ndarray, str] | str:
@@ -203,11 +212,18 @@ def _legalize_sparse_op(node: onnx.NodeProto, model: onnx.ModelProto, graph: Gra
         if format == "dense":
             names = [lift(weight, source)]
             explanations.append(f"{backend.name}: {label} [{k}x{n}] -> gated kernel (skips the weight rows of inactive inputs).")
+            dual = DUAL_NONE
         else:
-            names = [lift(array, f"{source}:dual{i}") for i, array in enumerate(backend.pack_dual(weight))]
-            explanations.append(f"{backend.name}: {label} [{k}x{n}] -> dual-sparse kernel (inactive inputs and zero weights skipped).")
+            packed, dual, kind = backend.pack_dual(weight), DUAL_BITMASK, "bitmask rows"
+            if backend.pack_segments is not None and n >= 16:
+                segments = backend.pack_segments(weight)
+                if sum(a.nbytes for a in segments) < sum(a.nbytes for a in packed):
+                    packed, dual, kind = segments, DUAL_SEGMENTS, "windows of 16 columns"
+            names = [lift(array, f"{source}:dual{i}") for i, array in enumerate(packed)]
+            explanations.append(f"{backend.name}: {label} [{k}x{n}] -> dual-sparse kernel over {kind} "
+                                f"(inactive inputs and zero weights skipped).")
         return [helper.make_node(backend.gated_op, [x, threshold, *names], [node.output[0]], name=label, domain=backend.domain,
-                                 k=k, n=n, dual=int(format != "dense"))]
+                                 k=k, n=n, dual=dual)]
     weight = decode(arrays, format, (k, n), block)
     nodes = []
     if gated:
@@ -306,8 +322,10 @@ def legalize(model: onnx.ModelProto, backend: Backend) -> tuple[onnx.ModelProto,
         The rewritten model, the lifted weights as (input name, array, source name) in
         graph-input order, and one explanation per linear layer.
     """
-    graph = Graph(model.graph)
     explanations: list[str] = []
+    if backend.decode_attention:
+        explanations.extend(f"{backend.name}: {line}" for line in fuse_decode_attention(model, backend.domain))
+    graph = Graph(model.graph)
     weights: list[tuple[str, np.ndarray, str]] = []
     stored_names: dict[tuple[str, bool], str] = {}
     new_nodes: list[onnx.NodeProto] = []

@@ -63,14 +63,19 @@ def sparse_converters(cache: dict, kernels, sparse_op: str, gated_op: str) -> di
             return _kernel_call(bb, cache, key, build, x, arrays, n)
 
     class GatedMatMul(onnx_frontend.OnnxOpConverter):
-        """``y = gate(x) @ W``; W dense [K, N] or ``pack_dual_weight`` arrays (``dual``)."""
+        """``y = gate(x) @ W``; W dense [K, N], ``pack_dual_weight``'s arrays (``dual`` 1) or
+        ``pack_segment_weight``'s (``dual`` 2, a target whose backend packs them)."""
 
         @classmethod
         def _impl_v1(cls, bb, inputs, attr, params):
             x, threshold, *arrays = inputs
-            k, n, dual = int(attr["k"]), int(attr["n"]), bool(attr.get("dual", 0))
+            k, n, dual = int(attr["k"]), int(attr["n"]), int(attr.get("dual", 0))
             per_channel = int(threshold.ty.shape[0]) == k and k > 1
-            if dual:
+            if dual == 2:  # targets.legalize.DUAL_SEGMENTS
+                segments = int(arrays[1].ty.shape[0])
+                build = lambda m: kernels.segment_matmul_func(m, k, n, segments, per_channel)  # noqa: E731
+                key = ("segments", k, n, segments, per_channel)
+            elif dual:
                 nnz = int(arrays[-1].ty.shape[0])
                 build = lambda m: kernels.dual_matmul_func(m, k, n, nnz, per_channel)  # noqa: E731
                 key = ("dual", k, n, nnz, per_channel)

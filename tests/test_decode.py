@@ -232,6 +232,9 @@ def test_block_pruned_decoder_keeps_sparse_kernels_after_dead_neurons_are_droppe
                                            calib_tokens=128))
     assert any("drop_dead_neurons" in line and "drops" in line for line in summary["explanations"])
     assert not [line for line in summary["explanations"] if "unknown rows" in line]
+    # Blocks of 16 outputs that read one input are windows of 16 columns of W's rows:
+    # the segment format is the smaller one, so the kernel that walks it is chosen.
+    assert any("windows of 16 columns" in line for line in summary["explanations"])
     feeds = {spec.name: np.zeros(spec.shape, spec.dtype) for spec in runtime.load(tmp_path / "b.sccx").inputs}
     feeds["input_ids"] = np.array([[3]], np.int64)
     ours = runtime.load(tmp_path / "b.sccx").run(feeds)["logits"]

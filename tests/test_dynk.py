@@ -9,7 +9,8 @@ from onnx import numpy_helper
 from compiler import dynk
 from compiler.evaluate import perplexity
 from conftest import onnxruntime_reference
-from passes.insert_expert_routers import Router, insert_expert_routers, tensor_names
+from passes.insert_expert_routers import (Router, find_expert_routers, insert_expert_routers, remove_expert_routers,
+                                          tensor_names)
 from passes.insert_activation_gates import probe_session
 from test_sparsify import assert_runs, feeds_for, run
 
@@ -166,3 +167,25 @@ def test_routed_graph_runs_exactly_the_experts_above_tau_max(rule):
     keep = np.repeat(np.array(expected_runs, np.float32), 2, axis=1)
     np.testing.assert_allclose(y, (h * keep) @ down, rtol=1e-6)
     assert onnxruntime_reference(result.model, {"x": x, "h": h})[0].shape == (2, 4)
+
+
+@pytest.mark.parametrize("rule", ["threshold", "topk"])
+def test_routers_are_found_with_their_parameters_and_removed(rule):
+    """find_expert_routers reads back exactly what was inserted, remove_expert_routers gives
+    back the graph before (nodes and initializers), and an edited router is not one."""
+    model = onnx.parser.parse_model(ROUTED)
+    model.graph.initializer.append(numpy_helper.from_array(np.ones((6, 4), np.float32), "down"))
+    original = model.SerializeToString()
+    router = Router("x", "neurons", np.arange(9, dtype=np.float32).reshape(3, 3), np.ones(3, np.float32),
+                    np.array([0, 0, 1, 1, 2, 2]), tau=0.25 if rule == "threshold" else None, top_k=2 if rule == "topk" else None)
+    insert_expert_routers(model, [router])
+    [found] = find_expert_routers(model)
+    assert (found.hidden, found.neurons, found.tau, found.top_k) == (router.hidden, router.neurons, router.tau, router.top_k)
+    for got, want in [(found.weight, router.weight), (found.bias, router.bias), (found.expert_of_neuron, router.expert_of_neuron)]:
+        np.testing.assert_array_equal(got, want)
+    edited = onnx.ModelProto()
+    edited.CopyFrom(model)
+    next(n for n in edited.graph.node if n.op_type == "GreaterOrEqual").op_type = "Greater"
+    assert find_expert_routers(edited) == []
+    assert remove_expert_routers(model, [found]).modified
+    assert model.SerializeToString() == original

@@ -293,6 +293,45 @@ def test_csr_gather_int32_indices():
     kernel = _kernel(sk.csr_gather_func, ids.size, k, n, values.size, "int32")
     got = _run(kernel, [ids, indptr, indices.astype(np.int32), values], (ids.size, k))
     np.testing.assert_array_equal(got, weight.T[ids])
+def _block_weight(k, n, sparsity, seed):
+    """A [k, n] weight pruned in runs of 16 columns of one row (16x1 blocks of W^T), the
+    runs unaligned (a few columns deleted, as drop_dead_neurons does), row 0 all zero."""
+    rng = np.random.default_rng(seed)
+    wide = n + 3
+    keep = rng.random((k, -(-wide // 16))) >= sparsity
+    weight = (rng.standard_normal((k, wide)) / np.sqrt(k)).astype(np.float32) * np.repeat(keep, 16, axis=1)[:, :wide]
+    weight[0] = 0
+    return np.ascontiguousarray(np.delete(weight, rng.choice(wide, 3, replace=False), axis=1))
+
+
+# Gate cases with n >= 16, block-pruned at 70 % (and dense, and at 95 %); then 50 %
+# unstructured, whose windows overlap at the ends of rows.
+SEGMENT_CASES = [(*case, (0.7, 0.0, 0.95)[i % 3], "block") for i, case in enumerate(GATE_CASES) if case[2] >= 16] + [
+    (1, 64, 48, 0.5, False, 0.5, "unstructured"),
+    (3, 30, 1100, 0.5, True, 0.5, "unstructured"),
+]
+
+
+@pytest.mark.parametrize("m,k,n,activation_sparsity,per_channel,weight_sparsity,pattern", SEGMENT_CASES)
+def test_segment_dual_matches_numpy(m, k, n, activation_sparsity, per_channel, weight_sparsity, pattern):
+    weight = (_block_weight(k, n, weight_sparsity, seed=k + n) if pattern == "block"
+              else _weight(k, n, weight_sparsity, seed=k * n))
+    x = _x(m, k, seed=n)
+    threshold = _threshold(x, activation_sparsity, per_channel, seed=k)
+    arrays = sk.pack_segment_weight(weight)
+    np.testing.assert_array_equal(sk.unpack_segment_weight(arrays, k, n), weight)
+    kernel = _kernel(sk.segment_matmul_func, m, k, n, arrays[1].size, per_channel)
+    got = _run(kernel, [x, threshold, *arrays], (m, n))
+    np.testing.assert_allclose(got, _reference(_gate(x, threshold), weight), RTOL, ATOL)
+
+
+def test_segments_are_one_window_per_aligned_block_and_smaller_than_bitmask_rows():
+    k, n = 64, 96
+    keep = np.random.default_rng(0).random((k, n // 16)) >= 0.7
+    weight = np.random.default_rng(1).standard_normal((k, n)).astype(np.float32) * np.repeat(keep, 16, axis=1)
+    offsets, starts, values = arrays = sk.pack_segment_weight(weight)
+    assert starts.size == keep.sum() and np.all(starts % 16 == 0) and values.size == (weight != 0).sum()
+    assert sum(a.nbytes for a in arrays) < sum(a.nbytes for a in sk.pack_dual_weight(weight))
 
 
 # --- Argument checks -------------------------------------------------------------------
@@ -319,6 +358,8 @@ def test_csr_gather_int32_indices():
         (sk.csr_gather_func, (1, 4, 4, 1, "int16", "float32")),
         (sk.bitmask_gather_func, (1, 4, 4, -1)),
         (sk.bitmask_gather_func, (1, 4, 4, 1, "uint8")),
+        (sk.segment_matmul_func, (1, 4, 15, 1, False)),
+        (sk.segment_matmul_func, (1, 4, 16, -1, False)),
     ],
 )
 def test_bad_sizes_raise(builder, args):

@@ -1,6 +1,6 @@
 """``sparsecc sparsify --like``: a sparsified seq-16 tiny-llama copied onto its ``--decode``
-export: the same weights, ReLUs and gates in both graphs, the same logits in onnxruntime,
-and refusals as one sentence."""
+export: the same weights, ReLUs, gates and dynk expert routers in both graphs, the same
+logits in onnxruntime (and, for dynk, in the compiled decoder), and refusals as one sentence."""
 
 import hashlib
 
@@ -14,11 +14,14 @@ from compiler.onnx_io import load_model, save_model
 from compiler.sparsify import SparsifyOptions, get_weight, linear_layers, set_weight, sparsify
 from conftest import onnxruntime_reference
 from passes.base import Graph
+from passes.insert_expert_routers import find_expert_routers
 from runtime.decoder import write_cache
 from test_cli import assert_one_sentence_error, sparsecc
 
-# (weights, activations): unstructured + teal, structured + cats, SiLU made ReLU.
-SPECS = [("wanda:0.5", "teal:0.4"), ("seap:0.2", "cats:0.5"), (None, "relu")]
+# (weights, activations): unstructured + teal, structured + cats, SiLU made ReLU, dynk's
+# expert routers.
+SPECS = [("wanda:0.5", "teal:0.4"), ("seap:0.2", "cats:0.5"), (None, "relu"), (None, "dynk:0.5")]
+DYNK = [SPECS[3]]
 
 
 @pytest.fixture(scope="module")
@@ -57,16 +60,24 @@ def gates(model):
     return sorted(found, key=repr)
 
 
+def routers(model):
+    """Every expert router as (weight, bias, grouping, tau, top-k), in graph order."""
+    return [(r.weight.tobytes(), r.bias.tobytes(), r.expert_of_neuron.tobytes(), r.tau, r.top_k)
+            for r in find_expert_routers(model)]
+
+
 def test_like_copies_weights_relus_and_gates_exactly(copied):
     source, *targets = (load_model(path) for path in copied)
     source_weights = [get_weight(source, layer) for layer in linear_layers(source)]
     assert any((w == 0).any() for w in source_weights) or any(n.op_type == "Relu" for n in source.graph.node)
     for target in targets:
         weights = [get_weight(target, layer) for layer in linear_layers(target)]
-        assert len(weights) == len(source_weights) == 14
+        # tiny-llama's 14, and a router's MatMul (its weight is a constant too)
+        assert len(weights) == len(source_weights) == 14 + len(routers(source))
         for got, want in zip(weights, source_weights):
             np.testing.assert_array_equal(got, want)
         assert gates(target) == gates(source) and gates(source)
+        assert routers(target) == routers(source)
         count = lambda model, op: sum(node.op_type == op for node in model.graph.node)  # noqa: E731
         assert (count(target, "Relu"), count(target, "Sigmoid")) == (count(source, "Relu"), count(source, "Sigmoid"))
 
@@ -92,8 +103,8 @@ def _decode_logits(decode_path, ids):
 def test_decode_export_like_the_source_gives_its_logits(copied, decode_export, token_ids):
     """The two exports order attention's sums differently (cache and new keys joined before
     the softmax), so logits (|logit| < 1 for tiny-llama) differ by float32 rounding, about
-    1e-7; 1e-5 leaves room for it, while a weight or gate that is not copied moves them by
-    more than 1e-2 (the dense decode export against the source shows it)."""
+    1e-7; 1e-5 leaves room for it, while a weight, gate or router that is not copied moves
+    them by more than 1e-2 (the dense decode export against the source shows it)."""
     source, out, _ = copied
     reference = onnxruntime_reference(load_model(source), {"input_ids": token_ids})[0][0]
     np.testing.assert_allclose(_decode_logits(out, token_ids), reference, rtol=0, atol=1e-5)
@@ -136,3 +147,61 @@ def test_bad_like_models_are_refused_in_one_sentence(copied, decode_export, tmp_
     code, _, err = sparsecc(capsys, "sparsify", target, "-o", str(tmp_path / "x.onnx"), "--like", str(source), "--weights", "wanda:0.5")
     assert_one_sentence_error(code, err, "give it alone")
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("copied", DYNK, indirect=True, ids=["dynk:0.5"])
+def test_dynk_routers_copied_onto_a_shorter_export_give_the_same_logits(copied, exported, token_ids, tmp_path, capsys):
+    """On an 8-token export the routers are the nodes a direct dynk writes (node for node,
+    as in the source), and its logits are the source's on the first 8 tokens. Both graphs
+    compute each token's row with the same operations (the causal mask zeroes the later
+    keys), so they agree to float32 rounding of attention's sums; 1e-5 as above, while the
+    routers' skipped experts move the logits by more than 1e-2."""
+    source, _, _ = copied
+    out = tmp_path / "short.onnx"
+    code, printed, _ = sparsecc(capsys, "sparsify", str(exported("tiny-llama", seq_len=8)), "-o", str(out), "--like", str(source))
+    assert code == 0 and "2 activation gates, 2 expert routers" in printed
+    source_model, short = load_model(source), load_model(out)
+    assert len(routers(short)) == 2 and routers(short) == routers(source_model)
+    assert [node.op_type for node in short.graph.node] == [node.op_type for node in source_model.graph.node]
+    reference = onnxruntime_reference(source_model, {"input_ids": token_ids})[0][0][:8]
+    np.testing.assert_allclose(onnxruntime_reference(short, {"input_ids": token_ids[:, :8]})[0][0], reference, rtol=0, atol=1e-5)
+    dense = onnxruntime_reference(load_model(exported("tiny-llama", seq_len=8)), {"input_ids": token_ids[:, :8]})[0][0]
+    assert np.abs(dense - reference).max() > 1e-2
+
+
+@pytest.mark.parametrize("copied", DYNK, indirect=True, ids=["dynk:0.5"])
+def test_dynk_decoder_compiles_with_routed_down_projections(copied, tmp_path):
+    """Both graphs of the decode export get both routers, ``sparsecc compile`` fuses each
+    routed down projection's gate into a GatedMatMul as for a direct dynk model, and the
+    compiled decode step, with a filled cache, equals onnxruntime on OUT. Tolerance as in
+    test_decode.py: 1e-4 on logits of order 1 (another summation order; the seeded inputs
+    put no token's router score next to tau)."""
+    import runtime
+    from compiler.driver import CompileOptions, compile_model
+
+    _, out, prefill = copied
+    assert [len(routers(load_model(path))) for path in (out, prefill)] == [2, 2]
+    summary = compile_model(CompileOptions(str(out), str(tmp_path / "dynk.sccx"), explain=True))
+    fused = [line for line in summary["explanations"] if "_routed_gate + " in line and "GatedMatMul" in line]
+    assert len(fused) == 4  # two down projections in each of the two graphs
+    model = runtime.load(tmp_path / "dynk.sccx")
+    rng = np.random.default_rng(1)
+    feeds = {spec.name: rng.standard_normal(spec.shape).astype(np.float32) for spec in model.inputs if spec.dtype == "float32"}
+    feeds.update(input_ids=np.array([[7]], np.int64), position=np.array([12], np.int64))
+    ours = model.run(feeds)
+    for name, expected in zip(("logits", "new_keys", "new_values"), onnxruntime_reference(out, feeds)):
+        np.testing.assert_allclose(ours[name], expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("copied", DYNK, indirect=True, ids=["dynk:0.5"])
+def test_a_router_that_reads_another_tensor_is_refused(copied, decode_export, tmp_path, capsys):
+    source, _, _ = copied
+    tampered = load_model(source)
+    first, second = find_expert_routers(tampered)
+    router_matmul = next(node for node in tampered.graph.node if node.op_type == "MatMul" and node.input[0] == first.hidden
+                         and node.input[1].endswith("_router_weight"))
+    router_matmul.input[0] = second.hidden  # the other MLP's input, of the same width
+    save_model(tampered, tmp_path / "tampered.onnx")
+    code, _, err = sparsecc(capsys, "sparsify", str(decode_export), "-o", str(tmp_path / "x.onnx"),
+                            "--like", str(tmp_path / "tampered.onnx"))
+    assert_one_sentence_error(code, err, "does not sit between an MLP's input and its down projection")

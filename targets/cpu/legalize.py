@@ -12,7 +12,9 @@ The private ops (domain ``ai.sparsecc.cpu``):
 - ``SparseGather(ids, encode(E^T))`` (attributes ``format, k, n``): the same for a tied
   table pruned with its projection and stored as the projection's csr or bitmask arrays,
   whose row ``v`` is row ``v`` of ``E`` (``sparse_kernels.csr_gather_func``,
-  ``bitmask_gather_func``).
+  ``bitmask_gather_func``);
+- ``DecodeAttention``: a decode step's attention over the filled cache slots
+  (``targets.attention``, ``targets.cpu.attention``).
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def _sparse_gather(node: onnx.NodeProto, format: str, arrays: list[str], k: int,
 
 BACKEND = Backend(name="cpu", domain=DOMAIN, sparse_op=SPARSE_MATMUL, gated_op=GATED_MATMUL, dense=_panel_matmul,
                   store_dense=kernels.pack_dense_weight, pack_dual=sparse_kernels.pack_dual_weight, gather=_packed_gather,
-                  sparse_gather=_sparse_gather)
+                  sparse_gather=_sparse_gather, pack_segments=sparse_kernels.pack_segment_weight,
+                  decode_attention=True)
 
 
 def legalize(model: onnx.ModelProto):

@@ -9,7 +9,8 @@ import onnx
 
 from runtime.errors import SparseccError
 from targets import tvm_import
-from targets.cpu import kernels, sparse_kernels
+from targets.attention import DECODE_ATTENTION
+from targets.cpu import attention, kernels, sparse_kernels
 from targets.cpu.legalize import GATED_MATMUL, PACKED_GATHER, PANEL_MATMUL, SPARSE_GATHER, SPARSE_MATMUL
 
 
@@ -97,16 +98,37 @@ def _sparse_gather_converter(function_cache: dict):
             return relax.op.reshape(y, shape + [k])
 
     return SparseGather
+def _decode_attention_converter():
+    from tvm import relax
+    import tvm.relax.frontend.onnx.onnx_frontend as onnx_frontend
+
+    class DecodeAttention(onnx_frontend.OnnxOpConverter):
+        """``targets.attention``'s fused decode attention on ``attention.decode_attention_func``."""
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            q, key, value, mask, new_score, new_value = inputs
+            _, heads, group, dim = (int(d) for d in q.ty.shape)
+            slots = int(key.ty.shape[-1])
+            function = attention.decode_attention_func(heads, group, dim, slots, float(attr["scale"]))
+            gvar = bb.add_func(function, str(function.attrs["global_symbol"]))
+            args = [bb.emit(relax.op.reshape(tensor, shape)) for tensor, shape in (
+                (q, (heads, group, dim)), (key, (heads, dim, slots)), (value, (heads, slots, dim)), (mask, (slots,)),
+                (new_score, (heads, group)), (new_value, (heads, dim)))]
+            y = bb.emit(relax.call_tir(gvar, args, relax.TensorType((heads, group, dim), "float32")))
+            return relax.op.reshape(y, (1, heads, group, dim))
+
+    return DecodeAttention
 
 
 def _converters() -> dict:
     cache: dict = {}
     return {PANEL_MATMUL: _panel_matmul_converter(cache), PACKED_GATHER: _packed_gather_converter(),
-            SPARSE_GATHER: _sparse_gather_converter(cache),
+            SPARSE_GATHER: _sparse_gather_converter(cache), DECODE_ATTENTION: _decode_attention_converter(),
             **tvm_import.sparse_converters(cache, sparse_kernels, SPARSE_MATMUL, GATED_MATMUL)}
 
 
-OURS = {PANEL_MATMUL, SPARSE_MATMUL, GATED_MATMUL, PACKED_GATHER, SPARSE_GATHER}
+OURS = {PANEL_MATMUL, SPARSE_MATMUL, GATED_MATMUL, PACKED_GATHER, SPARSE_GATHER, DECODE_ATTENTION}
 
 
 def unsupported_ops(model: onnx.ModelProto) -> list[str]:

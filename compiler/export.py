@@ -52,6 +52,8 @@ class ExportOptions:
         output: where the ONNX file goes; weights go to ``output + '.data'``.
         prune_magnitude: fraction of each linear weight to zero with
             ``torch.nn.utils.prune.l1_unstructured`` before export (0 disables).
+        prune_output_projection: prune the output projection (and the embedding table
+            tied to it) to ``prune_magnitude`` too; it is left dense otherwise.
         batch: batch size of the exported graph.
         seq_len: sequence length of the exported graph.
         dynamic: export batch and sequence as symbolic dimensions.
@@ -72,6 +74,7 @@ class ExportOptions:
     decode: bool = False
     max_context: int = 256
     prefill_len: int = 8
+    prune_output_projection: bool = False
 
 
 def _tiny_config(name: str):
@@ -189,7 +192,8 @@ def prunable_layers(model):
     """(name, module) of every linear layer that magnitude pruning applies to.
 
     The output projection is left dense: it is often tied to the embedding table, and
-    pruning methods (Wanda, SparseGPT) leave it alone too.
+    pruning methods (Wanda, SparseGPT) leave it alone too (``prune_output_projection``
+    prunes it on request).
     """
     import torch
     from transformers.pytorch_utils import Conv1D
@@ -217,6 +221,30 @@ def prune_magnitude(model, level: float) -> int:
         prune.l1_unstructured(module, "weight", amount=level)
         count += 1
     return count
+
+
+def prune_output_projection(model, level: float) -> None:
+    """Zeros the fraction ``level`` of the output projection's weight with the smallest
+    magnitude, as ``prune_magnitude`` does for the other layers.
+
+    A projection tied to the embedding table shares its weight with the lookup; a mask
+    re-parametrisation of one module would leave the other reading the unpruned table, so
+    the shared table is zeroed in place (the graph then holds it once, with its zeros).
+    An untied projection is pruned like any other layer, keeping its mask.
+    """
+    import torch
+    import torch.nn.utils.prune as prune
+
+    output = model.get_output_embeddings()
+    if not isinstance(output, torch.nn.Linear):
+        raise SparseccError(f"{type(model).__name__} has no linear output projection to prune.")
+    embedding = model.get_input_embeddings()
+    if embedding is not None and embedding.weight is output.weight:
+        mask = prune.L1Unstructured(level).compute_mask(output.weight.detach(), torch.ones_like(output.weight))
+        with torch.no_grad():
+            output.weight.mul_(mask)
+    else:
+        prune.l1_unstructured(output, "weight", amount=level)
 
 
 def _logits_only(model):
@@ -292,11 +320,16 @@ def export(options: ExportOptions, progress: Callable[[str], None] = print) -> d
 
     if options.batch < 1 or options.seq_len < 1:
         raise SparseccError("--batch and --seq-len must be at least 1.")
+    if options.prune_output_projection and options.prune_magnitude <= 0:
+        raise SparseccError("--prune-output-projection prunes to the --prune-magnitude level; give --prune-magnitude too.")
     model = load_torch_model(options.source, options.seed, progress)
     max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if max_positions and options.seq_len > max_positions:
         raise SparseccError(f"--seq-len {options.seq_len} exceeds the model's {max_positions} positions.")
     pruned = prune_magnitude(model, options.prune_magnitude) if options.prune_magnitude > 0 else 0
+    if options.prune_output_projection:
+        prune_output_projection(model, options.prune_magnitude)
+        pruned += 1
     if pruned:
         progress(f"pruned {pruned} linear layers to {options.prune_magnitude:.0%} by magnitude")
     source_name = options.source if options.source in (SMOLLM2, *TINY_CONFIGS) else str(Path(options.source).resolve())

@@ -5,7 +5,11 @@ onnxruntime on a calibration corpus, with the linear layers' inputs exposed as e
 outputs, one batch at a time (per-channel sums and a bounded row sample per tensor).
 
 Weight methods (``--weights METHOD:LEVEL``), on every linear layer with a constant 2-D
-weight except the output projection (whose result is a model output), y = x @ W, W [K, N]:
+weight except the output projection (whose result is a model output), y = x @ W, W [K, N];
+``--prune-output-projection`` adds the output projection to ``magnitude`` and ``wanda``
+(Wanda's input norms are then those of the final hidden states). Where the projection is
+tied to the embedding table (``W = E^T``, one initializer that a Gather also reads), the
+table itself is pruned, so the lookup reads the same zeros:
 
 * ``magnitude:L``: per layer, the fraction L of entries with the smallest |W| is zeroed.
 * ``wanda:L``: score |W_ij| * ||X_i||_2 (X_i: input channel i over all calibration
@@ -143,6 +147,7 @@ class SparsifyOptions:
     seed: int = 0
     mask: str | None = None
     like: str | None = None
+    prune_output_projection: bool = False
 
 
 # --- the graph: linear layers and SwiGLU MLPs ---------------------------------------
@@ -173,6 +178,25 @@ def linear_layers(model: onnx.ModelProto) -> list[Linear]:
         seen.add(name)
         layers.append(Linear(node, name, node.input[0], node.op_type == "Gemm" and bool(attribute(node, "transB", 0))))
     return layers
+
+
+def output_projection(model: onnx.ModelProto) -> Linear:
+    """The output projection: the MatMul or Gemm whose result is a model output, with its
+    weight an initializer or a transposed initializer (a tied embedding table [N, K])."""
+    graph = Graph(model.graph)
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.output[0] not in graph.graph_outputs:
+            continue
+        transposed = node.op_type == "Gemm" and bool(attribute(node, "transB", 0))
+        name = node.input[1]
+        producer = graph.producers.get(name)
+        if producer is not None and producer.op_type == "Transpose" and list(attribute(producer, "perm", [1, 0])) == [1, 0]:
+            name, transposed = producer.input[0], not transposed
+        usable = name in graph.initializers and name not in graph.graph_inputs and len(graph.initializers[name].dims) == 2
+        if usable and not (node.op_type == "Gemm" and gemm_refusal(node)):
+            return Linear(node, name, node.input[0], transposed)
+    raise SparseccError("--prune-output-projection: the model has no output projection (a MatMul or Gemm whose result "
+                        "is a model output, with a constant 2-D weight).")
 
 
 def get_weight(model: onnx.ModelProto, layer: Linear) -> np.ndarray:
@@ -390,6 +414,8 @@ def prune_weights(model: onnx.ModelProto, method: Method, options: SparsifyOptio
     layers = linear_layers(model)
     if not layers:
         raise SparseccError(f"{options.model} has no linear layers with constant weights to prune.")
+    if options.prune_output_projection:
+        layers.append(output_projection(model))
     touched = layers
     if method.name == "magnitude":
         for layer in layers:
@@ -622,6 +648,10 @@ def sparsify(options: SparsifyOptions, progress: Progress = SILENT) -> dict:
     """Applies the weight and activation methods; writes ``options.output``; returns a summary."""
     from compiler.onnx_io import load_model, save_model
 
+    if options.prune_output_projection and (options.like or options.weights is None
+                                            or options.weights.partition(":")[0] not in ("magnitude", "wanda")):
+        raise SparseccError("--prune-output-projection prunes with --weights magnitude:L or wanda:L; give one of them "
+                            "(seap and functional remove MLP neurons, which the output projection does not have).")
     if options.like:
         from compiler.sparsify_like import sparsify_like
 

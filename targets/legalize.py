@@ -5,9 +5,11 @@ Math: ``y = x @ W`` (``MatMul``) and ``y = x @ op(B) + C`` (``Gemm`` with alpha 
 with a constant 2-D weight become the target's dense kernel on W in the target's layout
 (``Backend.dense``), ``[+ C]``; ``ai.sparsecc`` ops become the target's sparse, gated and
 dual-sparse kernels for decode-sized matmuls (at most ``Backend.max_rows`` rows) and the
-dense kernel on the decoded weight otherwise. The target's ops live in a private domain
-(``Backend.domain``) between this pass and the TVM import; they never appear in a model a
-user sees.
+dense kernel on the decoded weight otherwise. An output projection tied to the embedding
+table shares its stored copy with the lookup: the dense kernel's layout, or, when the
+table was pruned with it and a sparse kernel reads it, the sparse arrays, which then serve
+every row count. The target's ops live in a private domain (``Backend.domain``) between
+this pass and the TVM import; they never appear in a model a user sees.
 
 Every kernel weight, and every other floating-point initializer of at least
 ``LIFT_MIN_BYTES``, is moved from the initializers to the graph inputs so that it is stored
@@ -58,6 +60,10 @@ class Backend:
         gather: ``(node, stored, table) -> node`` reading the rows of an embedding table
             from the stored copy of a tied output projection (``table.T == W``), or None
             when the target cannot share them.
+        sparse_gather: ``(node, format, arrays, k, n) -> node`` reading the rows of an
+            embedding table [n, k] from the lifted sparse arrays (``arrays``, in
+            ``encode`` order) of a tied output projection, or None when the target has no
+            such kernel (the table is then stored beside the projection's arrays).
     """
 
     name: str
@@ -68,9 +74,12 @@ class Backend:
     store_dense: Callable[[np.ndarray], np.ndarray]
     pack_dual: Callable[[np.ndarray], list[np.ndarray]]
     gather: Callable[[onnx.NodeProto, str, np.ndarray], onnx.NodeProto] | None = None
+    sparse_gather: Callable[[onnx.NodeProto, str, list[str], int, int], onnx.NodeProto] | None = None
     max_rows: int = SPARSE_MAX_ROWS
     #: formats the sparse kernel takes; a weight in another is re-encoded as csr.
     sparse_formats: tuple[str, ...] = ("csr", "bsr", "bitmask")
+    #: formats ``sparse_gather`` reads; a tied table in another is re-encoded as csr.
+    sparse_gather_formats: tuple[str, ...] = ("csr", "bitmask")
     #: W [K, N] -> the arrays of a dual-sparse kernel over windows of columns, used
     #: instead of ``pack_dual`` when they are fewer bytes (block-pruned weights), or None.
     pack_segments: Callable[[np.ndarray], list[np.ndarray]] | None = None
@@ -146,6 +155,29 @@ def _rows(model: onnx.ModelProto, tensor: str, depth: int = 8) -> int | None:
     return None
 
 
+def _sparse_kernel(node: onnx.NodeProto, arrays: list[np.ndarray], format: str, formats: tuple[str, ...], backend: Backend,
+                   lift, explanations: list[str], why: str = "") -> tuple[onnx.NodeProto, str, list[str]]:
+    """The target's sparse kernel node for a SparseMatMul whose weight ``arrays`` are in
+    ``format``, re-encoded as csr when ``format`` is not among ``formats``; returns the
+    node, the format it reads and the lifted names of its arrays."""
+    label = node_label(node)
+    k, n = (int(d) for d in attribute(node, "shape"))
+    block = tuple(int(d) for d in attribute(node, "block")) if format == "bsr" else None
+    if format not in formats:
+        arrays, block = encode(decode(arrays, format, (k, n), block), "csr"), None
+        explanations.append(f"{backend.name}: {label} re-encoded from {format} to csr (the kernels reading it take "
+                            f"{', '.join(formats)}).")
+        format = "csr"
+    names = [lift(array, f"{node.input[-1]}:{part}") for array, part in zip(arrays, ("a", "b", "c"))]
+    attrs = {"format": format, "k": k, "n": n}
+    if block:
+        attrs["block"] = list(block)
+    explanations.append(f"{backend.name}: {label} [{k}x{n}] -> {format} sparse kernel{why}.")
+    kernel = helper.make_node(backend.sparse_op, [node.input[0], *names], [node.output[0]], name=label,
+                              domain=backend.domain, **attrs)
+    return kernel, format, names
+
+
 def _legalize_sparse_op(node: onnx.NodeProto, model: onnx.ModelProto, graph: Graph, backend: Backend, dense_matmul,
                         lift, explanations: list[str]) -> list[onnx.NodeProto]:
     """Nodes that compute an ``ai.sparsecc`` op with the target's kernels.
@@ -174,15 +206,7 @@ def _legalize_sparse_op(node: onnx.NodeProto, model: onnx.ModelProto, graph: Gra
     empty = any(array.size == 0 for array in arrays)
     if rows is not None and rows <= backend.max_rows and not empty:
         if not gated:
-            if format not in backend.sparse_formats:
-                arrays, format, block = encode(decode(arrays, format, (k, n), block), "csr"), "csr", None
-                explanations.append(f"{backend.name}: {label} re-encoded from {node.overload} to csr (no {node.overload} kernel).")
-            names = [lift(array, f"{source}:{part}") for array, part in zip(arrays, ("a", "b", "c"))]
-            attrs = {"format": format, "k": k, "n": n}
-            if block:
-                attrs["block"] = list(block)
-            explanations.append(f"{backend.name}: {label} [{k}x{n}] -> {format} sparse kernel.")
-            return [helper.make_node(backend.sparse_op, [x, *names], [node.output[0]], name=label, domain=backend.domain, **attrs)]
+            return [_sparse_kernel(node, arrays, format, backend.sparse_formats, backend, lift, explanations)[0]]
         threshold = node.input[1] if mode == "threshold" else _zero_threshold(model)
         weight = decode(arrays, format, (k, n), block)
         if format == "dense":
@@ -213,13 +237,52 @@ def _legalize_sparse_op(node: onnx.NodeProto, model: onnx.ModelProto, graph: Gra
     return nodes
 
 
+def _row_gather(node: onnx.NodeProto) -> bool:
+    """Whether ``node`` looks up rows of a table (an embedding lookup)."""
+    return node.op_type == "Gather" and node.domain in ("", "ai.onnx") and attribute(node, "axis", 0) == 0
+
+
+def _tied_sparse_weights(model: onnx.ModelProto, graph: Graph, backend: Backend) -> dict[str, list[str]]:
+    """Output projections pruned together with the embedding table they are tied to:
+    for each SparseMatMul whose weight ``W`` is ``E^T`` for a table ``E`` that a Gather
+    looks up, the outputs of those Gathers, keyed by the SparseMatMul's output. Empty when
+    the target has no sparse gather."""
+    if backend.sparse_gather is None:
+        return {}
+    tables = [(node.output[0], graph.constant(node.input[0])) for node in model.graph.node if _row_gather(node)]
+    tables = [(output, table) for output, table in tables if table is not None and table.ndim == 2 and table.dtype == np.float32]
+    tied: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        if node.domain != sparse_ops.DOMAIN or node.op_type != "SparseMatMul":
+            continue
+        k, n = (int(d) for d in attribute(node, "shape"))
+        candidates = [(output, table) for output, table in tables if table.shape == (n, k)]
+        arrays = [graph.constant(name) for name in sparse_ops.weight_operands(node)[2]]
+        # An all-zero weight has empty arrays, which TVM cannot take as parameters.
+        if not candidates or any(array is None or array.size == 0 for array in arrays):
+            continue
+        block = tuple(int(d) for d in attribute(node, "block")) if node.overload == "bsr" else None
+        weight_t = decode(arrays, node.overload, (k, n), block).T
+        gathers = [output for output, table in candidates if np.array_equal(weight_t, table)]
+        if gathers:
+            tied[node.output[0]] = gathers
+    return tied
+
+
 def _gather_from_stored(node: onnx.NodeProto, graph: Graph, backend: Backend, stored_weights: list[tuple[np.ndarray, str]],
-                        explanations: list[str]) -> onnx.NodeProto:
+                        sparse_tables: dict[str, tuple[str, list[str], int, int]], explanations: list[str]) -> onnx.NodeProto:
     """``Gather(E, ids)`` reading the stored copy of an output projection tied to the
     embedding table ``E`` (``W = E^T``), so the artifact stores the table once instead of
-    twice (SmolLM2-135M: 113 MB saved). ``backend.gather`` builds the node.
+    twice (SmolLM2-135M: 113 MB saved). ``backend.gather`` builds the node; a Gather in
+    ``sparse_tables`` (its output -> the format, lifted arrays and [K, N] of the tied
+    projection's sparse kernel) gets ``backend.sparse_gather``.
     """
-    if backend.gather is None or node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or attribute(node, "axis", 0) != 0:
+    if node.output and node.output[0] in sparse_tables:
+        format, names, k, n = sparse_tables[node.output[0]]
+        explanations.append(f"{backend.name}: {node_label(node)} reads the embedding rows from the {format} arrays of the tied "
+                            f"output projection; the table is stored once, sparse.")
+        return backend.sparse_gather(node, format, names, k, n)
+    if backend.gather is None or not _row_gather(node):
         return node
     table = graph.constant(node.input[0])
     if table is None or table.ndim != 2 or table.dtype != np.float32:
@@ -279,6 +342,8 @@ def legalize(model: onnx.ModelProto, backend: Backend) -> tuple[onnx.ModelProto,
         return name
 
     stored_weights: list[tuple[np.ndarray, str]] = []
+    tied = _tied_sparse_weights(model, graph, backend)
+    sparse_tables: dict[str, tuple[str, list[str], int, int]] = {}
 
     def dense_matmul(x: str, weight: np.ndarray, key: tuple, source: str, output: str, name: str) -> list[onnx.NodeProto]:
         if key not in stored_names:
@@ -288,6 +353,17 @@ def legalize(model: onnx.ModelProto, backend: Backend) -> tuple[onnx.ModelProto,
         return backend.dense(x, stored_names[key], int(k), int(n), output, name)
 
     for node in model.graph.node:
+        if node.output and node.output[0] in tied:
+            # The table's only copy: the sparse kernel serves prompts too (where the dense
+            # kernel on a decoded copy would be faster but store the table dense).
+            arrays = [graph.constant(name) for name in node.input[1:]]
+            formats = tuple(f for f in backend.sparse_formats if f in backend.sparse_gather_formats)
+            kernel, format, names = _sparse_kernel(node, arrays, node.overload, formats, backend, lift, explanations,
+                                                   " at every row count (tied to the embedding table, which reads its rows)")
+            new_nodes.append(kernel)
+            k, n = (int(d) for d in attribute(node, "shape"))
+            sparse_tables.update(dict.fromkeys(tied[node.output[0]], (format, names, k, n)))
+            continue
         if node.domain == sparse_ops.DOMAIN:
             new_nodes.extend(_legalize_sparse_op(node, model, graph, backend, dense_matmul, lift, explanations))
             continue
@@ -313,8 +389,8 @@ def legalize(model: onnx.ModelProto, backend: Backend) -> tuple[onnx.ModelProto,
             new_nodes.append(helper.make_node("Add", [matmul_out, node.input[2]], [output], name=(node.name or output) + "_bias"))
         explanations.append(f"{backend.name}: {node_label(node)} [{k}x{n}] -> dense kernel.")
 
-    new_nodes = _live_nodes([_gather_from_stored(node, graph, backend, stored_weights, explanations) for node in new_nodes],
-                            {output.name for output in model.graph.output})
+    new_nodes = _live_nodes([_gather_from_stored(node, graph, backend, stored_weights, sparse_tables, explanations)
+                             for node in new_nodes], {output.name for output in model.graph.output})
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
     remove_unused_initializers(model.graph)

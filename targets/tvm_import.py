@@ -15,7 +15,8 @@ import onnx
 from runtime.errors import SparseccError
 
 
-def _text(value) -> str:
+def text_attribute(value) -> str:
+    """A string attribute as the importer passes it (bytes or str)."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -46,7 +47,7 @@ def sparse_converters(cache: dict, kernels, sparse_op: str, gated_op: str) -> di
         @classmethod
         def _impl_v1(cls, bb, inputs, attr, params):
             x, *arrays = inputs
-            format, k, n = _text(attr["format"]), int(attr["k"]), int(attr["n"])
+            format, k, n = text_attribute(attr["format"]), int(attr["k"]), int(attr["n"])
             stored = int(arrays[-1].ty.shape[0]) if format != "bsr" else int(arrays[1].ty.shape[0])
             if format == "csr":
                 index = str(arrays[1].ty.dtype)

@@ -1,4 +1,4 @@
-"""The sparse CPU kernels against numpy: ``x @ decode(encode(W))`` or ``gate(x) @ W``.
+"""The sparse CPU kernels against numpy: ``x @ decode(encode(W))``, ``gate(x) @ W`` or ``W^T[ids]``.
 
 Shapes are small and deliberately awkward: sizes that are not multiples of the 16-lane
 vector or of the block, rows with no nonzero (``W[:, 0] = 0`` in every weight), all-zero
@@ -260,6 +260,39 @@ def test_dual_matches_numpy(m, k, n, activation_sparsity, per_channel, weight_sp
     np.testing.assert_allclose(got, _reference(_gate(x, threshold), weight), RTOL, ATOL)
 
 
+# --- Row gathers (the embedding lookup of a sparse tied table) ---------------------------
+
+@pytest.mark.parametrize("format", ["csr", "bitmask"])
+@pytest.mark.parametrize(
+    "k,n,sparsity,id_dtype",
+    [
+        (37, 29, 0.9, "int64"),  # rows of 37: not whole bytes of bits, not whole vectors
+        (64, 50, 0.5, "int32"),
+        (20, 17, 0.0, "int64"),
+        (20, 17, 1.0, "int64"),  # all-zero table: nnz = 0
+    ],
+)
+def test_gathers_return_rows_of_the_table_exactly(format, k, n, sparsity, id_dtype):
+    """``y = W^T[ids]``, bit for bit (a gather only copies), for ids that repeat and that
+    name the empty row 0 and the last row."""
+    weight = _weight(k, n, sparsity, seed=k + n)
+    ids = np.array([0, n - 1, 3, 0, 3, 1, n // 2], id_dtype)
+    arrays = encode(weight, format)
+    if format == "csr":
+        kernel = _kernel(sk.csr_gather_func, ids.size, k, n, arrays[2].size, str(arrays[1].dtype), id_dtype)
+    else:
+        kernel = _kernel(sk.bitmask_gather_func, ids.size, k, n, arrays[2].size, id_dtype)
+    np.testing.assert_array_equal(_run(kernel, [ids, *arrays], (ids.size, k)), weight.T[ids])
+
+
+def test_csr_gather_int32_indices():
+    k, n = 50, 40
+    weight = _weight(k, n, 0.6, seed=5)
+    indptr, indices, values = encode(weight, "csr")
+    ids = np.arange(n, dtype=np.int64)[::-3].copy()
+    kernel = _kernel(sk.csr_gather_func, ids.size, k, n, values.size, "int32")
+    got = _run(kernel, [ids, indptr, indices.astype(np.int32), values], (ids.size, k))
+    np.testing.assert_array_equal(got, weight.T[ids])
 def _block_weight(k, n, sparsity, seed):
     """A [k, n] weight pruned in runs of 16 columns of one row (16x1 blocks of W^T), the
     runs unaligned (a few columns deleted, as drop_dead_neurons does), row 0 all zero."""
@@ -320,6 +353,11 @@ def test_segments_are_one_window_per_aligned_block_and_smaller_than_bitmask_rows
         (sk.gated_matmul_func, (1, 4, 4, False, 0)),
         (sk.dual_matmul_func, (2, 0, 4, 1, True)),
         (sk.dual_matmul_func, (2, 4, 4, -3, True)),
+        (sk.csr_gather_func, (0, 4, 4, 1)),
+        (sk.csr_gather_func, (1, 4, 4, 1, "int8")),
+        (sk.csr_gather_func, (1, 4, 4, 1, "int16", "float32")),
+        (sk.bitmask_gather_func, (1, 4, 4, -1)),
+        (sk.bitmask_gather_func, (1, 4, 4, 1, "uint8")),
         (sk.segment_matmul_func, (1, 4, 15, 1, False)),
         (sk.segment_matmul_func, (1, 4, 16, -1, False)),
     ],

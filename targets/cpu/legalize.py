@@ -8,7 +8,11 @@ The private ops (domain ``ai.sparsecc.cpu``):
 - ``CpuSparseMatMul``, ``CpuGatedMatMul``: ``targets.cpu.sparse_kernels``;
 - ``PackedGather(pack(E^T), ids)``: rows of an embedding table ``E`` read from the packed
   tied output projection. Row ``v`` of ``E`` is column ``v`` of ``W = E^T``, which the
-  panel layout ``[N / width, K, width]`` stores at ``[v // width, :, v % width]``;
+  panel layout ``[N / width, K, width]`` stores at ``[v // width, :, v % width]``.
+- ``SparseGather(ids, encode(E^T))`` (attributes ``format, k, n``): the same for a tied
+  table pruned with its projection and stored as the projection's csr or bitmask arrays,
+  whose row ``v`` is row ``v`` of ``E`` (``sparse_kernels.csr_gather_func``,
+  ``bitmask_gather_func``);
 - ``DecodeAttention``: a decode step's attention over the filled cache slots
   (``targets.attention``, ``targets.cpu.attention``).
 """
@@ -27,8 +31,9 @@ PANEL_MATMUL = "PanelMatMul"
 SPARSE_MATMUL = "CpuSparseMatMul"
 GATED_MATMUL = "CpuGatedMatMul"
 PACKED_GATHER = "PackedGather"
+SPARSE_GATHER = "SparseGather"
 
-__all__ = ["DOMAIN", "PANEL_MATMUL", "SPARSE_MATMUL", "GATED_MATMUL", "PACKED_GATHER", "SPARSE_MAX_ROWS",
+__all__ = ["DOMAIN", "PANEL_MATMUL", "SPARSE_MATMUL", "GATED_MATMUL", "PACKED_GATHER", "SPARSE_GATHER", "SPARSE_MAX_ROWS",
            "LIFT_MIN_BYTES", "ROW_PRESERVING", "BACKEND", "legalize"]
 
 
@@ -41,9 +46,14 @@ def _packed_gather(node: onnx.NodeProto, packed: str, table: np.ndarray) -> onnx
                             domain=DOMAIN, k=int(table.shape[1]), n=int(table.shape[0]))
 
 
+def _sparse_gather(node: onnx.NodeProto, format: str, arrays: list[str], k: int, n: int) -> onnx.NodeProto:
+    return helper.make_node(SPARSE_GATHER, [node.input[1], *arrays], [node.output[0]], name=node.name, domain=DOMAIN,
+                            format=format, k=k, n=n)
+
+
 BACKEND = Backend(name="cpu", domain=DOMAIN, sparse_op=SPARSE_MATMUL, gated_op=GATED_MATMUL, dense=_panel_matmul,
                   store_dense=kernels.pack_dense_weight, pack_dual=sparse_kernels.pack_dual_weight, gather=_packed_gather,
-                  pack_segments=sparse_kernels.pack_segment_weight,
+                  sparse_gather=_sparse_gather, pack_segments=sparse_kernels.pack_segment_weight,
                   decode_attention=True)
 
 

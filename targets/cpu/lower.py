@@ -11,7 +11,7 @@ from runtime.errors import SparseccError
 from targets import tvm_import
 from targets.attention import DECODE_ATTENTION
 from targets.cpu import attention, kernels, sparse_kernels
-from targets.cpu.legalize import GATED_MATMUL, PACKED_GATHER, PANEL_MATMUL, SPARSE_MATMUL
+from targets.cpu.legalize import GATED_MATMUL, PACKED_GATHER, PANEL_MATMUL, SPARSE_GATHER, SPARSE_MATMUL
 
 
 def _panel_matmul_converter(function_cache: dict):
@@ -69,6 +69,35 @@ def _packed_gather_converter():
     return PackedGather
 
 
+def _sparse_gather_converter(function_cache: dict):
+    from tvm import relax
+    import tvm.relax.frontend.onnx.onnx_frontend as onnx_frontend
+
+    class SparseGather(onnx_frontend.OnnxOpConverter):
+        """Rows ``ids`` of a table stored as the csr or bitmask arrays of a tied output
+        projection (``legalize._sparse_gather``)."""
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            ids, *arrays = inputs
+            format, k, n = tvm_import.text_attribute(attr["format"]), int(attr["k"]), int(attr["n"])
+            shape = [int(d) for d in ids.ty.shape]
+            rows, nnz, id_dtype = math.prod(shape), int(arrays[-1].ty.shape[0]), str(ids.ty.dtype)
+            if format == "csr":
+                index_dtype = str(arrays[1].ty.dtype)
+                key = ("csr_gather", rows, k, n, nnz, index_dtype, id_dtype)
+                build = lambda: sparse_kernels.csr_gather_func(rows, k, n, nnz, index_dtype, id_dtype)  # noqa: E731
+            else:
+                key = ("bitmask_gather", rows, k, n, nnz, id_dtype)
+                build = lambda: sparse_kernels.bitmask_gather_func(rows, k, n, nnz, id_dtype)  # noqa: E731
+            if key not in function_cache:
+                function = build()
+                function_cache[key] = bb.add_func(function, str(function.attrs["global_symbol"]))
+            flat = bb.emit(relax.op.reshape(ids, (rows,)))
+            y = bb.emit(relax.call_tir(function_cache[key], [flat, *arrays], relax.TensorType((rows, k), "float32")))
+            return relax.op.reshape(y, shape + [k])
+
+    return SparseGather
 def _decode_attention_converter():
     from tvm import relax
     import tvm.relax.frontend.onnx.onnx_frontend as onnx_frontend
@@ -95,11 +124,11 @@ def _decode_attention_converter():
 def _converters() -> dict:
     cache: dict = {}
     return {PANEL_MATMUL: _panel_matmul_converter(cache), PACKED_GATHER: _packed_gather_converter(),
-            DECODE_ATTENTION: _decode_attention_converter(),
+            SPARSE_GATHER: _sparse_gather_converter(cache), DECODE_ATTENTION: _decode_attention_converter(),
             **tvm_import.sparse_converters(cache, sparse_kernels, SPARSE_MATMUL, GATED_MATMUL)}
 
 
-OURS = {PANEL_MATMUL, SPARSE_MATMUL, GATED_MATMUL, PACKED_GATHER, DECODE_ATTENTION}
+OURS = {PANEL_MATMUL, SPARSE_MATMUL, GATED_MATMUL, PACKED_GATHER, SPARSE_GATHER, DECODE_ATTENTION}
 
 
 def unsupported_ops(model: onnx.ModelProto) -> list[str]:

@@ -1,12 +1,14 @@
 """Sparse fp32 matmul kernels for the CPU, written directly in low-level TIR.
 
-Every kernel computes ``y[M, N] = x[M, K] @ W[K, N]`` (or ``gate(x) @ W``) and is
-specialised to one shape from Python, like ``targets.cpu.kernels.dense_matmul_func``. At
-decode (``M = 1``) a matmul reads each weight once and is bound by DRAM bandwidth, so a
-kernel is as fast as the bytes it reads are few; each one below walks its weight arrays in
-storage order (a sequential stream per core, prefetched ``PREFETCH_BYTES`` ahead) and
-keeps ``x`` and its accumulators in L1 and registers. Rows of ``x`` are handled in tiles of
-up to ``SPARSE_ROW_TILE``, so one pass over the weights serves a whole tile.
+Every kernel computes ``y[M, N] = x[M, K] @ W[K, N]`` (or ``gate(x) @ W``; the two
+gathers at the end read rows of ``W^T`` instead, for the embedding lookup of a tied output
+projection) and is specialised to one shape from Python, like
+``targets.cpu.kernels.dense_matmul_func``. At decode (``M = 1``) a matmul reads each
+weight once and is bound by DRAM bandwidth, so a kernel is as fast as the bytes it reads
+are few; each one below walks its weight arrays in storage order (a sequential stream per
+core, prefetched ``PREFETCH_BYTES`` ahead) and keeps ``x`` and its accumulators in L1 and
+registers. Rows of ``x`` are handled in tiles of up to ``SPARSE_ROW_TILE``, so one pass
+over the weights serves a whole tile.
 
 Weight formats (``passes.sparse_formats`` documents their byte costs):
 
@@ -1053,6 +1055,99 @@ def dual_matmul_func(
     return dual_matmul
 
 
+# --- Row gathers: the embedding lookup of a sparse tied output projection --------------
+#
+# An output projection tied to the embedding table ``E`` [N, K] has ``W = E^T``, so the
+# formats' rows of ``W^T`` are the rows of ``E``: the lookup of token ``v`` densifies row
+# ``v`` of the arrays the projection's kernel reads, and the table is stored once. A
+# lookup writes a few hundred floats per token, so the loops are serial (waking the thread
+# pool would cost more than the work).
+
+_ID_DTYPES = ("int32", "int64")
+
+
+def _check_gather_args(rows: int, k: int, n: int, nnz: int, id_dtype: str) -> None:
+    _check_sizes(rows=rows, k=k, n=n)
+    _check_count("nnz", nnz)
+    if id_dtype not in _ID_DTYPES:
+        raise ValueError(f"id_dtype must be one of {_ID_DTYPES}, got {id_dtype!r}")
+
+
+def csr_gather_func(rows: int, k: int, n: int, nnz: int, index_dtype: str = "int16", id_dtype: str = "int64"):
+    """A TIR PrimFunc gathering rows of ``W^T`` from ``encode(W, "csr")``:
+    ``y[r, :] = W^T[ids[r], :]``.
+
+    Parameters, in order: ``ids`` ``id_dtype`` [rows] (each in ``[0, n)``: not checked
+    here), ``indptr`` int32 [n + 1], ``indices`` ``index_dtype`` [nnz], ``values`` float32
+    [nnz], ``y`` float32 [rows, k] (every element written: zeros, then the row's nonzeros
+    at their columns). Global symbol
+    ``csr_gather_r{rows}_k{k}_n{n}_nnz{nnz}_{index_dtype}_{id_dtype}``.
+
+    Raises:
+        ValueError: for a non-positive size, a negative ``nnz``, or an unknown index or id
+            dtype.
+    """
+    from tvm.script import tirx as T
+
+    _check_gather_args(rows, k, n, nnz, id_dtype)
+    _check_index_dtype(index_dtype)
+
+    @T.prim_func
+    def csr_gather(
+        ids: T.Buffer((rows,), id_dtype),
+        indptr: T.Buffer((n + 1,), "int32"),
+        indices: T.Buffer((nnz,), index_dtype),
+        values: T.Buffer((nnz,), "float32"),
+        y: T.Buffer((rows, k), "float32"),
+    ):
+        T.func_attr(_func_attrs(f"csr_gather_r{rows}_k{k}_n{n}_nnz{nnz}_{index_dtype}_{id_dtype}"))
+        for r in range(rows):
+            for c in range(k):
+                y[r, c] = T.float32(0)
+            for j in range(indptr[ids[r]], indptr[ids[r] + 1]):
+                y[r, T.Cast("int32", indices[j])] = values[j]
+
+    return csr_gather
+
+
+def bitmask_gather_func(rows: int, k: int, n: int, nnz: int, id_dtype: str = "int64"):
+    """A TIR PrimFunc gathering rows of ``W^T`` from ``encode(W, "bitmask")``:
+    ``y[r, :] = W^T[ids[r], :]``.
+
+    Parameters, in order: ``ids`` ``id_dtype`` [rows] (each in ``[0, n)``: not checked
+    here), ``bits`` uint8 [n, ceil(k / 8)], ``row_offsets`` int32 [n + 1], ``values``
+    float32 [nnz], ``y`` float32 [rows, k] (every element written). Column ``c`` of a row
+    takes the row's next value where its bit is set, zero elsewhere. Global symbol
+    ``bitmask_gather_r{rows}_k{k}_n{n}_nnz{nnz}_{id_dtype}``.
+
+    Raises:
+        ValueError: for a non-positive size, a negative ``nnz`` or an unknown id dtype.
+    """
+    from tvm.script import tirx as T
+
+    _check_gather_args(rows, k, n, nnz, id_dtype)
+    row_bytes = -(-k // 8)
+
+    @T.prim_func
+    def bitmask_gather(
+        ids: T.Buffer((rows,), id_dtype),
+        bits: T.Buffer((n, row_bytes), "uint8"),
+        row_offsets: T.Buffer((n + 1,), "int32"),
+        values: T.Buffer((nnz,), "float32"),
+        y: T.Buffer((rows, k), "float32"),
+    ):
+        T.func_attr(_func_attrs(f"bitmask_gather_r{rows}_k{k}_n{n}_nnz{nnz}_{id_dtype}"))
+        for r in range(rows):
+            offset = T.alloc_buffer((1,), "int32")
+            offset[0] = row_offsets[ids[r]]
+            for c in range(k):
+                if T.bitwise_and(T.shift_right(T.Cast("int32", bits[ids[r], c // 8]), c % 8), 1) == 1:
+                    y[r, c] = values[offset[0]]
+                    offset[0] = offset[0] + 1
+                else:
+                    y[r, c] = T.float32(0)
+
+    return bitmask_gather
 # --- Dual-sparse over runs of columns: block-pruned weights ------------------------------
 
 

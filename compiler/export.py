@@ -179,13 +179,18 @@ def load_torch_model(source: str, seed: int = 0, progress: Callable[[str], None]
 
 
 def load_tokenizer(source: str, progress: Callable[[str], None] = print):
-    """The tokenizer of SOURCE, or None for random-weight configs."""
+    """The tokenizer of SOURCE, or None for random-weight configs; a folder without
+    tokenizer files is a ``SparseccError``."""
     import transformers
 
     resolved = resolve_source(source, progress)
     if isinstance(resolved, str):
         return None
-    return transformers.AutoTokenizer.from_pretrained(resolved)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(resolved)
+    except (OSError, ValueError, KeyError) as exc:  # a folder without (usable) tokenizer files
+        detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise SparseccError(f"no tokenizer could be loaded from {resolved}: {detail[:200]}") from None
 
 
 def prunable_layers(model):

@@ -210,3 +210,14 @@ def test_bad_combinations_are_one_sentence(capsys, exported, tmp_path, args, fra
     code, _, err = sparsecc(capsys, *args, "-o", str(tmp_path / "out.onnx"))
     assert_one_sentence_error(code, err, fragment)
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_calibration_on_a_folder_without_a_tokenizer_falls_back_to_byte_ids(tied_export, tmp_path, capsys):
+    """The saved folder has weights and a config but no tokenizer files: calibrating on
+    text must not end in the tokenizer's traceback; the text's bytes serve as token ids,
+    as for any model without a tokenizer."""
+    out = tmp_path / "teal.onnx"
+    code, _, err = sparsecc(capsys, "sparsify", str(tied_export(0.0, 16)), "-o", str(out), "--activations", "teal:0.5",
+                            "--calib", "pydoc", "--calib-tokens", "64")
+    assert code == 0, err
+    assert sum(node.op_type == "ActivationGate" for node in load_model(out).graph.node) > 0

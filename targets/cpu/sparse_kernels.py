@@ -1240,15 +1240,30 @@ def segment_matmul_func(m: int, k: int, n: int, segments: int, per_channel: bool
     windows = max(segments, 1)
     stored = windows * LANES
 
+    # Prefetch. Rows much shorter than PREFETCH_BYTES (576 columns at 70 %: 0.7 KB) are
+    # prefetched whole, `rows_ahead` active rows on, so no prefetch lands in the inactive
+    # rows between them; longer rows stream `ahead` values on, into the next active row.
+    row_bytes = segments * LANES * 4 / k
+    row_prefetch = row_bytes < PREFETCH_BYTES / 2
+    rows_ahead = min(16, max(1, int(np.ceil(PREFETCH_BYTES / max(row_bytes, 1.0)))))
+
+    @T.macro
+    def prefetch_row(starts, values, row_offsets, row):
+        for s in range(row_offsets[row], row_offsets[row + 1]):
+            T.evaluate(_prefetch(T.address_of(values[s * LANES])))
+        for s in range(row_offsets[row] // LANES, (row_offsets[row + 1] + LANES - 1) // LANES):
+            T.evaluate(_prefetch(T.address_of(starts[T.min(s * LANES, windows - 1)])))
+
     @T.macro
     def row_tile(x, threshold, starts, values, partial, p, rows_at, m0, tile_rows):
         gated = T.alloc_buffer((tile_rows,), "float32")
         gate_tile(gated, 0, x, threshold, rows_at[0], m0, tile_rows)
         for s in range(rows_at[1], rows_at[2]):
-            # `ahead` values on, in this row or else at the start of the next active one.
-            T.evaluate(_prefetch(T.address_of(values[T.if_then_else(
-                s * LANES + ahead < rows_at[2] * LANES, s * LANES + ahead,
-                T.min(rows_at[3] * LANES + s * LANES + ahead - rows_at[2] * LANES, stored - 1))])))
+            if not row_prefetch:
+                # `ahead` values on, in this row or else at the start of the next active one.
+                T.evaluate(_prefetch(T.address_of(values[T.if_then_else(
+                    s * LANES + ahead < rows_at[2] * LANES, s * LANES + ahead,
+                    T.min(rows_at[3] * LANES + s * LANES + ahead - rows_at[2] * LANES, stored - 1))])))
             for r in T.unroll(tile_rows):
                 for t in T.vectorized(LANES):
                     partial[p, m0 + r, starts[s] + t] = partial[p, m0 + r, starts[s] + t] + gated[r] * values[s * LANES + t]
@@ -1269,7 +1284,13 @@ def segment_matmul_func(m: int, k: int, n: int, segments: int, per_channel: bool
         list_active(x, threshold, active)
         for p in T.parallel(k_parts):
             zero_partial(partial, p, padded_n)
+            if row_prefetch:
+                for q in range(T.min(rows_ahead, active[k] * (p + 1) // k_parts - active[k] * p // k_parts)):
+                    prefetch_row(starts, values, row_offsets, active[active[k] * p // k_parts + q])
             for q in range(active[k] * (p + 1) // k_parts - active[k] * p // k_parts):
+                if row_prefetch:
+                    if active[k] * p // k_parts + q + rows_ahead < active[k] * (p + 1) // k_parts:
+                        prefetch_row(starts, values, row_offsets, active[active[k] * p // k_parts + q + rows_ahead])
                 # rows_at: the row, where its windows start and end, where the next
                 # active row's windows start (copied to the stack: see dual_matmul_func).
                 rows_at = T.alloc_buffer((4,), "int32")

@@ -91,6 +91,8 @@ GATED_K_PARTS = 8
 #: How far ahead of the current position each weight stream is prefetched. One hardware
 #: prefetcher stream keeps too few reads in flight to reach DRAM bandwidth.
 PREFETCH_BYTES = 4096
+#: Partial sums (tasks x rows x columns) below which step 3 runs on one core.
+REDUCE_SERIAL_BELOW = 16384
 
 _INDEX_DTYPES = ("int16", "int32")
 _LLVM_PREFETCH_READ = 0
@@ -688,9 +690,13 @@ def _gate_macros(m: int, k: int, per_channel: bool):
             for j in T.vectorized(padded_n):
                 partial[p, mm, j] = T.float32(0)
 
+    def columns(vectors, parts):
+        # Summing a few thousand partials is cheaper on one core than waking the pool.
+        return T.parallel(vectors) if vectors * LANES * parts * m >= REDUCE_SERIAL_BELOW else T.serial(vectors)
+
     @T.macro
     def reduce_partials(partial, y, parts, n):
-        for v in T.parallel(n // LANES):
+        for v in columns(n // LANES, parts):
             for mm in range(m):
                 total = T.alloc_buffer((LANES,), "float32")
                 for t in T.vectorized(LANES):

@@ -87,10 +87,12 @@ def _match(softmax: onnx.NodeProto, model: onnx.ModelProto, graph: Graph, index:
     fill_value, scaled = _scalar(graph, fill), graph.producers.get(scaled_name)
     if fill_value is None or fill_value > FILL_BELOW or scaled is None or scaled.op_type != "Mul":
         return None
-    product_name = next((name for name in scaled.input if _scalar(graph, name) is None), None)
-    scale = next((_scalar(graph, name) for name in scaled.input if _scalar(graph, name) is not None), None)
-    product = graph.producers.get(product_name) if product_name else None
-    if scale is None or product is None or product.op_type != "MatMul":
+    scalars = [_scalar(graph, name) for name in scaled.input]
+    if sorted(value is None for value in scalars) != [False, True]:  # one scalar, one tensor
+        return None
+    scale = next(value for value in scalars if value is not None)
+    product = graph.producers.get(scaled.input[scalars.index(None)])
+    if product is None or product.op_type != "MatMul":
         return None
     q, past_key = product.input
     q_shape, key_shape, mask_shape = _shape(model, q), _shape(model, past_key), _shape(model, mask)

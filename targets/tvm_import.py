@@ -13,6 +13,7 @@ import math
 import onnx
 
 from runtime.errors import SparseccError
+from targets.legalize import DUAL_BITMASK, DUAL_SEGMENTS
 
 
 def text_attribute(value) -> str:
@@ -71,11 +72,11 @@ def sparse_converters(cache: dict, kernels, sparse_op: str, gated_op: str) -> di
             x, threshold, *arrays = inputs
             k, n, dual = int(attr["k"]), int(attr["n"]), int(attr.get("dual", 0))
             per_channel = int(threshold.ty.shape[0]) == k and k > 1
-            if dual == 2:  # targets.legalize.DUAL_SEGMENTS
+            if dual == DUAL_SEGMENTS:
                 segments = int(arrays[1].ty.shape[0])
                 build = lambda m: kernels.segment_matmul_func(m, k, n, segments, per_channel)  # noqa: E731
                 key = ("segments", k, n, segments, per_channel)
-            elif dual:
+            elif dual == DUAL_BITMASK:
                 nnz = int(arrays[-1].ty.shape[0])
                 build = lambda m: kernels.dual_matmul_func(m, k, n, nnz, per_channel)  # noqa: E731
                 key = ("dual", k, n, nnz, per_channel)

@@ -98,7 +98,9 @@ def _sparse_gather_converter(function_cache: dict):
             return relax.op.reshape(y, shape + [k])
 
     return SparseGather
-def _decode_attention_converter():
+
+
+def _decode_attention_converter(function_cache: dict):
     from tvm import relax
     import tvm.relax.frontend.onnx.onnx_frontend as onnx_frontend
 
@@ -110,8 +112,11 @@ def _decode_attention_converter():
             q, key, value, mask, new_score, new_value = inputs
             _, heads, group, dim = (int(d) for d in q.ty.shape)
             slots = int(key.ty.shape[-1])
-            function = attention.decode_attention_func(heads, group, dim, slots, float(attr["scale"]))
-            gvar = bb.add_func(function, str(function.attrs["global_symbol"]))
+            cache_key = ("decode_attention", heads, group, dim, slots, float(attr["scale"]))
+            if cache_key not in function_cache:  # one function for every layer of that shape
+                function = attention.decode_attention_func(*cache_key[1:])
+                function_cache[cache_key] = bb.add_func(function, str(function.attrs["global_symbol"]))
+            gvar = function_cache[cache_key]
             args = [bb.emit(relax.op.reshape(tensor, shape)) for tensor, shape in (
                 (q, (heads, group, dim)), (key, (heads, dim, slots)), (value, (heads, slots, dim)), (mask, (slots,)),
                 (new_score, (heads, group)), (new_value, (heads, dim)))]
@@ -124,7 +129,7 @@ def _decode_attention_converter():
 def _converters() -> dict:
     cache: dict = {}
     return {PANEL_MATMUL: _panel_matmul_converter(cache), PACKED_GATHER: _packed_gather_converter(),
-            SPARSE_GATHER: _sparse_gather_converter(cache), DECODE_ATTENTION: _decode_attention_converter(),
+            SPARSE_GATHER: _sparse_gather_converter(cache), DECODE_ATTENTION: _decode_attention_converter(cache),
             **tvm_import.sparse_converters(cache, sparse_kernels, SPARSE_MATMUL, GATED_MATMUL)}
 
 

@@ -1166,7 +1166,7 @@ def pack_segment_weight(weight: np.ndarray) -> list[np.ndarray]:
     is moved left to ``N - LANES``, with zeros in the lanes the window before it holds. A weight pruned in blocks of 16 outputs that read one
     input (``16x1`` blocks of ``W^T``) is exactly one window per block; an unstructured
     one is nearly dense here, and ``pack_dual_weight`` is the smaller format for it
-    (``segment_bytes`` against ``dual_bytes`` decides).
+    (``targets.legalize`` keeps whichever packing has fewer bytes).
 
     Returns:
         ``[row_offsets int32 [K + 1], starts int32 [S], values float32 [S * LANES]]``:
@@ -1207,10 +1207,6 @@ def unpack_segment_weight(arrays: list[np.ndarray], k: int, n: int) -> np.ndarra
     # A window moved left at the end of a row overlaps the one before it, with zeros there.
     np.add.at(weight, (rows[:, None], starts[:, None] + np.arange(LANES)), values.reshape(-1, LANES))
     return weight
-
-
-def segment_bytes(arrays: list[np.ndarray]) -> int:
-    return sum(int(array.nbytes) for array in arrays)
 
 
 def segment_matmul_func(m: int, k: int, n: int, segments: int, per_channel: bool, k_parts: int = GATED_K_PARTS):

@@ -71,6 +71,7 @@ from __future__ import annotations
 import numpy as np
 
 from passes.sparse_formats import encode
+from targets.cpu.kernels import prefetch as _prefetch
 
 #: fp32 lanes of one AVX-512 vector: the unit of the gather, expand and FMA steps.
 LANES = 16
@@ -95,29 +96,12 @@ PREFETCH_BYTES = 4096
 REDUCE_SERIAL_BELOW = 16384
 
 _INDEX_DTYPES = ("int16", "int32")
-_LLVM_PREFETCH_READ = 0
-_LLVM_PREFETCH_KEEP_IN_ALL_CACHES = 3
-_LLVM_PREFETCH_DATA_CACHE = 1
 
 
 # --- Vector helpers, called from inside the TVMScript functions ------------------------
 #
 # Each returns one PrimExpr, so it is inlined where it is used; see the module docstring
 # for why vector values are never bound to names.
-
-
-def _prefetch(address):
-    """``llvm.prefetch`` of one cache line; never faults, even past the end of a buffer."""
-    from tvm.script import tirx as T
-
-    return T.call_llvm_intrin(
-        "void",
-        "llvm.prefetch.p0",
-        address,
-        _LLVM_PREFETCH_READ,
-        _LLVM_PREFETCH_KEEP_IN_ALL_CACHES,
-        _LLVM_PREFETCH_DATA_CACHE,
-    )
 
 
 def _bit_lanes(bits):

@@ -22,7 +22,9 @@ idle; and the first shape starts with ``WARM_UP_SECONDS`` of untimed streaming.
 Cases, per shape: the dense kernel; unstructured weight sparsity 50/70/90 % in the format
 ``passes.sparse_formats.decide`` (the compiler's choice) picks, and in CSR (only at 90 % with ``quick``);
 16x1-block sparsity 50/70/90 % (BSR, again as chosen); activation sparsity 0/40/50/70 %
-(gated kernel on the dense weight); and 50 % weights plus 50 % activations (dual kernel).
+(gated kernel on the dense weight); 50 % weights plus 50 % activations (dual kernel over
+bitmask rows); and 70 % 16x1-block weights plus 50 % activations (dual kernel over windows
+of 16 columns, the one block-pruned decoders use).
 The full run adds batch 8 for a subset of the cases on one shape. The activation-sparse
 inputs are inactive in the same channels in every row of a batch.
 
@@ -287,6 +289,20 @@ def _dual_case(weight, x):
     return kernel, arrays, moved
 
 
+def _segment_case(weight, x):
+    """(kernel, weight arrays, bytes read) for ``gate(x) @ weight``, weight in windows of 16
+    columns (the dual kernel the compiler picks for block-pruned weights)."""
+    from targets.cpu.sparse_kernels import LANES, pack_segment_weight, segment_matmul_func
+
+    m, k = x.shape
+    n = weight.shape[1]
+    offsets, starts, values = arrays = pack_segment_weight(weight)
+    kernel = _compile(segment_matmul_func(m, k, n, starts.size, per_channel=False))
+    windows = np.diff(offsets)[_active_rows(x)]
+    moved = int(windows.sum()) * (LANES * 4 + 4) + int(windows.size) * 8
+    return kernel, arrays, moved
+
+
 def _format_label(fmt: str, block) -> str:
     return f"bsr{block[0]}x{block[1]}" if fmt == "bsr" else fmt
 
@@ -303,6 +319,7 @@ def _cases(quick: bool, m: int):
     for a in ACTIVATION_SPARSITIES:
         cases.append(("gated", 0.0, None, a, "dense"))
     cases.append(("dual", 0.5, None, 0.5, "dual-bitmask"))
+    cases.append(("dual", 0.7, BENCH_BLOCK, 0.5, "dual-segments"))
     if m > 1:  # batch 8: a subset
         keep = {
             ("dense", 0.0, None, 0.0, "dense"),
@@ -392,6 +409,9 @@ def _measure_case(baselines, case, rng, cold_bytes: float, min_calls: int) -> di
     elif kind == "gated":
         kernel, arrays, moved = _gated_case(weight, x)
         label = "dense+gate"
+    elif fmt == "dual-segments":
+        kernel, arrays, moved = _segment_case(weight, x)
+        label = fmt
     else:
         kernel, arrays, moved = _dual_case(weight, x)
         label = fmt

@@ -71,7 +71,7 @@ from compiler.progress import SILENT, Progress
 from passes import sparse_ops
 from passes.base import Graph, attribute, gemm_refusal, remove_unused_initializers
 from passes.insert_activation_gates import gated_inputs, insert_activation_gates, probe_session
-from passes.insert_expert_routers import Router, insert_expert_routers, set_tau, tensor_names
+from passes.insert_expert_routers import Router, find_expert_routers, insert_expert_routers, set_tau, tensor_names
 from runtime.errors import SparseccError
 
 WEIGHT_METHODS = ("magnitude", "wanda", "seap", "functional")
@@ -164,9 +164,11 @@ class Linear:
 
 
 def linear_layers(model: onnx.ModelProto) -> list[Linear]:
-    """The prunable linear layers in graph order (one per distinct weight initializer)."""
+    """The prunable linear layers in graph order (one per distinct weight initializer);
+    dynk's expert routers are not among them (they are fitted to the dense MLPs)."""
     graph = Graph(model.graph)
-    layers, seen = [], set()
+    layers = []
+    seen = {tensor_names(router.neurons)["weight"] for router in find_expert_routers(model)}
     for node in model.graph.node:
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.output[0] in graph.graph_outputs:
             continue

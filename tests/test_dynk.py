@@ -8,6 +8,8 @@ from onnx import numpy_helper
 
 from compiler import dynk
 from compiler.evaluate import perplexity
+from compiler.onnx_io import load_model
+from compiler.sparsify import SparsifyOptions, sparsify
 from conftest import onnxruntime_reference
 from passes.insert_expert_routers import (Router, find_expert_routers, insert_expert_routers, remove_expert_routers,
                                           tensor_names)
@@ -65,6 +67,19 @@ def test_dynk_same_seed_same_bytes(exported, tmp_path):
     other, _ = run(exported, tmp_path, "c", activations="dynk:0.4", seed=3)
     assert first.SerializeToString() == second.SerializeToString()
     assert first.SerializeToString() != other.SerializeToString()
+
+
+def test_pruning_a_dynk_model_leaves_its_routers_alone(exported, tmp_path):
+    routed, _ = run(exported, tmp_path, "routed", activations="dynk:0.5")
+    before = find_expert_routers(routed)
+    pruned = tmp_path / "pruned.onnx"
+    summary = sparsify(SparsifyOptions(str(tmp_path / "routed.onnx"), str(pruned), weights="magnitude:0.5"))
+    after = find_expert_routers(load_model(pruned))
+    assert len(after) == len(before) == 2
+    assert all(np.array_equal(a.weight, b.weight) and np.array_equal(a.bias, b.bias) for a, b in zip(after, before))
+    layers = summary["weight_sparsity"]["layers"]
+    assert len(layers) == 14 and not any(name.endswith("_router_weight") for name in layers)  # 7 a block
+    assert abs(summary["weight_sparsity"]["sparsity"] - 0.5) < 1e-3
 
 
 def test_dynk_compiled_and_onnx_eval_agree(exported, tmp_path):

@@ -72,8 +72,8 @@ def test_like_copies_weights_relus_and_gates_exactly(copied):
     assert any((w == 0).any() for w in source_weights) or any(n.op_type == "Relu" for n in source.graph.node)
     for target in targets:
         weights = [get_weight(target, layer) for layer in linear_layers(target)]
-        # tiny-llama's 14, and a router's MatMul (its weight is a constant too)
-        assert len(weights) == len(source_weights) == 14 + len(routers(source))
+        # tiny-llama's 14; routers are not prunable layers and are compared below
+        assert len(weights) == len(source_weights) == 14
         for got, want in zip(weights, source_weights):
             np.testing.assert_array_equal(got, want)
         assert gates(target) == gates(source) and gates(source)

@@ -267,10 +267,10 @@ def run_decode_bench(workdir: str, rounds: int, new_tokens: int, json_path: str 
             item["fraction_of_ideal"] = item["speedup_vs_onnxruntime"] / item["ideal_speedup"]
             item["goal_speedup_vs_onnxruntime"] = GOALS[name]
         items.append(item)
-    from targets.cpu.host import host_cpu_name
-
+    # The CPU the artifacts were compiled for, which the runtime checked is this one.
+    cpu = models["ours dense"].manifest.target.get("mcpu")
     report = {"model": "smollm2-135m", "batch": 1, "dtype": "float32", "prompt": PROMPT, "new_tokens": new_tokens,
-              "rounds": rounds, "threads": os.cpu_count(), "cpu": host_cpu_name(), "max_context": MAX_CONTEXT,
+              "rounds": rounds, "threads": os.cpu_count(), "cpu": cpu, "max_context": MAX_CONTEXT,
               "results": items,
               "texts": {name: load_tokenizer("smollm2-135m").decode(t) for name, t in tokens.items()}}
     if json_path:

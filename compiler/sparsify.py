@@ -168,6 +168,7 @@ def linear_layers(model: onnx.ModelProto) -> list[Linear]:
     dynk's expert routers are not among them (they are fitted to the dense MLPs)."""
     graph = Graph(model.graph)
     layers = []
+    # Router weights start out seen, so they are never listed.
     seen = {tensor_names(router.neurons)["weight"] for router in find_expert_routers(model)}
     for node in model.graph.node:
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.output[0] in graph.graph_outputs:

@@ -12,7 +12,7 @@ copied onto it (``sparsecc sparsify --like``) and compiled for the CPU in a subp
 (so its several GB are returned before the next row), one row at a time. Then the greedy
 decode tokens/s of all the rows' artifacts and of onnxruntime on the dense decode graph
 are timed in this process, in the same rounds, alternating, median of the rounds
-(``compiler.bench_decode.time_decoding``), and the artifacts deleted. Each artifact's
+(``benchmarks.bench_decode.time_decoding``), and the artifacts deleted. Each artifact's
 tokens are checked against onnxruntime running the row's sparsified decode graph.
 
     python benchmarks/accuracy.py --workdir /tmp/accuracy --json docs/accuracy.json
@@ -103,14 +103,14 @@ def remove_export(path: Path) -> None:
 def _onnxruntime_decoder(path: Path):
     import onnx
 
-    from compiler.bench_decode import OnnxRuntimeDecoder
+    from benchmarks.bench_decode import OnnxRuntimeDecoder
     from compiler.decode_export import decoding_metadata
 
     return OnnxRuntimeDecoder(path, decoding_metadata(onnx.load(str(path), load_external_data=False)))
 
 
 def _prompt() -> list[int]:
-    from compiler.bench_decode import PROMPT
+    from benchmarks.bench_decode import PROMPT
     from compiler.export import load_tokenizer
 
     return load_tokenizer("smollm2-135m")(PROMPT)["input_ids"]
@@ -137,11 +137,11 @@ def build_row(dense_decode: Path, sparsified: Path | None, stem: Path, args, pro
 
 def time_rows(dense_decode: Path, built: dict[str, dict], args, progress: Progress) -> dict[str, dict]:
     """Times every built row and onnxruntime on the dense decode graph in the same rounds
-    (``compiler.bench_decode.time_decoding``); deletes the artifacts; the speed per row."""
+    (``benchmarks.bench_decode.time_decoding``); deletes the artifacts; the speed per row."""
     import time
 
     import runtime
-    from compiler.bench_decode import generate_compiled, time_decoding
+    from benchmarks.bench_decode import generate_compiled, time_decoding
 
     prompt = _prompt()
     models = {label: runtime.load(entry["artifact"]) for label, entry in built.items()}

@@ -102,7 +102,7 @@ def build_variant(work: str, stem: str, pruning, activation: float | None) -> No
 def _build_in_subprocess(work: Path, stem: str, pruning, activation) -> None:
     """Builds a variant in a fresh process, so the export's and compiler's memory (several
     GB for SmolLM2) is returned before the next one and before the timing."""
-    code = (f"from compiler.bench_decode import build_variant; "
+    code = (f"from benchmarks.bench_decode import build_variant; "
             f"build_variant({str(work)!r}, {stem!r}, {pruning!r}, {activation!r})")
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}

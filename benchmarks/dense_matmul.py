@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import tvm  # noqa: E402
 
-from compiler.bench_kernels import matmul_model  # noqa: E402
+from benchmarks.bench_kernels import matmul_model  # noqa: E402
 from targets.cpu.host import host_cpu_name, host_target  # noqa: E402
 from targets.cpu.kernels import dense_matmul_func, pack_dense_weight  # noqa: E402
 

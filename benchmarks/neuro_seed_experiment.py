@@ -36,7 +36,7 @@ SPARSITIES = (0.0, 0.2, 0.4, 0.6, 0.8)
 
 
 def text_bytes() -> np.ndarray:
-    from compiler.corpus import pydoc_text
+    from runtime.corpus import pydoc_text
 
     return np.frombuffer(pydoc_text().encode("utf-8", "replace"), np.uint8).astype(np.int64)
 
@@ -220,7 +220,7 @@ def smollm2_experiment(work: Path, onnx_path: str, chips: int, tokens: int) -> l
     import runtime
     from compiler.driver import CompileOptions, compile_model
     from compiler.export import load_tokenizer
-    from compiler.corpus import pydoc_text
+    from runtime.corpus import pydoc_text
     from targets.neuro.profile import simulate_report
 
     ids = load_tokenizer("smollm2-135m")(pydoc_text()[20000:24000], return_tensors="np")["input_ids"][0, :tokens]

@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import runtime
-    from compiler.bench_kernels import matmul_model
+    from benchmarks.bench_kernels import matmul_model
     from compiler.driver import CompileOptions, compile_model
 
     rng = np.random.default_rng(0)

@@ -338,7 +338,7 @@ def bench():
 def bench_kernels(quick, json_path, plot_path, target):
     """Our sparse, gated and dense kernels against dense matmuls: onnxruntime's and numpy's
     on the CPU, or TVM's (dlight) and torch's on a GPU."""
-    from compiler.bench_kernels import run_kernel_bench
+    from benchmarks.bench_kernels import run_kernel_bench
     from compiler.progress import Progress
 
     run_kernel_bench(quick, json_path, plot_path, Progress(), target=target)
@@ -353,7 +353,7 @@ def bench_kernels(quick, json_path, plot_path, target):
 def bench_decode(json_path, workdir, rounds, tokens):
     """SmolLM2-135M decode tokens per second: transformers, onnxruntime and ours dense and
     sparse, batch 1, fp32, in one run."""
-    from compiler.bench_decode import describe, run_decode_bench
+    from benchmarks.bench_decode import describe, run_decode_bench
     from compiler.progress import Progress
 
     for line in describe(run_decode_bench(workdir, rounds, tokens, json_path, Progress())):

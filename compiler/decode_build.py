@@ -50,7 +50,7 @@ def _gating(options, prefill: onnx.ModelProto, spec: dict, progress: Progress):
     metadata.metadata_props.extend(prefill.metadata_props)
 
     def calibrate(model: onnx.ModelProto):
-        from compiler.calibration import _text_tokens
+        from sparsify.calibration import _text_tokens
         from passes.insert_activation_gates import calibrate_thresholds, gated_inputs
 
         tokens = _text_tokens(options.calib, metadata, spec["vocab_size"])

@@ -53,7 +53,7 @@ def run_demo(options: DemoOptions) -> dict:
 
     import runtime
     from compiler import driver
-    from compiler.corpus import pydoc_text
+    from runtime.corpus import pydoc_text
     from compiler.export import ExportOptions, export, load_tokenizer
 
     progress = Progress()

@@ -87,7 +87,7 @@ def gating_for(options: CompileOptions, input_shapes: dict[str, list[int]], prog
         raise SparseccError("--activation-sparsity needs calibration data: --calib pydoc, a text file or an .npz of inputs.")
 
     def calibrate(model: onnx.ModelProto):
-        from compiler.calibration import calibration_feeds
+        from sparsify.calibration import calibration_feeds
         from passes.insert_activation_gates import calibrate_thresholds, gated_inputs
 
         feeds = calibration_feeds(model, options.calib, input_shapes, options.calib_tokens)
@@ -232,7 +232,7 @@ def weight_size(stored_bytes: int, dense_bytes: int) -> dict:
 def input_ranges(model: onnx.ModelProto) -> dict[str, list[int]]:
     """Valid ``[low, high)`` of integer inputs the runtime checks: token ids index the
     embedding table."""
-    from compiler.calibration import embedding_rows
+    from passes.base import embedding_rows
 
     rows = embedding_rows(model)
     return {"input_ids": [0, rows]} if rows else {}
@@ -289,7 +289,7 @@ def inspect(path: str) -> dict:
 def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs of the model's static shapes: token ids below the embedding size for integer
     inputs, standard normal values for floating-point ones."""
-    from compiler.calibration import embedding_rows
+    from passes.base import embedding_rows
 
     rng = np.random.default_rng(seed)
     vocab = embedding_rows(model) or 100

@@ -1,6 +1,6 @@
 """``sparsecc eval``: perplexity of an ONNX model or a compiled artifact on a text corpus.
 
-The corpus is tokenized as for calibration (``compiler.calibration``: the model's own
+The corpus is tokenized as for calibration (``sparsify.calibration``: the model's own
 tokenizer when its ONNX file names its source, else bytes) and cut into non-overlapping
 windows of the model's input shape [batch, seq_len]. In each window every token after the
 first is predicted from the logits at the position before it; the perplexity is
@@ -68,7 +68,7 @@ def _engine(path: str):
 
 def perplexity(path: str, corpus: str, tokens: int = 4096, progress: Progress = SILENT) -> dict:
     """Perplexity of the model at ``path`` on ``corpus`` ('pydoc' or a text file)."""
-    from compiler.calibration import calibration_feeds
+    from sparsify.calibration import calibration_feeds
 
     if tokens < 1:
         raise SparseccError(f"--tokens must be positive, not {tokens}.")

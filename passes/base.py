@@ -102,3 +102,12 @@ def remove_unused_initializers(graph: onnx.GraphProto) -> None:
     keep = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
+
+
+def embedding_rows(model: onnx.ModelProto) -> int | None:
+    """Rows of the embedding table that ``input_ids`` indexes, if there is one."""
+    shapes = {init.name: list(init.dims) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == "input_ids" and node.input[0] in shapes:
+            return shapes[node.input[0]][0]
+    return None

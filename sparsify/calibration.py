@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from passes.base import embedding_rows
 from runtime.errors import SparseccError
 
 SOURCE_KEY = "sparsecc.source"  # metadata written by `sparsecc export`
@@ -24,7 +25,7 @@ def _signature(model: onnx.ModelProto) -> list[tuple[str, list[int], int]]:
 
 
 def _text_tokens(corpus: str, model: onnx.ModelProto, vocab_size: int | None) -> np.ndarray:
-    from compiler.corpus import pydoc_text
+    from runtime.corpus import pydoc_text
 
     if corpus == "pydoc":
         text = pydoc_text()
@@ -51,15 +52,6 @@ def _text_tokens(corpus: str, model: onnx.ModelProto, vocab_size: int | None) ->
     ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
     vocab_size = vocab_size or embedding_rows(model)
     return ids % vocab_size if vocab_size else ids
-
-
-def embedding_rows(model: onnx.ModelProto) -> int | None:
-    """Rows of the embedding table that ``input_ids`` indexes, if there is one."""
-    shapes = {init.name: list(init.dims) for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == "input_ids" and node.input[0] in shapes:
-            return shapes[node.input[0]][0]
-    return None
 
 
 def calibration_feeds(model: onnx.ModelProto, corpus: str, input_shapes: dict[str, list[int]],

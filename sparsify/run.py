@@ -307,7 +307,7 @@ def collect_stats(model: onnx.ModelProto, tensors: list[str], feeds: list[dict],
 
 
 def calibration(model: onnx.ModelProto, options: SparsifyOptions, progress: Progress) -> list[dict]:
-    from compiler.calibration import calibration_feeds
+    from sparsify.calibration import calibration_feeds
     from compiler.driver import input_signature
 
     if not options.calib:

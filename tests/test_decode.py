@@ -219,7 +219,7 @@ def test_block_pruned_decoder_keeps_sparse_kernels_after_dead_neurons_are_droppe
     the shape information of the tensors it narrows, and the decode step's matmuls (behind
     gates, gate/up fused and split) must still be recognised as one-row (sparse kernels),
     not fall back to the dense kernel."""
-    from compiler.bench_decode import prune_blocks
+    from benchmarks.bench_decode import prune_blocks
     from compiler.decode_export import export_decoder
     from compiler.driver import CompileOptions, compile_model
     from compiler.export import load_torch_model

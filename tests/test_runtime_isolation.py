@@ -1,10 +1,11 @@
 """The runtime loads and runs artifacts, and generates text, with only the TVM runtime and
-numpy: never the compiler, the passes, the targets, ``tvm.relax``, torch or transformers.
+numpy: never the compiler, the passes, the targets, the sparsification methods, the
+benchmarks, the format descriptions, ``tvm.relax``, torch or transformers.
 
 Each check runs in a fresh process (the test process itself has all of them loaded). Any
-attempt there to import the compiler, passes, targets, tvm.relax or transformers raises at
-once; torch, which ``tvm_ffi`` tries to import whenever it is installed, must end up not
-loaded (``runtime/tvm_runtime.py`` refuses it for TVM's import).
+attempt there to import one of them but torch raises at once; torch, which ``tvm_ffi``
+tries to import whenever it is installed, must end up not loaded
+(``runtime/tvm_runtime.py`` refuses it for TVM's import).
 """
 
 import json
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GUARD = textwrap.dedent(
     """
     import importlib.abc, sys
-    FORBIDDEN = ("compiler", "passes", "targets", "tvm.relax", "transformers")
+    FORBIDDEN = ("compiler", "passes", "targets", "sparsify", "benchmarks", "formats", "tvm.relax", "transformers")
     class Forbid(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
             if any(name == f or name.startswith(f + ".") for f in FORBIDDEN):
@@ -31,7 +32,8 @@ GUARD = textwrap.dedent(
 )
 REPORT = textwrap.dedent(
     """
-    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("compiler", "passes", "targets", "torch", "transformers")
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("compiler", "passes", "targets", "sparsify", "benchmarks",
+                                                                  "formats", "torch", "transformers")
                     or m.startswith("tvm.relax"))
     print("LOADED", loaded)
     """

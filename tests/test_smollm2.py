@@ -16,7 +16,7 @@ from conftest import onnxruntime_reference
 @pytest.mark.model
 @pytest.mark.slow
 def test_smollm2_pruned_compiles_and_matches_onnxruntime(tmp_path):
-    from compiler.corpus import pydoc_text
+    from runtime.corpus import pydoc_text
     from compiler.driver import CompileOptions, compile_model, inspect
     from compiler.export import ExportOptions, export, load_tokenizer
 

@@ -4,7 +4,7 @@ deterministic, compiled with its gates, and bad arguments as one sentence."""
 import numpy as np
 import pytest
 
-from compiler.calibration import calibration_feeds
+from sparsify.calibration import calibration_feeds
 from compiler.evaluate import perplexity, window_nll
 from compiler.onnx_io import load_model
 from compiler.sparsify import (SparsifyOptions, linear_layers, get_weight, measure_gate_sparsity, mlp_blocks,

@@ -75,7 +75,7 @@ def default_inputs(model) -> dict[str, np.ndarray]:
     decoder itself), with the cache it filled."""
     rng = np.random.default_rng(0)
     if model.manifest.decoding:
-        from compiler.corpus import pydoc_text
+        from runtime.corpus import pydoc_text
 
         prompt = model.tokenizer.encode(pydoc_text()[:2000])[: model.max_context // 2]
         token = next(iter(model.generate_ids(prompt, max_new_tokens=1)))

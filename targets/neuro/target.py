@@ -69,7 +69,7 @@ class NeuroTarget(CpuTarget):
         self._controller_ops: dict[str, int] = {}
 
     def legalize(self, model: onnx.ModelProto):
-        from compiler.calibration import embedding_rows
+        from passes.base import embedding_rows
 
         self._vocabulary = embedding_rows(model)
         model, layers, instructions, explanations = extract_layers(model)

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 
 from compiler import __version__
+from compiler.build import artifact_bytes, build_graph, dense_weight_bytes, gating_for, input_signature, weight_size
 from compiler.decode_export import KEY_LAYOUT, decoding_metadata
 from compiler.onnx_io import load_model
 from compiler.progress import Progress
@@ -36,7 +37,6 @@ ALIGNMENT = 64
 
 def _gating(options, prefill: onnx.ModelProto, spec: dict, progress: Progress):
     """The prefill graph's gating, and a hook that hands its thresholds to the decode graph."""
-    from compiler.driver import gating_for
     from compiler.pipeline import Gating
 
     if options.activation_sparsity is not None and options.calib and options.calib.endswith(".npz"):
@@ -50,8 +50,8 @@ def _gating(options, prefill: onnx.ModelProto, spec: dict, progress: Progress):
     metadata.metadata_props.extend(prefill.metadata_props)
 
     def calibrate(model: onnx.ModelProto):
-        from sparsify.calibration import _text_tokens
         from passes.insert_activation_gates import calibrate_thresholds, gated_inputs
+        from sparsify.calibration import _text_tokens
 
         tokens = _text_tokens(options.calib, metadata, spec["vocab_size"])
         length = spec["prefill_len"]
@@ -141,8 +141,6 @@ def merge_weights(main: Path, main_entries: list[dict], other: Path, other_entri
 
 def compile_decoder(options, model: onnx.ModelProto, target, progress: Progress) -> dict:
     """Compiles a decode graph and its prefill graph into one artifact; returns a summary."""
-    from compiler.driver import artifact_bytes, build_graph, dense_weight_bytes, input_signature, weight_size
-
     if target.name == "cuda":
         raise SparseccError("decoding with a KV cache is not built for the cuda target yet; compile the decode export "
                             "for cpu, or compile an export without --decode for cuda.")

@@ -30,6 +30,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from compiler.torch_export import export_torch
 from runtime.decoder import KEY_LAYOUT
 from runtime.errors import SparseccError
 
@@ -138,8 +139,6 @@ def export_decoder(model, output: str, max_context: int, prefill_len: int, metad
     (``T = prefill_len``); ``STEM.tokenizer.json`` the tokenizer when the model has one.
     """
     import torch
-
-    from compiler.export import export_torch
 
     if max_context < 2 or prefill_len < 1 or prefill_len > max_context:
         raise SparseccError(f"--max-context must be at least 2 and at least --prefill-len ({prefill_len}), not {max_context}.")

@@ -45,7 +45,7 @@ def _pruned_mlp():
 @pytest.mark.parametrize("batch", [1, 5])
 def test_torch_pruned_mlp_matches_onnxruntime(tmp_path, batch):
     from compiler.driver import CompileOptions, compile_model
-    from compiler.export import export_torch
+    from compiler.torch_export import export_torch
 
     mlp = _pruned_mlp()
     x = torch.randn(batch, 64)

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from compiler.evaluate import perplexity  # noqa: E402
 from compiler.export import ExportOptions, export  # noqa: E402
 from compiler.progress import Progress  # noqa: E402
-from compiler.sparsify import SparsifyOptions, sparsify  # noqa: E402
+from sparsify.run import SparsifyOptions, sparsify  # noqa: E402
 
 ROWS = [
     ("dense", None, None),

@@ -29,7 +29,7 @@ GOAL_GB = 6.0
 CHILD = """
 import json, resource, sys
 from compiler.progress import Progress
-from compiler.sparsify import SparsifyOptions, sparsify
+from sparsify.run import SparsifyOptions, sparsify
 model, output, weights, activations, calib, tokens, report = sys.argv[1:]
 summary = sparsify(SparsifyOptions(model, output, weights or None, activations or None, calib, int(tokens)), Progress())
 open(report, "w").write(json.dumps({"seconds": summary["seconds"],

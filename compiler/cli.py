@@ -13,6 +13,7 @@ import click
 
 from compiler import __version__
 from runtime.errors import SparseccError
+from sparsify.methods import method_help
 
 
 def _fail(message: str) -> None:
@@ -159,12 +160,8 @@ def compile_command(model, target, output, shapes, dump_dir, explain, activation
 @cli.command()
 @click.argument("model", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="ONNX file to write (weights go to OUTPUT.data).")
-@click.option("--weights", metavar="METHOD:LEVEL", help="magnitude:L, wanda:L, wanda:N:M or seap:L (structured MLP neurons).")
-@click.option("--activations", metavar="METHOD:LEVEL",
-              help="teal:L (all linear inputs), cats:L (SiLU outputs), relu, or dynk:L: each MLP becomes a mixture of "
-                   "experts (neurons clustered by co-activation) with a router fitted on the calibration data, and per "
-                   "token only the experts whose predicted output norm is at least tau times the largest run, tau set so "
-                   "that the fraction L of experts is skipped on average (dynk:L:topk: a fixed number per token).")
+@click.option("--weights", metavar="METHOD:LEVEL", help=method_help("weights"))
+@click.option("--activations", metavar="METHOD:LEVEL", help=method_help("activations"))
 @click.option("--mask", type=click.Path(dir_okay=False), help="External masks: a torch.nn.utils.prune state dict (.pt, its *_mask tensors) or a compressed-tensors sparse-bitmask checkpoint (.safetensors).")
 @click.option("--like", type=click.Path(dir_okay=False), metavar="SPARSIFIED.onnx",
               help="Copy the sparsification of SPARSIFIED.onnx (another export of the same model, e.g. the --seq-len 512 "
@@ -186,7 +183,7 @@ def sparsify(model, output, weights, activations, mask, like, calib, calib_token
     import numpy as np
 
     from compiler.progress import Progress
-    from compiler.sparsify import SparsifyOptions, sparsify as run_sparsify
+    from sparsify.run import SparsifyOptions, sparsify as run_sparsify
 
     summary = run_sparsify(SparsifyOptions(model, output, weights, activations, calib, calib_tokens, seed, mask, like,
                                            prune_output_projection), Progress())

@@ -1,4 +1,4 @@
-"""The ``dynk`` activation method: dense MLPs run as dynamic-k mixtures of experts (D2DMoE).
+"""``--activations dynk:L``: dense MLPs run as dynamic-k mixtures of experts (D2DMoE).
 
 For every gated MLP ``y = h @ W_down``, ``h = act(x @ W_gate) * (x @ W_up)`` with I
 intermediate neurons, on sampled calibration rows (x and h of the same tokens):
@@ -44,6 +44,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
+
+from compiler.progress import Progress
+from passes.insert_activation_gates import probe_session
+from passes.insert_expert_routers import Router, insert_expert_routers, set_tau, tensor_names
+from sparsify.gates import gate_down_projections
+from sparsify.graph import Mlp, get_weight, linear_layers, require_mlps
+from sparsify.methods import Method, SparsifyOptions
+from sparsify.stats import calibration, collect_stats
 
 # Neurons per expert we aim for (the best of 4, 8, 12, 16, 24 on SmolLM2 with seed 0; see
 # the module docstring for how much the seed moves that).
@@ -179,3 +188,62 @@ def calibrate_taus(scores: dict[str, np.ndarray], level: float, shared: bool) ->
 def top_k_for(level: float, experts: int) -> int:
     """Experts run per token for top-k at level L: round((1 - L) E), at least one."""
     return max(1, round((1 - level) * experts))
+
+
+def route_experts(model: onnx.ModelProto, blocks: list[Mlp], method: Method, options: SparsifyOptions,
+                  progress: Progress) -> dict[str, dict]:
+    """Experts, routers and tau for every MLP (steps 1-3 above); inserts the routers and
+    returns per MLP its experts, rule, router R^2 and skipped fraction."""
+    feeds = calibration(model, options, progress)
+    hidden_of = {block.down.input: block.gate.input for block in blocks}
+    stats = collect_stats(model, [*hidden_of.values(), *hidden_of], feeds, progress, ROWS, options.seed, paired=True)
+    fits, scores = {}, {}
+    for block in blocks:
+        neurons = stats[block.down.input].sample
+        experts = expert_count(neurons.shape[1])
+        assignment = cluster_neurons(neurons, experts, options.seed)
+        norms = expert_norms(neurons, get_weight(model, block.down), assignment, experts)
+        fits[block.down.input] = (fit_router(stats[block.gate.input].sample, norms, options.seed), assignment)
+        scores[block.down.input] = predicted_scores(stats[block.gate.input].sample, fits[block.down.input][0])
+        progress(f"dynk: {block.down.input}: {experts} experts, router R^2 {fits[block.down.input][0].r2:.3f}")
+    top_k = method.option == "topk"
+    taus = {} if top_k else calibrate_taus(scores, method.level, method.option == "global")
+    routers = [Router(hidden_of[neurons], neurons, fit.weight, fit.bias, assignment, taus.get(neurons),
+                      top_k_for(method.level, fit.weight.shape[1]) if top_k else None)
+               for neurons, (fit, assignment) in fits.items()]
+    insert_expert_routers(model, routers)
+    # The routed model's later MLPs see the inputs its routed earlier MLPs make: tau is
+    # re-set on the routed model itself, then the skipped fractions are measured on it.
+    refinements = 0 if top_k else TAU_REFINEMENTS
+    for refinement in range(refinements + 1):
+        routed_scores, skipped = routing_on(model, list(fits), feeds)
+        if refinement == refinements:
+            break
+        taus = calibrate_taus(routed_scores, method.level, method.option == "global")
+        for neurons, tau in taus.items():
+            set_tau(model, neurons, tau)
+    return {router.neurons: {"experts": int(router.weight.shape[1]), "tau": taus.get(router.neurons), "top_k": router.top_k,
+                             "router_r2": fits[router.neurons][0].r2, "calibrated": skipped[router.neurons]}
+            for router in routers}
+
+
+def routing_on(model: onnx.ModelProto, down_inputs: list[str], feeds: list[dict]) -> tuple[dict, dict]:
+    """Runs a model with expert routers on ``feeds``: per MLP (named by its down input),
+    the router scores of all tokens [tokens, E] and the fraction of experts skipped."""
+    names = [tensor_names(neurons)[key] for neurons in down_inputs for key in ("scores", "mask")]
+    probe = probe_session(model, names)
+    scores = {neurons: [] for neurons in down_inputs}
+    skipped = dict.fromkeys(down_inputs, 0.0)
+    for feed in feeds:
+        values = probe.run(names, feed)
+        for neurons, score, mask in zip(down_inputs, values[0::2], values[1::2]):
+            scores[neurons].append(score.reshape(-1, score.shape[-1]))
+            skipped[neurons] += float(1 - mask.mean()) / len(feeds)
+    return {neurons: np.concatenate(value) for neurons, value in scores.items()}, skipped
+
+
+def gate(model: onnx.ModelProto, method: Method, options: SparsifyOptions, progress: Progress) -> dict:
+    blocks = require_mlps(model, linear_layers(model), method.name, options.model)
+    gates = route_experts(model, blocks, method, options, progress)
+    # The routers make each down projection read the routed tensor: that is what is gated.
+    return gate_down_projections(model, [tensor_names(block.down.input)["routed"] for block in blocks], gates)

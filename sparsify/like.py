@@ -4,7 +4,7 @@ A model is exported more than once: a ``--seq-len 512`` graph to calibrate and t
 perplexity on, a ``--decode`` step to generate with. The sparsification is computed once,
 on the first, and copied onto the others, so that they compute the same function:
 
-* Weights. The prunable linear layers of both models (``compiler.sparsify.linear_layers``)
+* Weights. The prunable linear layers of both models (``sparsify.graph.linear_layers``)
   are matched in graph order by shape, as ``--mask`` matches its masks. Each layer of
   MODEL takes SPARSIFIED's weight ``W' = W * M``, which must equal MODEL's own ``W``
   wherever ``W' != 0``: a SPARSIFIED of another architecture or of other weights is
@@ -46,12 +46,18 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from compiler.decode_export import DECODE_KEY, decoding_metadata
+from compiler.onnx_io import load_model, save_model
 from compiler.progress import SILENT, Progress
 from passes import sparse_ops
 from passes.base import Graph, remove_unused_initializers
 from passes.insert_activation_gates import gated_inputs, insert_activation_gates
 from passes.insert_expert_routers import Router, find_expert_routers, insert_expert_routers, remove_expert_routers
 from runtime.errors import SparseccError
+from sparsify.gates import gate_tensor
+from sparsify.graph import get_weight, linear_layers, match_by_shape, mlp_blocks, set_weight, weight_sparsity
+from sparsify.methods import SparsifyOptions
+from sparsify.relu import silu_to_relu
 
 
 @dataclass(frozen=True)
@@ -106,9 +112,6 @@ def _strip_gates(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, list[str]
 
 def read_sparsification(path: str) -> Sparsification:
     """Reads SPARSIFIED and describes its sparsification by graph position."""
-    from compiler.onnx_io import load_model
-    from compiler.sparsify import get_weight, linear_layers, mlp_blocks
-
     model = load_model(path)
     gates = _strip_gates(model)
     routers = find_expert_routers(model)
@@ -144,9 +147,6 @@ def read_sparsification(path: str) -> Sparsification:
 
 def apply_sparsification(model: onnx.ModelProto, like: Sparsification, name: str) -> dict:
     """Copies ``like`` onto ``model`` (in place); returns the weight sparsity reached."""
-    from compiler.sparsify import (_gate_tensor, _silu_to_relu, get_weight, linear_layers, match_by_shape, mlp_blocks,
-                                   set_weight, weight_sparsity)
-
     if any(node.op_type == "ActivationGate" for node in model.graph.node):
         raise SparseccError(f"{name} already has activation gates; --like applies to an export that is not sparsified yet.")
     layers = linear_layers(model)
@@ -173,7 +173,7 @@ def apply_sparsification(model: onnx.ModelProto, like: Sparsification, name: str
         return block
 
     relu = [mlp(down) for down in like.relu_mlps]
-    _silu_to_relu(model, [block for block in relu if block.silu is not None])
+    silu_to_relu(model, [block for block in relu if block.silu is not None])
     insert_expert_routers(model, [replace(router, hidden=mlp(down).gate.input, neurons=mlp(down).down.input)
                                   for down, router in like.routers.items()])
     # A router makes its down projection read the routed tensor: gates are placed by what
@@ -182,7 +182,7 @@ def apply_sparsification(model: onnx.ModelProto, like: Sparsification, name: str
     thresholds = {}
     for site in like.gates:
         if site.mlp_down is not None:
-            _gate_tensor(model, mlp(site.mlp_down).act, site.threshold)
+            gate_tensor(model, mlp(site.mlp_down).act, site.threshold)
             continue
         tensors = {reads[matched[i].node.output[0]] for i in site.layers}
         if len(tensors) != 1:
@@ -204,12 +204,9 @@ def apply_sparsification(model: onnx.ModelProto, like: Sparsification, name: str
     return weight_sparsity(model, matched)
 
 
-def sparsify_like(options, progress: Progress = SILENT) -> dict:
+def sparsify_like(options: SparsifyOptions, progress: Progress = SILENT) -> dict:
     """``options.model`` with the sparsification of ``options.like``; writes ``options.output``
     (and, for a ``--decode`` export, its prefill graph and tokenizer beside it)."""
-    from compiler.decode_export import DECODE_KEY, decoding_metadata
-    from compiler.onnx_io import load_model, save_model
-
     if options.weights or options.activations or options.mask:
         raise SparseccError("--like copies another model's sparsification; give it alone, without --weights, --activations or --mask.")
     start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""External pruning masks: the files other pruning tools write, read as boolean arrays.
+"""``--mask FILE``: external pruning masks, the files other pruning tools write.
 
 Two formats, chosen by the file's extension:
 
@@ -13,7 +13,9 @@ Two formats, chosen by the file's extension:
   order of the modules (layer index, attention before MLP, q k v o, gate up down), since a
   safetensors file keeps its keys sorted by name.
 
-Masks come back in torch's Linear layout, [out features, in features].
+Masks come back in torch's Linear layout, [out features, in features]; ``apply_masks``
+matches them, in module order, to the linear layers in graph order by shape ([N, K]
+transposed) and multiplies the weights by them.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import re
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from runtime.errors import SparseccError
+from sparsify.graph import Linear, get_weight, match_by_shape, set_weight
 
 # The order of a transformer block's linear layers in the graph, for sorting by name.
 SUBMODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "out_proj", "gate_proj", "up_proj",
@@ -89,3 +93,15 @@ def compressed_tensors_masks(path: str) -> list[np.ndarray]:
             raise SparseccError(f"{path}: {prefix} has {values.size} values but its bitmask marks {int(mask.sum())}.")
         masks.append(mask)
     return masks
+
+
+def apply_masks(model: onnx.ModelProto, layers: list[Linear], path: str) -> list[str]:
+    """Multiplies the weights by the masks in ``path``, matched in order by shape."""
+    masks = read_masks(path)
+    # torch Linear weights are [N, K]
+    matched = match_by_shape(model, layers, [mask.T.shape for mask in masks],
+                             lambda i: f"{path}: a mask of shape {list(masks[i].shape)} matches no remaining linear layer "
+                                       f"of shape {list(masks[i].T.shape)} (transposed).")
+    for mask, layer in zip(masks, matched):
+        set_weight(model, layer, get_weight(model, layer) * mask.T)
+    return [layer.weight for layer in matched]

@@ -6,14 +6,14 @@ import onnx.parser
 import pytest
 from onnx import numpy_helper
 
-from compiler import dynk
 from compiler.evaluate import perplexity
 from compiler.onnx_io import load_model
-from compiler.sparsify import SparsifyOptions, sparsify
 from conftest import onnxruntime_reference
 from passes.insert_expert_routers import (Router, find_expert_routers, insert_expert_routers, remove_expert_routers,
                                           tensor_names)
 from passes.insert_activation_gates import probe_session
+from sparsify import dynk
+from sparsify.run import SparsifyOptions, sparsify
 from test_sparsify import assert_runs, feeds_for, run
 
 

@@ -21,10 +21,11 @@ import runtime
 from compiler.driver import CompileOptions, compile_model
 from compiler.export import ExportOptions, export
 from compiler.onnx_io import load_model
-from compiler.sparsify import SparsifyOptions, output_projection, get_weight, sparsify
 from conftest import onnxruntime_reference
 from passes.analyze_sparsity import analyze_sparsity
 from passes.sparse_formats import csr_bytes
+from sparsify.graph import get_weight, output_projection
+from sparsify.run import SparsifyOptions, sparsify
 from test_cli import assert_one_sentence_error, sparsecc
 
 TOLERANCE = 1e-4
@@ -174,7 +175,8 @@ def test_sparsify_prunes_the_tied_table(tied_export, tmp_path, method, level):
     projection), scored by the norms of the projection's input, the final hidden states."""
     from sparsify.calibration import calibration_feeds
     from compiler.progress import SILENT
-    from compiler.sparsify import collect_stats, wanda_mask, wanda_scores
+    from sparsify.stats import collect_stats
+    from sparsify.wanda import wanda_mask, wanda_scores
 
     dense = load_model(tied_export(0.0, 16))
     # The saved folder has no tokenizer: calibrate on token ids.

@@ -7,9 +7,11 @@ import pytest
 from sparsify.calibration import calibration_feeds
 from compiler.evaluate import perplexity, window_nll
 from compiler.onnx_io import load_model
-from compiler.sparsify import (SparsifyOptions, linear_layers, get_weight, measure_gate_sparsity, mlp_blocks,
-                               sparsify, wanda_mask, wanda_scores, weight_sparsity)
 from conftest import onnxruntime_reference
+from sparsify.graph import get_weight, linear_layers, mlp_blocks, weight_sparsity
+from sparsify.run import SparsifyOptions, sparsify
+from sparsify.stats import measure_gate_sparsity
+from sparsify.wanda import wanda_mask, wanda_scores
 from test_cli import assert_one_sentence_error, sparsecc
 
 
@@ -77,7 +79,7 @@ def test_functional_is_deterministic_and_differs_from_seap(exported, tmp_path):
 
 
 def test_fast_ica_recovers_independent_sources():
-    from compiler.sparsify import fast_ica
+    from sparsify.functional import fast_ica
 
     rng = np.random.default_rng(0)
     sources = np.stack([np.sign(np.sin(np.linspace(0, 40, 2000))), rng.laplace(size=2000)], axis=1)

@@ -11,11 +11,12 @@ from onnx import helper, numpy_helper
 
 from compiler.export import ExportOptions, export
 from compiler.onnx_io import load_model, save_model
-from compiler.sparsify import SparsifyOptions, get_weight, linear_layers, set_weight, sparsify
 from conftest import onnxruntime_reference
 from passes.base import Graph
 from passes.insert_expert_routers import find_expert_routers
 from runtime.decoder import write_cache
+from sparsify.graph import get_weight, linear_layers, set_weight
+from sparsify.run import SparsifyOptions, sparsify
 from test_cli import assert_one_sentence_error, sparsecc
 
 # (weights, activations): unstructured + teal, structured + cats, SiLU made ReLU, dynk's

@@ -1,4 +1,8 @@
-"""The CPU target: legalize (ONNX), lower (Relax), build (LLVM shared library + weights)."""
+"""The CPU target: legalize (ONNX), lower (Relax), build (LLVM shared library + weights).
+
+``compile_for_host`` and ``build`` are functions so that the targets that also run on the
+host (``neuro``'s controllers, the host-simulated cuda target of the tests) call them.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,12 @@ import os
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import onnx
 
-from targets.base import Lowered
-from targets.cpu import legalize as cpu_legalize
 from runtime.tvm_runtime import isa_flags
+from targets.base import LIBRARY, WEIGHTS, Lowered, lower_onnx, write_weights
+from targets.cpu import legalize as cpu_legalize
 from targets.cpu.host import host_cpu_name, host_target
-
-LIBRARY = "model.so"
-WEIGHTS = "weights.bin"
-# Weights start on cache-line boundaries so the kernels' vector loads are aligned.
-WEIGHT_ALIGNMENT = 64
 
 
 def relax_pipeline(target):
@@ -46,6 +44,32 @@ def relax_pipeline(target):
     return _pipeline
 
 
+def compile_for_host(module, staging: Path, dump: Callable[[str, str], None] | None = None):
+    """Builds the Relax ``module`` for this CPU (TVM's CPU phases with our schedules) into
+    ``staging / LIBRARY``; returns the LLVM target it was built for."""
+    import tvm
+
+    target = host_target()
+    executable = tvm.compile(module, target=target, relax_pipeline=relax_pipeline(target))
+    if dump:
+        dump("host-code.ll", executable.mod.imports[0].inspect_source("ll") if executable.mod.imports else "")
+    executable.export_library(str(staging / LIBRARY))
+    return target
+
+
+def build(lowered: Lowered, staging: Path, dump: Callable[[str, str], None] | None = None) -> dict:
+    """The library and the weights of a ``cpu`` artifact; returns the build's entries."""
+    target = compile_for_host(lowered.module, staging, dump)
+    entries = write_weights(staging / WEIGHTS, lowered.weights)
+    return {"weights": entries, "library": LIBRARY, "weights_file": WEIGHTS, "target": {
+        "name": "cpu",
+        "mcpu": host_cpu_name(),
+        "isa": isa_flags(),
+        "llvm_target": str(target),
+        "num_threads": int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1)),
+    }}
+
+
 class CpuTarget:
     """Compiles for the host CPU with its own ``mcpu`` and all cores."""
 
@@ -59,55 +83,11 @@ class CpuTarget:
     def legalize(self, model: onnx.ModelProto):
         return cpu_legalize.legalize(model)
 
-    def import_onnx(self, model: onnx.ModelProto, shapes: dict[str, list[int]], dtypes: dict[str, str]):
-        from targets.cpu.lower import import_onnx
-
-        return import_onnx(model, shapes, dtypes)
-
     def lower(self, model: onnx.ModelProto, weights, input_shapes: dict[str, list[int]],
               dump: Callable[[str, str], None] | None = None) -> Lowered:
-        shapes = dict(input_shapes)
-        dtypes = {}
-        for value in model.graph.input:
-            elem = value.type.tensor_type.elem_type
-            dtypes[value.name] = onnx.helper.tensor_dtype_to_np_dtype(elem).name
-        for name, array, _ in weights:
-            shapes[name] = list(array.shape)
-        module = self.import_onnx(model, shapes, dtypes)
-        if dump:
-            dump("relax-imported.py", module.script())
-        return Lowered(module, weights)
+        from targets.cpu.lower import import_onnx
+
+        return lower_onnx(import_onnx, model, weights, input_shapes, dump)
 
     def build(self, lowered: Lowered, staging: Path, dump: Callable[[str, str], None] | None = None) -> dict:
-        import tvm
-
-        target = host_target()
-        executable = tvm.compile(lowered.module, target=target, relax_pipeline=relax_pipeline(target))
-        if dump:
-            dump("host-code.ll", executable.mod.imports[0].inspect_source("ll") if executable.mod.imports else "")
-        executable.export_library(str(staging / LIBRARY))
-        entries = write_weights(staging / WEIGHTS, lowered.weights)
-        return {"weights": entries, "library": LIBRARY, "weights_file": WEIGHTS, "target": {
-            "name": self.name,
-            "mcpu": host_cpu_name(),
-            "isa": isa_flags(),
-            "llvm_target": str(target),
-            "num_threads": int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1)),
-        }}
-
-
-def write_weights(path: Path, weights) -> list[dict]:
-    """Writes the weights back to back, aligned; returns their manifest entries."""
-    entries = []
-    offset = 0
-    with open(path, "wb") as handle:
-        for name, array, source in weights:
-            padding = -offset % WEIGHT_ALIGNMENT
-            handle.write(b"\0" * padding)
-            offset += padding
-            data = np.ascontiguousarray(array)
-            handle.write(data.tobytes())
-            entries.append({"name": name, "shape": list(data.shape), "dtype": data.dtype.name,
-                            "offset": offset, "nbytes": data.nbytes, "source": source})
-            offset += data.nbytes
-    return entries
+        return build(lowered, staging, dump)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from targets.base import Lowered
-from targets.cpu.target import CpuTarget
+from targets.cpu.target import build as build_for_cpu
 from targets.cuda.sparse_kernels import serial_copy
 from targets.cuda.target import CudaTarget
 
@@ -35,7 +35,6 @@ class HostSimulatedCudaTarget(CudaTarget):
     """``CudaTarget`` up to the build, which is for the host CPU (a ``cpu`` artifact)."""
 
     def build(self, lowered: Lowered, staging: Path, dump: Callable[[str, str], None] | None = None) -> dict:
-        built = CpuTarget.build(self, Lowered(serial_kernels(lowered.module), lowered.weights, lowered.explanations),
-                                staging, dump)
-        built["target"] = {**built["target"], "name": "cpu", "simulates": f"cuda:{self.arch}"}
+        built = build_for_cpu(Lowered(serial_kernels(lowered.module), lowered.weights, lowered.explanations), staging, dump)
+        built["target"]["simulates"] = f"cuda:{self.arch}"
         return built

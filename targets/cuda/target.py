@@ -25,8 +25,7 @@ from typing import Callable
 import onnx
 
 from runtime.errors import SparseccError
-from targets.base import Lowered
-from targets.cpu.target import LIBRARY, WEIGHTS, CpuTarget, write_weights
+from targets.base import LIBRARY, WEIGHTS, Lowered, lower_onnx, write_weights
 from targets.cuda import legalize as cuda_legalize
 from targets.cuda.codegen import cuda_sources, cuda_target, kernel_report, within_limits
 
@@ -170,7 +169,7 @@ def relax_pipeline(target, records: list[dict]):
     return _pipeline
 
 
-class CudaTarget(CpuTarget):
+class CudaTarget:
     """``cuda[:ARCH]``: NVIDIA GPUs of compute capability ``ARCH`` (default sm_80)."""
 
     name = "cuda"
@@ -188,10 +187,11 @@ class CudaTarget(CpuTarget):
     def legalize(self, model: onnx.ModelProto):
         return cuda_legalize.legalize(model)
 
-    def import_onnx(self, model: onnx.ModelProto, shapes: dict[str, list[int]], dtypes: dict[str, str]):
+    def lower(self, model: onnx.ModelProto, weights, input_shapes: dict[str, list[int]],
+              dump: Callable[[str, str], None] | None = None) -> Lowered:
         from targets.cuda.lower import import_onnx
 
-        return import_onnx(model, shapes, dtypes)
+        return lower_onnx(import_onnx, model, weights, input_shapes, dump)
 
     def build(self, lowered: Lowered, staging: Path, dump: Callable[[str, str], None] | None = None) -> dict:
         import tvm

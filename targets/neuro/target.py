@@ -19,11 +19,12 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from passes.base import embedding_rows
 from runtime.neuro import CALLBACK
-from targets.base import Lowered
+from targets.base import LIBRARY, WEIGHTS, Lowered, lower_onnx, write_weights
 from targets.cpu import legalize as cpu_legalize
-from targets.cpu.host import host_cpu_name, host_target
-from targets.cpu.target import LIBRARY, WEIGHTS, CpuTarget, relax_pipeline, write_weights
+from targets.cpu.host import host_cpu_name
+from targets.cpu.target import compile_for_host
 from targets.neuro.chip import load_chip
 from targets.neuro.kernels import build_event_library
 from targets.neuro.legalize import NEURO_LINEAR, extract_layers
@@ -57,7 +58,7 @@ def _neuro_linear_converter():
         onnx_frontend._get_convert_map = original
 
 
-class NeuroTarget(CpuTarget):
+class NeuroTarget:
     """``neuro:<chip>``: a chip model from ``targets/hardware`` (or a .toml path), ``chips`` of it."""
 
     name = "neuro"
@@ -68,9 +69,13 @@ class NeuroTarget(CpuTarget):
         self._vocabulary = None
         self._controller_ops: dict[str, int] = {}
 
-    def legalize(self, model: onnx.ModelProto):
-        from passes.base import embedding_rows
+    def unsupported_ops(self, model: onnx.ModelProto) -> list[str]:
+        # What is not a synaptic layer is the controllers' program, which the CPU's importer takes.
+        from targets.cpu.lower import unsupported_ops
 
+        return unsupported_ops(model)
+
+    def legalize(self, model: onnx.ModelProto):
         self._vocabulary = embedding_rows(model)
         model, layers, instructions, explanations = extract_layers(model)
         placements, placed = place(layers, self.chip)
@@ -83,15 +88,13 @@ class NeuroTarget(CpuTarget):
 
     def lower(self, model: onnx.ModelProto, weights, input_shapes: dict[str, list[int]],
               dump: Callable[[str, str], None] | None = None) -> Lowered:
+        from targets.cpu.lower import import_onnx
+
         with _neuro_linear_converter():
-            return super().lower(model, weights, input_shapes, dump)
+            return lower_onnx(import_onnx, model, weights, input_shapes, dump)
 
     def build(self, lowered: Lowered, staging: Path, dump: Callable[[str, str], None] | None = None) -> dict:
-        import tvm
-
-        target = host_target()
-        executable = tvm.compile(lowered.module, target=target, relax_pipeline=relax_pipeline(target))
-        executable.export_library(str(staging / LIBRARY))
+        compile_for_host(lowered.module, staging)
         build_event_library(staging / EVENT_LIBRARY)
         arrays = list(lowered.weights)
         layers = []

@@ -20,13 +20,16 @@ worker threads of the runtime timed before (which spin for a while after a call)
 idle; and the first shape starts with ``WARM_UP_SECONDS`` of untimed streaming.
 
 Cases, per shape: the dense kernel; unstructured weight sparsity 50/70/90 % in the format
-``passes.sparse_formats.decide`` (the compiler's choice) picks, and in CSR (only at 90 % with ``quick``);
+``passes.sparse_formats.decide`` (the compiler's choice, with the CPU's kernel costs) picks, and in CSR
+(only at 90 % with ``quick``);
 16x1-block sparsity 50/70/90 % (BSR, again as chosen); activation sparsity 0/40/50/70 %
 (gated kernel on the dense weight); 50 % weights plus 50 % activations (dual kernel over
 bitmask rows); and 70 % 16x1-block weights plus 50 % activations (dual kernel over windows
 of 16 columns, the one block-pruned decoders use).
 The full run adds batch 8 for a subset of the cases on one shape. The activation-sparse
-inputs are inactive in the same channels in every row of a batch.
+inputs are inactive in the same channels in every row of a batch. Each case's arrays and
+the bytes its kernel reads (the "ideal" column's denominator) are its format's, from
+``formats`` (``encode``, ``bytes_read`` over the active rows).
 
 ``--target cuda`` runs the same kinds of case with the kernels of
 ``targets.cuda.sparse_kernels`` on the first NVIDIA GPU (see the section at the end of
@@ -46,6 +49,8 @@ import time
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count()))
 
 import numpy as np
+
+import formats
 
 FULL_SHAPES = ((576, 1536), (1536, 576), (2048, 5632), (4096, 11008))
 QUICK_SHAPES = FULL_SHAPES[:3]
@@ -241,23 +246,36 @@ def _array_bytes(arrays) -> int:
     return int(sum(a.nbytes for a in arrays))
 
 
+def _moved(layout: str, weight: np.ndarray, arrays: list[np.ndarray], active: np.ndarray | None = None) -> int:
+    """Bytes the kernel reads from ``arrays`` (``weight`` in ``formats`` layout ``layout``):
+    with ``active`` (a mask over K) those of the active inputs' rows only."""
+    described = formats.get(layout)
+    k, n = weight.shape
+    block = tuple(arrays[-1].shape[1:]) if described.takes_block else None
+    if active is None:
+        return described.bytes_read(k, n, described.stored([a.shape for a in arrays]) or 0, block=block)
+    # The active rows' stored values: those of the same layout of those rows alone.
+    stored = described.stored([a.shape for a in described.encode(weight[active])]) if active.any() else 0
+    return described.bytes_read(k, n, stored or 0, active_rows=int(active.sum()))
+
+
 def _sparse_case(weight, x, fmt, block):
     """(kernel, weight arrays, bytes read) for ``x @ weight`` in format ``fmt``."""
     import targets.cpu.sparse_kernels as sk
-    from passes.sparse_formats import encode
 
     m, k = x.shape
     n = weight.shape[1]
-    arrays = encode(weight, fmt, block)
+    arrays = formats.get(fmt).encode(weight, block)
+    facts = formats.get(fmt).facts("cpu", "matmul", m, k, n, arrays, block)
     if fmt == "csr":
-        func = sk.csr_matmul_func(m, k, n, arrays[2].size, str(arrays[1].dtype))
+        func = sk.csr_matmul_func(m, k, n, facts.nnz, facts.index_dtype)
     elif fmt == "bsr":
-        func = sk.bsr_matmul_func(m, k, n, block, arrays[2].shape[0], str(arrays[1].dtype))
+        func = sk.bsr_matmul_func(m, k, n, block, facts.nnz, facts.index_dtype)
     elif fmt == "bitmask":
-        func = sk.bitmask_matmul_func(m, k, n, arrays[2].size)
+        func = sk.bitmask_matmul_func(m, k, n, facts.nnz)
     else:
         raise ValueError(f"no sparse kernel for format {fmt!r}")
-    return _compile(func), arrays, _array_bytes(arrays)
+    return _compile(func), arrays, _moved(fmt, weight, arrays)
 
 
 def _active_rows(x: np.ndarray) -> np.ndarray:
@@ -271,36 +289,30 @@ def _gated_case(weight, x):
     m, k = x.shape
     n = weight.shape[1]
     kernel = _compile(gated_matmul_func(m, k, n, per_channel=False))
-    active = _active_rows(x)
-    return kernel, [weight], int(active.sum()) * n * 4
+    return kernel, [weight], _moved("dense", weight, [weight], _active_rows(x))
 
 
 def _dual_case(weight, x):
     """(kernel, weight arrays, bytes read) for ``gate(x) @ weight``, sparse weight."""
-    from targets.cpu.sparse_kernels import dual_matmul_func, pack_dual_weight
+    from targets.cpu.sparse_kernels import dual_matmul_func
 
     m, k = x.shape
     n = weight.shape[1]
-    bits, offsets, values = arrays = pack_dual_weight(weight)
-    kernel = _compile(dual_matmul_func(m, k, n, values.size, per_channel=False))
-    active = _active_rows(x)
-    row_nnz = np.diff(offsets)
-    moved = int(active.sum()) * bits.shape[1] + int(row_nnz[active].sum()) * 4
-    return kernel, arrays, moved
+    arrays = formats.get("bitmask_rows").encode(weight)
+    kernel = _compile(dual_matmul_func(m, k, n, arrays[-1].size, per_channel=False))
+    return kernel, arrays, _moved("bitmask_rows", weight, arrays, _active_rows(x))
 
 
 def _segment_case(weight, x):
     """(kernel, weight arrays, bytes read) for ``gate(x) @ weight``, weight in windows of 16
     columns (the dual kernel the compiler picks for block-pruned weights)."""
-    from targets.cpu.sparse_kernels import LANES, pack_segment_weight, segment_matmul_func
+    from targets.cpu.sparse_kernels import segment_matmul_func
 
     m, k = x.shape
     n = weight.shape[1]
-    offsets, starts, values = arrays = pack_segment_weight(weight)
-    kernel = _compile(segment_matmul_func(m, k, n, starts.size, per_channel=False))
-    windows = np.diff(offsets)[_active_rows(x)]
-    moved = int(windows.sum()) * (LANES * 4 + 4) + int(windows.size) * 8
-    return kernel, arrays, moved
+    arrays = formats.get("segments").encode(weight)
+    kernel = _compile(segment_matmul_func(m, k, n, arrays[1].size, per_channel=False))
+    return kernel, arrays, _moved("segments", weight, arrays, _active_rows(x))
 
 
 def _format_label(fmt: str, block) -> str:
@@ -389,6 +401,7 @@ def _warm_up(baselines: "_Baselines", seconds: float = WARM_UP_SECONDS) -> None:
 def _measure_case(baselines, case, rng, cold_bytes: float, min_calls: int) -> dict:
     """Builds, checks and times one case against the baselines; returns its result."""
     from passes.sparse_formats import decide
+    from targets.cpu.legalize import COSTS
 
     kind, w_sparsity, structure, a_sparsity, fmt = case
     block = structure
@@ -399,10 +412,10 @@ def _measure_case(baselines, case, rng, cold_bytes: float, min_calls: int) -> di
     x = _activations(rng, m, k, a_sparsity)
     if kind in ("dense", "sparse") and fmt is None:
         # The format the compiler would pick (bytes moved over measured kernel efficiency).
-        choice = decide(weight)
+        choice = decide(weight, COSTS)
         fmt, block = choice.format, choice.block
     if kind == "dense" or (kind == "sparse" and fmt == "dense"):
-        kernel, arrays, moved, label = baselines.kernel, None, 4 * k * n, "dense"
+        kernel, arrays, moved, label = baselines.kernel, None, _moved("dense", weight, [weight]), "dense"
     elif kind == "sparse":
         kernel, arrays, moved = _sparse_case(weight, x, fmt, block)
         label = _format_label(fmt, block)
@@ -761,28 +774,23 @@ def cuda_case_kernel(case, weight: np.ndarray, x: np.ndarray, target):
     import tvm
 
     import targets.cuda.sparse_kernels as sk
-    from passes.sparse_formats import encode
 
     kind, _, block, _, fmt = case
     m, k = x.shape
     n = weight.shape[1]
+    layout = {"sparse": fmt, "gated": "dense"}.get(kind, "bitmask_words")
+    arrays = formats.get(layout).encode(weight, block)
+    facts = formats.get(layout).facts("cuda", "matmul" if kind == "sparse" else "gated", m, k, n, arrays, block,
+                                      per_channel=False)
     if kind == "sparse" and fmt == "csr":
-        arrays = encode(weight, "csr")
-        func = sk.csr_matmul_func(m, k, n, arrays[2].size, str(arrays[1].dtype))
-        moved = _array_bytes(arrays)
+        func = sk.csr_matmul_func(m, k, n, facts.nnz, facts.index_dtype)
     elif kind == "sparse":
-        arrays = encode(weight, "bsr", block)
-        func = sk.bsr_matmul_func(m, k, n, block, arrays[2].shape[0], str(arrays[1].dtype))
-        moved = _array_bytes(arrays)
+        func = sk.bsr_matmul_func(m, k, n, block, facts.nnz, facts.index_dtype)
     elif kind == "gated":
-        arrays = [weight]
         func = sk.gated_matmul_func(m, k, n, per_channel=False)
-        moved = int(_active_rows(x).sum()) * n * 4
     else:
-        arrays = sk.pack_dual_weight(weight)
-        func = sk.dual_matmul_func(m, k, n, arrays[2].size, per_channel=False)
-        active = _active_rows(x)
-        moved = int(active.sum()) * arrays[0].shape[1] * 8 + int(np.count_nonzero(weight[active])) * 4
+        func = sk.dual_matmul_func(m, k, n, facts.nnz, per_channel=False)
+    moved = _moved(layout, weight, arrays, None if kind == "sparse" else _active_rows(x))
     symbol = str(func.attrs["global_symbol"])
     return tvm.compile(tvm.IRModule({symbol: func}), target=target).mod, symbol, arrays, moved
 

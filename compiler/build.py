@@ -170,7 +170,7 @@ def build_graph(options: CompileOptions, model: onnx.ModelProto, inputs: list[Te
     if dump_dir is not None:
         dump_dir.mkdir(parents=True, exist_ok=True)
     shapes = {spec.name: list(spec.shape) for spec in inputs}
-    model = run_onnx_phases(model, shapes, progress, dump_dir, explanations, gating)
+    model = run_onnx_phases(model, shapes, target, progress, dump_dir, explanations, gating)
     report = analyze_sparsity(model)
     outputs = output_signature(model)
 

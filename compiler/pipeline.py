@@ -46,8 +46,10 @@ def _gate_phase(gating: Gating) -> Callable[[onnx.ModelProto], PassResult]:
     return run
 
 
-def onnx_phases(input_shapes: dict[str, list[int]], gating: Gating | None = None) -> list[Phase]:
-    """The graph passes every target gets, in order."""
+def onnx_phases(input_shapes: dict[str, list[int]], target, gating: Gating | None = None) -> list[Phase]:
+    """The graph passes every target gets, in order; ``target`` (``targets.base.Target``)
+    gives the kernel costs that weight formats are chosen with."""
+    costs = target.costs
     phases = [
         # Pruning masks (weight_orig * weight_mask) become one weight with real zeros.
         Phase("fold_pruning_masks", fold_pruning_masks),
@@ -60,21 +62,26 @@ def onnx_phases(input_shapes: dict[str, list[int]], gating: Gating | None = None
         # Activation sparsity: a calibrated magnitude gate on every linear input.
         phases.append(Phase("insert_activation_gates", _gate_phase(gating)))
     phases += [
-        # Sparse weights become SparseMatMul where a sparse kernel is predicted faster.
-        Phase("dense_to_sparse", dense_to_sparse),
-        # A gate and the linear layers it feeds become one GatedMatMul per format.
-        Phase("fuse_gated_matmul", fuse_gated_matmul),
+        # Sparse weights become SparseMatMul where the target's sparse kernel is predicted
+        # faster, in a format that kernel takes.
+        Phase("dense_to_sparse", lambda model: dense_to_sparse(model, costs)),
+        # A gate and the linear layers it feeds become one GatedMatMul per format
+        # (dual-sparse where the target's dual-sparse kernel is predicted faster).
+        Phase("fuse_gated_matmul", lambda model: fuse_gated_matmul(model, costs)),
     ]
     return phases
 
 
-def run_onnx_phases(model: onnx.ModelProto, input_shapes: dict[str, list[int]], progress: Progress,
+def run_onnx_phases(model: onnx.ModelProto, input_shapes: dict[str, list[int]], target, progress: Progress,
                     dump_dir: Path | None = None, explanations: list[str] | None = None,
                     gating: Gating | None = None) -> onnx.ModelProto:
-    """Runs the ONNX phases; returns the final model."""
+    """Runs the ONNX phases for ``target``; returns the final model."""
     from compiler.onnx_io import save_model
 
-    for index, phase in enumerate(onnx_phases(input_shapes, gating), start=1):
+    if explanations is not None:
+        explanations.append(f"weight formats: chosen with the {target.costs.target} target's kernel costs "
+                            f"({target.costs.source}).")
+    for index, phase in enumerate(onnx_phases(input_shapes, target, gating), start=1):
         with progress.step(phase.name):
             result = phase.run(model)
         model = result.model

@@ -5,11 +5,12 @@ Math::
     y = x @ W            ->   y = SparseMatMul[format](x, encode(W))
     y = x @ op(B) + C    ->   y = SparseMatMul[format](x, encode(op(B))) + C   (Gemm)
 
-where ``format`` is what ``passes.sparse_formats.decide`` predicts fastest at batch 1
-(bytes moved over each kernel's efficiency): CSR with int16 or int32 indices, BSR with the
-block shape found in the zeros, or a bitmask. A layer stays a dense ``MatMul`` unless a
-sparse kernel is predicted at least ``MIN_PREDICTED_SPEEDUP`` faster; every decision is
-explained.
+where ``format`` is what ``passes.sparse_formats.decide`` predicts fastest at batch 1 on
+the target whose kernel costs it is given (bytes moved, from ``formats/``, over each
+kernel's efficiency), among the formats that target's sparse kernel takes: CSR with int16
+or int32 indices, BSR with the block shape found in the zeros, or a bitmask. A layer stays
+a dense ``MatMul`` unless a sparse kernel is predicted at least ``MIN_PREDICTED_SPEEDUP``
+faster; every decision is explained, naming the target whose costs made it.
 
 Precondition: weights are initializers (run after ``fold_pruning_masks`` and
 ``simplify_shapes``). Postcondition: the same function (exact: the sparse formats store
@@ -22,14 +23,16 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+import formats
 from passes import sparse_ops
 from passes.analyze_sparsity import linear_weight
 from passes.base import Graph, PassResult, gemm_refusal, node_label, remove_unused_initializers
-from passes.sparse_formats import ARRAY_NAMES, decide, encode
+from passes.sparse_formats import KernelCosts, decide
 
 
-def dense_to_sparse(model: onnx.ModelProto) -> PassResult:
-    """Replaces every linear layer whose weight is predicted faster sparse."""
+def dense_to_sparse(model: onnx.ModelProto, costs: KernelCosts) -> PassResult:
+    """Replaces every linear layer whose weight is predicted faster sparse on the target
+    whose kernel ``costs`` are given."""
     graph = Graph(model.graph)
     explanations: list[str] = []
     new_nodes: list[onnx.NodeProto] = []
@@ -54,15 +57,16 @@ def dense_to_sparse(model: onnx.ModelProto) -> PassResult:
             continue
         k, n = weight.shape
         sparsity = 1.0 - np.count_nonzero(weight) / weight.size
-        decision = decide(weight)
+        decision = decide(weight, costs)
         explanations.append(f"dense_to_sparse: {source} [{k}x{n}] {sparsity:.1%} zeros -> {decision.reason}.")
         if decision.format == "dense":
             new_nodes.append(node)
             continue
         key = f"{source}:{node.input[1]}:{node.op_type}"
         if key not in encoded:
-            arrays = encode(weight, decision.format, decision.block)
-            names = [f"{source}.{decision.format}.{part}" for part in ARRAY_NAMES[decision.format]]
+            format = formats.get(decision.format)
+            arrays = format.encode(weight, decision.block)
+            names = [f"{source}.{decision.format}.{part}" for part in format.arrays]
             model.graph.initializer.extend(numpy_helper.from_array(a, nm) for a, nm in zip(arrays, names))
             encoded[key] = names
         has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]

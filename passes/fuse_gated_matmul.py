@@ -21,10 +21,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+import formats
 from passes import sparse_ops
 from passes.analyze_sparsity import linear_weight
 from passes.base import Graph, PassResult, attribute, gemm_refusal, node_label, remove_unused_initializers
-from passes.sparse_formats import ARRAY_NAMES, decide_gated, decode, encode
+from passes.sparse_formats import KernelCosts, decide_gated
 
 
 def _consumer_weight(node: onnx.NodeProto, graph: Graph):
@@ -35,7 +36,7 @@ def _consumer_weight(node: onnx.NodeProto, graph: Graph):
         arrays = [graph.constant(name) for name in node.input[1:]]
         if any(a is None for a in arrays):
             return "its sparse weight arrays are not all constants"
-        return decode(arrays, node.overload, shape, block), node.overload, block, None
+        return formats.get(node.overload).decode(arrays, shape, block), node.overload, block, None
     if node.op_type == "Gemm" and gemm_refusal(node):
         return f"a Gemm whose {gemm_refusal(node)}"
     if node.op_type not in ("MatMul", "Gemm"):
@@ -47,8 +48,9 @@ def _consumer_weight(node: onnx.NodeProto, graph: Graph):
     return found[0], "dense", None, bias
 
 
-def fuse_gated_matmul(model: onnx.ModelProto) -> PassResult:
-    """Fuses every ActivationGate whose consumers are all linear layers."""
+def fuse_gated_matmul(model: onnx.ModelProto, costs: KernelCosts) -> PassResult:
+    """Fuses every ActivationGate whose consumers are all linear layers; a dense weight
+    becomes dual-sparse where ``costs``'s target predicts its dual-sparse kernel faster."""
     graph = Graph(model.graph)
     explanations: list[str] = []
     replaced: dict[int, list[onnx.NodeProto]] = {}  # id of node -> nodes to emit instead
@@ -69,7 +71,7 @@ def fuse_gated_matmul(model: onnx.ModelProto) -> PassResult:
             if format == "dense":
                 # Behind a gate, a sparse weight pays off sooner than alone: both kernels
                 # skip inactive rows, and only the active rows' bytes differ.
-                decision = decide_gated(matrix)
+                decision = decide_gated(matrix, costs)
                 explanations.append(f"fuse_gated_matmul: {node_label(consumers[index])} -> {decision.reason}.")
                 format = decision.format
             groups.setdefault((format, block), []).append(index)
@@ -80,8 +82,8 @@ def fuse_gated_matmul(model: onnx.ModelProto) -> PassResult:
             combined = np.concatenate(matrices, axis=1) if len(matrices) > 1 else matrices[0]
             k, n = combined.shape
             stem = f"{gate.input[0]}.gated{len(emitted)}"
-            arrays = encode(combined, format, block)
-            names = [f"{stem}.{format}.{part}" for part in ARRAY_NAMES[format]]
+            arrays = formats.get(format).encode(combined, block)
+            names = [f"{stem}.{format}.{part}" for part in formats.get(format).arrays]
             model.graph.initializer.extend(numpy_helper.from_array(a, nm) for a, nm in zip(arrays, names))
             outputs = []
             for i in members:

@@ -1,27 +1,23 @@
-"""Sparse weight formats and the bytes-moved cost model that chooses between them.
+"""The bytes-moved cost model that chooses a weight's format for a target's kernels.
 
-A weight ``W`` of shape [K, N] is used as ``y = x @ W``. Sparse formats store its transpose
-by output row (``N`` rows of length ``K``), so a kernel computes each output from one row:
+A weight ``W`` of shape [K, N] is used as ``y = x @ W``; the formats it can take, their
+arrays and the bytes their kernels read are described once, in ``formats/`` (dense
+``4 K N``; csr, bsr and bitmask by output row; the dual-sparse layouts by input row).
 
-- ``dense``: ``4 K N`` bytes (fp32).
-- ``csr``: values plus one column index per nonzero (int16 when ``K < 32768``, else int32)
-  plus ``N + 1`` int32 row pointers.
-- ``bsr RxC``: each stored block holds ``R x C`` values and one index; ``N / R + 1`` pointers.
-- ``bitmask``: one bit per element (rows padded to whole bytes), the nonzero values, and
-  ``N + 1`` int32 row offsets into the values.
-
-At batch 1 a matmul is memory-bound, so the predicted speedup over dense is
-``bytes(dense) / bytes(format)``; the format with the fewest bytes wins.
+At batch 1 a matmul is memory-bound, so the predicted speedup of a format over dense is
+``bytes(dense) / bytes(format)`` times the target's measured (or estimated) efficiency of
+its kernel for that format (``KernelCosts``); a sparse kernel replaces the dense one only
+when predicted at least ``MIN_PREDICTED_SPEEDUP`` faster. Each target gives its own
+costs (``targets/<name>/legalize.py``), and only formats its kernels take are candidates.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-VALUE_BYTES = 4
-POINTER_BYTES = 4
+import formats
 
 # Block shapes tried when looking for structure, as (rows of W^T, columns of W^T):
 # rows group outputs, columns group inputs.
@@ -29,28 +25,6 @@ BLOCK_SHAPES = ((1, 4), (1, 8), (1, 16), (4, 1), (8, 1), (16, 1), (2, 2), (4, 4)
 
 # Structure counts as "block" when nearly all zeros sit in whole zero blocks.
 BLOCK_STRUCTURE_TOLERANCE = 0.01
-
-
-def index_bytes(extent: int) -> int:
-    """Bytes per index for indices in ``[0, extent)``: the smallest width that fits."""
-    return 2 if extent < 32768 else 4
-
-
-def dense_bytes(k: int, n: int) -> int:
-    return VALUE_BYTES * k * n
-
-
-def csr_bytes(k: int, n: int, nnz: int) -> int:
-    return nnz * (VALUE_BYTES + index_bytes(k)) + (n + 1) * POINTER_BYTES
-
-
-def bsr_bytes(k: int, n: int, block: tuple[int, int], nonzero_blocks: int) -> int:
-    rows, cols = block
-    return nonzero_blocks * (rows * cols * VALUE_BYTES + index_bytes(-(-k // cols))) + (-(-n // rows) + 1) * POINTER_BYTES
-
-
-def bitmask_bytes(k: int, n: int, nnz: int) -> int:
-    return n * ((k + 7) // 8) + nnz * VALUE_BYTES + (n + 1) * POINTER_BYTES
 
 
 def nonzero_blocks(weight_t: np.ndarray, block: tuple[int, int]) -> int | None:
@@ -78,13 +52,43 @@ class FormatChoice:
         return self.dense_bytes / self.bytes
 
 
-# Bytes per second each kernel streams relative to the dense kernel (1.0 = as fast per byte).
-# Gathers and bit expansion cost instructions that the dense kernel does not spend, so a
-# format must save more bytes than its inefficiency costs. Measured speedup over our dense
-# kernel divided by the bytes ratio, batch 1, weights from DRAM (`sparsecc bench kernels`,
-# 2048x5632 and 1536x576 on the development machine): csr 0.88-0.94, bsr16x1 0.80-0.99,
-# bitmask 0.79 at 50-70 % (0.56 at 90 %), dual 0.83 against the gated dense kernel.
-KERNEL_EFFICIENCY = {"dense": 1.0, "csr": 0.9, "bsr": 0.9, "bitmask": 0.75, "dual": 0.8}
+@dataclass(frozen=True)
+class KernelCosts:
+    """What a target's kernels cost per byte, for the format decisions.
+
+    Attributes:
+        target: the target's name, in explanations.
+        efficiency: for every ``ai.sparsecc`` format the target's sparse kernel takes
+            (and ``dense``: 1.0), bytes per second it streams relative to the target's
+            dense kernel. Gathers and bit expansion cost instructions that the dense kernel
+            does not spend, so a format must save more bytes than its inefficiency costs.
+        gated_layout: the ``formats`` layout of the target's dual-sparse kernel.
+        gated_efficiency: that kernel's bytes per second relative to the gated dense one.
+        source: where the numbers come from (measured, or estimated how), for --explain.
+
+    Raises:
+        ValueError: for a format the target has no kernel for, so that the cost model
+            never chooses one (``formats`` lists each format's kernels per target).
+    """
+
+    target: str
+    efficiency: dict[str, float] = field(hash=False)
+    gated_layout: str
+    gated_efficiency: float
+    source: str
+
+    def __post_init__(self):
+        for name in self.efficiency:
+            if name != "dense" and formats.get(name).kernel(self.target, "matmul") is None:
+                raise ValueError(f"the {self.target} target has no sparse kernel for {name}")
+        if formats.get(self.gated_layout).kernel(self.target, "gated") is None:
+            raise ValueError(f"the {self.target} target has no gated kernel for {self.gated_layout}")
+
+    @property
+    def sparse_formats(self) -> tuple[str, ...]:
+        """The ``ai.sparsecc`` formats the target's sparse kernel takes."""
+        return tuple(name for name in self.efficiency if name != "dense")
+
 
 # A sparse kernel replaces the dense one only when predicted at least this much faster;
 # below it the prediction is within the noise of the measurements behind it.
@@ -102,40 +106,48 @@ class Decision:
     reason: str
 
 
-def decide(weight: np.ndarray) -> Decision:
-    """Chooses the format predicted fastest at batch 1 (bytes moved / kernel efficiency)."""
-    choice = choose_format(weight)
+def decide(weight: np.ndarray, costs: KernelCosts) -> Decision:
+    """Chooses the format predicted fastest at batch 1 on ``costs``'s target (bytes moved /
+    kernel efficiency), among the formats its sparse kernel takes."""
+    choice = choose_format(weight, costs.sparse_formats)
     predicted = {
-        name: choice.dense_bytes / size * KERNEL_EFFICIENCY["bsr" if name.startswith("bsr") else name]
+        name: choice.dense_bytes / size * costs.efficiency["bsr" if name.startswith("bsr") else name]
         for name, size in choice.candidates.items()
     }
     best = max(predicted, key=predicted.get)
     listing = ", ".join(f"{name} {speed:.2f}x" for name, speed in sorted(predicted.items(), key=lambda kv: -kv[1]))
+    by = f"{costs.target} kernel costs"
     if best == "dense" or predicted[best] < MIN_PREDICTED_SPEEDUP:
         return Decision("dense", None, 1.0, predicted,
                         f"kept dense: best sparse prediction {max((v for n, v in predicted.items() if n != 'dense'), default=0):.2f}x "
-                        f"< {MIN_PREDICTED_SPEEDUP}x ({listing})")
+                        f"< {MIN_PREDICTED_SPEEDUP}x ({listing}; {by})")
     block = None
     if best.startswith("bsr"):
         block = tuple(int(v) for v in best[3:].split("x"))
-    return Decision("bsr" if block else best, block, predicted[best], predicted, f"{best}: predicted {predicted[best]:.2f}x ({listing})")
+    return Decision("bsr" if block else best, block, predicted[best], predicted,
+                    f"{best}: predicted {predicted[best]:.2f}x ({listing}; {by})")
 
 
-def decide_gated(weight: np.ndarray) -> Decision:
+def decide_gated(weight: np.ndarray, costs: KernelCosts) -> Decision:
     """Dense or dual-sparse storage for a weight behind an activation gate.
 
     Both kernels skip the rows of inactive inputs, so activation sparsity scales them
-    alike; what differs is the bytes of each active row: ``4 N`` dense, or ``N / 8`` bits
-    plus 4 bytes per nonzero for the dual kernel's row bitmask.
+    alike; what differs is the bytes of each active row: ``4 N`` dense, or those of the
+    target's dual-sparse layout (``costs.gated_layout``; on the CPU ``N / 8`` bits plus 4
+    bytes per nonzero). A dual-sparse weight is carried as ``bitmask`` in the ONNX graph
+    and packed in the target's layout by its legalisation.
     """
     k, n = weight.shape
     nnz = int(np.count_nonzero(weight))
-    dual_bytes = k * ((n + 7) // 8) + nnz * VALUE_BYTES + (k + 1) * POINTER_BYTES
-    predicted = {"dense": 1.0, "dual": dense_bytes(k, n) / dual_bytes * KERNEL_EFFICIENCY["dual"]}
+    dual_bytes = formats.get(costs.gated_layout).bytes_read(k, n, nnz)
+    dense_bytes = formats.get("dense").bytes_read(k, n, k * n)
+    predicted = {"dense": 1.0, "dual": dense_bytes / dual_bytes * costs.gated_efficiency}
     listing = f"dual {predicted['dual']:.2f}x"
+    by = f"{costs.target} kernel costs"
     if predicted["dual"] < MIN_PREDICTED_SPEEDUP:
-        return Decision("dense", None, 1.0, predicted, f"gated dense: dual-sparse predicted {listing} < {MIN_PREDICTED_SPEEDUP}x")
-    return Decision("bitmask", None, predicted["dual"], predicted, f"dual-sparse: predicted {listing} over gated dense")
+        return Decision("dense", None, 1.0, predicted,
+                        f"gated dense: dual-sparse predicted {listing} < {MIN_PREDICTED_SPEEDUP}x ({by})")
+    return Decision("bitmask", None, predicted["dual"], predicted, f"dual-sparse: predicted {listing} over gated dense ({by})")
 
 
 def block_structure(weight_t: np.ndarray) -> tuple[tuple[int, int] | None, int | None]:
@@ -157,108 +169,35 @@ def block_structure(weight_t: np.ndarray) -> tuple[tuple[int, int] | None, int |
     return best, best_count
 
 
-def choose_format(weight: np.ndarray) -> FormatChoice:
-    """Picks the format with the fewest bytes for a [K, N] weight."""
+def choose_format(weight: np.ndarray, candidates: tuple[str, ...] = ("csr", "bitmask", "bsr")) -> FormatChoice:
+    """Picks the format with the fewest bytes for a [K, N] weight among dense and
+    ``candidates`` (bsr with the block shape found in its zeros)."""
     k, n = weight.shape
-    weight_t = weight.T
     nnz = int(np.count_nonzero(weight))
-    candidates = {
-        "dense": dense_bytes(k, n),
-        "csr": csr_bytes(k, n, nnz),
-        "bitmask": bitmask_bytes(k, n, nnz),
-    }
-    block, count = block_structure(weight_t)
+    sizes = {"dense": formats.get("dense").bytes_read(k, n, k * n)}
+    # csr before bitmask, as the order breaks ties.
+    for name in ("csr", "bitmask"):
+        if name in candidates:
+            sizes[name] = formats.get(name).bytes_read(k, n, nnz)
+    block, count = block_structure(weight.T) if "bsr" in candidates else (None, None)
     if block is not None:
-        candidates[f"bsr{block[0]}x{block[1]}"] = bsr_bytes(k, n, block, count)
-    name = min(candidates, key=candidates.get)
+        sizes[f"bsr{block[0]}x{block[1]}"] = formats.get("bsr").bytes_read(k, n, count, block=block)
+    name = min(sizes, key=sizes.get)
     return FormatChoice(
         format="bsr" if name.startswith("bsr") else name,
         block=block if name.startswith("bsr") else None,
-        bytes=candidates[name],
-        dense_bytes=candidates["dense"],
-        candidates=candidates,
+        bytes=sizes[name],
+        dense_bytes=sizes["dense"],
+        candidates=sizes,
     )
 
 
-# --- Encoding and decoding -------------------------------------------------------------
-#
-# Every format stores W^T ([N, K]) by output row; the arrays are what SparseMatMul takes
-# after X, in this order:
-#
-#   dense    weight [K, N] float32
-#   csr      indptr int32 [N + 1], indices int16|int32 [nnz] (k), values float32 [nnz]
-#   bsr      indptr int32 [ceil(N / R) + 1], indices int16|int32 [nnzb] (k // C),
-#            values float32 [nnzb, R, C]; W^T is zero-padded to whole blocks
-#   bitmask  bits uint8 [N, ceil(K / 8)] (bit b of byte j is k = 8 j + b),
-#            row_offsets int32 [N + 1], values float32 [nnz] (row-major order of W^T)
-
-FORMATS = ("dense", "csr", "bsr", "bitmask")
-# The names of each format's arrays, in ``encode`` order (initializer name suffixes).
-ARRAY_NAMES = {"dense": ("weight",), "csr": ("indptr", "indices", "values"), "bsr": ("indptr", "indices", "values"),
-               "bitmask": ("bits", "row_offsets", "values")}
-
-
-def index_dtype(extent: int) -> np.dtype:
-    return np.dtype(np.int16) if index_bytes(extent) == 2 else np.dtype(np.int32)
-
-
 def encode(weight: np.ndarray, format: str, block: tuple[int, int] | None = None) -> list[np.ndarray]:
-    """Encodes a [K, N] weight in ``format``; returns the arrays in SparseMatMul order."""
-    k, n = weight.shape
-    if format == "dense":
-        return [np.ascontiguousarray(weight)]
-    weight_t = np.ascontiguousarray(weight.T)
-    if format == "csr":
-        rows, cols = np.nonzero(weight_t)
-        indptr = np.zeros(n + 1, dtype=np.int32)
-        np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
-        return [indptr, cols.astype(index_dtype(k)), weight_t[rows, cols].astype(weight.dtype)]
-    if format == "bsr":
-        if block is None:
-            raise ValueError("bsr needs a block shape")
-        r, c = block
-        padded = np.zeros((-(-n // r) * r, -(-k // c) * c), dtype=weight.dtype)
-        padded[:n, :k] = weight_t
-        tiles = padded.reshape(padded.shape[0] // r, r, padded.shape[1] // c, c).transpose(0, 2, 1, 3)
-        present = tiles.any(axis=(2, 3))
-        block_rows, block_cols = np.nonzero(present)
-        indptr = np.zeros(padded.shape[0] // r + 1, dtype=np.int32)
-        np.cumsum(np.bincount(block_rows, minlength=padded.shape[0] // r), out=indptr[1:])
-        values = np.ascontiguousarray(tiles[block_rows, block_cols])
-        return [indptr, block_cols.astype(index_dtype(padded.shape[1] // c)), values.reshape(-1, r, c)]
-    if format == "bitmask":
-        mask = weight_t != 0
-        bits = np.packbits(mask, axis=1, bitorder="little")
-        row_offsets = np.zeros(n + 1, dtype=np.int32)
-        np.cumsum(mask.sum(axis=1), out=row_offsets[1:])
-        return [bits, row_offsets, weight_t[mask].astype(weight.dtype)]
-    raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    """``formats.get(format).encode``: a [K, N] weight's arrays in SparseMatMul order."""
+    return formats.get(format).encode(weight, block)
 
 
 def decode(arrays: list[np.ndarray], format: str, shape: tuple[int, int],
            block: tuple[int, int] | None = None) -> np.ndarray:
-    """Rebuilds the dense [K, N] weight from ``encode``'s arrays."""
-    k, n = shape
-    if format == "dense":
-        return arrays[0].copy()
-    if format == "csr":
-        indptr, indices, values = arrays
-        weight_t = np.zeros((n, k), dtype=values.dtype)
-        rows = np.repeat(np.arange(n), np.diff(indptr))
-        weight_t[rows, indices.astype(np.int64)] = values
-        return weight_t.T.copy()
-    if format == "bsr":
-        r, c = block
-        indptr, indices, values = arrays
-        block_rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
-        padded = np.zeros((len(indptr) - 1, -(-k // c), r, c), dtype=values.dtype)
-        padded[block_rows, indices.astype(np.int64)] = values
-        weight_t = padded.transpose(0, 2, 1, 3).reshape((len(indptr) - 1) * r, -1)
-        return weight_t[:n, :k].T.copy()
-    if format == "bitmask":
-        bits, _, values = arrays
-        mask = np.unpackbits(bits, axis=1, count=k, bitorder="little").astype(bool)
-        weight_t = np.zeros((n, k), dtype=values.dtype)
-        weight_t[mask] = values
-        return weight_t.T.copy()
-    raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    """``formats.get(format).decode``: the dense [K, N] weight of ``encode``'s arrays."""
+    return formats.get(format).decode(arrays, shape, block)

@@ -11,9 +11,10 @@ run these bodies.
 | ``ActivationGate`` | X, threshold (scalar or [K]) | ``mode`` | ``threshold``, ``relu`` |
 | ``GatedMatMul`` | X, threshold, weight arrays | ``shape``, ``block`` | ``threshold_<format>`` |
 
-Weight arrays are those of ``passes.sparse_formats.encode``. The gate is
-``Y = X * (|X| > t)`` with exact zeros; ``relu`` mode is ``max(X, 0)``, for inputs a ReLU
-already made sparse. ``GatedMatMul`` is ``SparseMatMul(ActivationGate(X), W)``.
+Weight arrays and reference bodies are each format's own (``formats/``: the formats with a
+``reference`` body). The gate is ``Y = X * (|X| > t)`` with exact zeros; ``relu`` mode is
+``max(X, 0)``, for inputs a ReLU already made sparse. ``GatedMatMul`` is
+``SparseMatMul(ActivationGate(X), W)``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import onnx
 import onnx.parser
 from onnx import helper
 
+import formats
+
 DOMAIN = "ai.sparsecc"
 VERSION = 1
 # Overloaded functions need IR version 10.
@@ -29,105 +32,6 @@ MIN_IR_VERSION = 10
 _OPSET = 18
 
 _HEADER = f'<domain: "{DOMAIN}", opset_import: ["" : {_OPSET}]>'
-
-# Row index of every stored entry of a CSR-like (indptr, entries) pair, in standard ops:
-# each row r >= 1 marks the position where it starts, and the running count of marks
-# at position p is the row p belongs to. Empty rows mark the same position twice.
-_ROW_IDS = """
-    one = Constant <value_ints: ints = [1]> ()
-    minus_one = Constant <value_ints: ints = [-1]> ()
-    zero_axis = Constant <value: tensor = int64 {0}> ()
-    entries = Shape ($ENTRIES)
-    slots = Add (entries, one)
-    marks0 = ConstantOfShape <value: tensor = int64[1] {0}> (slots)
-    starts32 = Slice (indptr, one, minus_one)
-    starts = Cast <to: int = 7> (starts32)
-    starts_shape = Shape (starts)
-    ones = ConstantOfShape <value: tensor = int64[1] {1}> (starts_shape)
-    marks = ScatterElements <reduction: string = "add"> (marks0, starts, ones)
-    counts = CumSum (marks, zero_axis)
-    zero = Constant <value_ints: ints = [0]> ()
-    rows = Slice (counts, zero, entries)
-"""
-
-_DENSE_BODY = "y = MatMul ($X, weight)"
-
-_CSR_BODY = _ROW_IDS.replace("$ENTRIES", "values") + """
-    cols = Cast <to: int = 7> (indices)
-    cols2 = Unsqueeze (cols, one)
-    rows2 = Unsqueeze (rows, one)
-    coords = Concat <axis: int = 1> (cols2, rows2)
-    kn = Constant <value_ints: ints = @shape> ()
-    zeros = ConstantOfShape <value: tensor = float[1] {0}> (kn)
-    weight = ScatterND (zeros, coords, values)
-    y = MatMul ($X, weight)
-"""
-
-_BSR_BODY = _ROW_IDS.replace("$ENTRIES", "indices") + """
-    bcols = Cast <to: int = 7> (indices)
-    rows2 = Unsqueeze (rows, one)
-    bcols2 = Unsqueeze (bcols, one)
-    coords = Concat <axis: int = 1> (rows2, bcols2)
-    kn = Constant <value_ints: ints = @shape> ()
-    rc = Constant <value_ints: ints = @block> ()
-    two = Constant <value_ints: ints = [2]> ()
-    k = Slice (kn, zero, one)
-    n = Slice (kn, one, two)
-    r = Slice (rc, zero, one)
-    c = Slice (rc, one, two)
-    indptr_size = Shape (indptr)
-    block_rows = Sub (indptr_size, one)
-    k_plus_c = Add (k, c)
-    k_round = Sub (k_plus_c, one)
-    block_cols = Div (k_round, c)
-    tiles_shape = Concat <axis: int = 0> (block_rows, block_cols, r, c)
-    tiles_zero = ConstantOfShape <value: tensor = float[1] {0}> (tiles_shape)
-    tiles = ScatterND (tiles_zero, coords, values)
-    rows_first = Transpose <perm: ints = [0, 2, 1, 3]> (tiles)
-    padded_rows = Mul (block_rows, r)
-    padded_cols = Mul (block_cols, c)
-    padded_shape = Concat <axis: int = 0> (padded_rows, padded_cols)
-    padded = Reshape (rows_first, padded_shape)
-    origin = Concat <axis: int = 0> (zero, zero)
-    extent = Concat <axis: int = 0> (n, k)
-    weight_t = Slice (padded, origin, extent)
-    weight = Transpose <perm: ints = [1, 0]> (weight_t)
-    y = MatMul ($X, weight)
-"""
-
-_BITMASK_BODY = """
-    zero = Constant <value_ints: ints = [0]> ()
-    one = Constant <value_ints: ints = [1]> ()
-    two = Constant <value_ints: ints = [2]> ()
-    kn = Constant <value_ints: ints = @shape> ()
-    k = Slice (kn, zero, one)
-    n = Slice (kn, one, two)
-    shifts = Constant <value: tensor = uint8[8] {0, 1, 2, 3, 4, 5, 6, 7}> ()
-    low_bit = Constant <value: tensor = uint8 {1}> ()
-    bytes3 = Unsqueeze (bits, two)
-    shifted = BitShift <direction: string = "RIGHT"> (bytes3, shifts)
-    bit_values = BitwiseAnd (shifted, low_bit)
-    minus_one = Constant <value_ints: ints = [-1]> ()
-    flat_shape = Concat <axis: int = 0> (n, minus_one)
-    flat = Reshape (bit_values, flat_shape)
-    trimmed = Slice (flat, zero, k, one)
-    mask = Cast <to: int = 9> (trimmed)
-    nonzero = NonZero (mask)
-    positions = Transpose <perm: ints = [1, 0]> (nonzero)
-    nk = Concat <axis: int = 0> (n, k)
-    zeros = ConstantOfShape <value: tensor = float[1] {0}> (nk)
-    weight_t = ScatterND (zeros, positions, values)
-    weight = Transpose <perm: ints = [1, 0]> (weight_t)
-    y = MatMul ($X, weight)
-"""
-
-# (weight input names, attribute names, body) per format.
-_FORMATS = {
-    "dense": (["weight"], ["shape"], _DENSE_BODY),
-    "csr": (["indptr", "indices", "values"], ["shape"], _CSR_BODY),
-    "bsr": (["indptr", "indices", "values"], ["shape", "block"], _BSR_BODY),
-    "bitmask": (["bits", "row_offsets", "values"], ["shape"], _BITMASK_BODY),
-}
 
 _GATE_BODIES = {
     "threshold": """
@@ -139,7 +43,7 @@ _GATE_BODIES = {
     "relu": "    gated = Relu (x)\n",
 }
 
-FORMATS = tuple(_FORMATS)
+FORMATS = formats.onnx_formats()
 GATE_MODES = tuple(_GATE_BODIES)
 
 
@@ -151,8 +55,16 @@ def _function(op: str, overload: str, inputs: list[str], attributes: list[str], 
     return function
 
 
+def _weight_signature(format: str) -> tuple[list[str], list[str], str]:
+    """(weight input names, attribute names, reference body) of an ``ai.sparsecc`` format."""
+    described = formats.get(format)
+    if described.reference is None:
+        raise ValueError(f"{format} is a target's private layout, not an {DOMAIN} format; choose one of {', '.join(FORMATS)}")
+    return list(described.arrays), ["shape", "block"] if described.takes_block else ["shape"], described.reference
+
+
 def sparse_matmul_function(format: str) -> onnx.FunctionProto:
-    names, attributes, body = _FORMATS[format]
+    names, attributes, body = _weight_signature(format)
     return _function("SparseMatMul", format, ["x", *names], attributes, body.replace("$X", "x"))
 
 
@@ -162,7 +74,7 @@ def activation_gate_function(mode: str) -> onnx.FunctionProto:
 
 
 def gated_matmul_function(mode: str, format: str) -> onnx.FunctionProto:
-    names, attributes, body = _FORMATS[format]
+    names, attributes, body = _weight_signature(format)
     inputs = ["x", "threshold", *names] if mode == "threshold" else ["x", *names]
     return _function("GatedMatMul", f"{mode}_{format}", inputs, attributes,
                      _GATE_BODIES[mode] + body.replace("$X", "gated"))
@@ -172,7 +84,7 @@ def sparse_matmul_node(x: str, weights: list[str], output: str, format: str, sha
                        block: tuple[int, int] | None = None, name: str = "") -> onnx.NodeProto:
     """A ``SparseMatMul`` node; ``weights`` are the names of the format's arrays."""
     attributes = {"shape": list(shape)}
-    if format == "bsr":
+    if formats.get(format).takes_block:
         attributes["block"] = list(block)
     node = helper.make_node("SparseMatMul", [x, *weights], [output], name=name, domain=DOMAIN, **attributes)
     node.overload = format
@@ -189,7 +101,7 @@ def activation_gate_node(x: str, threshold: str | None, output: str, mode: str, 
 def gated_matmul_node(x: str, threshold: str | None, weights: list[str], output: str, mode: str, format: str,
                       shape: tuple[int, int], block: tuple[int, int] | None = None, name: str = "") -> onnx.NodeProto:
     attributes = {"shape": list(shape)}
-    if format == "bsr":
+    if formats.get(format).takes_block:
         attributes["block"] = list(block)
     inputs = [x, threshold, *weights] if mode == "threshold" else [x, *weights]
     node = helper.make_node("GatedMatMul", inputs, [output], name=name, domain=DOMAIN, **attributes)

@@ -38,6 +38,9 @@ class Lowered:
 
 class Target(Protocol):
     name: str
+    #: What the target's kernels cost per byte (``passes.sparse_formats.KernelCosts``):
+    #: the graph passes choose weight formats with it.
+    costs: object
 
     def unsupported_ops(self, model: onnx.ModelProto) -> list[str]:
         """Op types in ``model`` this target cannot compile, sorted, each once."""

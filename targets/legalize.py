@@ -29,11 +29,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+import formats
 from passes.analyze_sparsity import constant_weight
 from targets.attention import fuse_decode_attention
 from passes import sparse_ops
 from passes.base import Graph, attribute, gemm_refusal, node_label, remove_unused_initializers
-from passes.sparse_formats import decode, encode
 from runtime.errors import SparseccError
 
 # The most rows of x a sparse or gated kernel takes (decode, small batches).
@@ -56,7 +56,8 @@ class Backend:
         dense: ``(x, stored, k, n, output, name) -> nodes`` for ``y = x @ W`` where
             ``stored`` is the lifted name of ``store_dense(W)``.
         store_dense: W [K, N] -> the array the dense kernel reads.
-        pack_dual: W [K, N] -> the dual-sparse kernel's arrays.
+        pack_dual: W [K, N] -> the dual-sparse kernel's arrays (its layout's ``encode``
+            in ``formats``).
         gather: ``(node, stored, table) -> node`` reading the rows of an embedding table
             from the stored copy of a tied output projection (``table.T == W``), or None
             when the target cannot share them.
@@ -76,7 +77,8 @@ class Backend:
     gather: Callable[[onnx.NodeProto, str, np.ndarray], onnx.NodeProto] | None = None
     sparse_gather: Callable[[onnx.NodeProto, str, list[str], int, int], onnx.NodeProto] | None = None
     max_rows: int = SPARSE_MAX_ROWS
-    #: formats the sparse kernel takes; a weight in another is re-encoded as csr.
+    #: formats the sparse kernel takes (the target's ``KernelCosts.sparse_formats``, so
+    #: the graph passes choose no other); a weight in another is re-encoded as csr.
     sparse_formats: tuple[str, ...] = ("csr", "bsr", "bitmask")
     #: formats ``sparse_gather`` reads; a tied table in another is re-encoded as csr.
     sparse_gather_formats: tuple[str, ...] = ("csr", "bitmask")
@@ -155,18 +157,30 @@ def _rows(model: onnx.ModelProto, tensor: str, depth: int = 8) -> int | None:
     return None
 
 
-def _sparse_kernel(node: onnx.NodeProto, arrays: list[np.ndarray], format: str, formats: tuple[str, ...], backend: Backend,
+def _block(node: onnx.NodeProto, format: str) -> tuple[int, int] | None:
+    """The block shape of a sparse op's weight, for a format that has one."""
+    return tuple(int(d) for d in attribute(node, "block")) if formats.get(format).takes_block else None
+
+
+def _decode(node: onnx.NodeProto, arrays: list[np.ndarray], format: str) -> np.ndarray:
+    """The dense [K, N] weight of a sparse op's arrays."""
+    k, n = (int(d) for d in attribute(node, "shape"))
+    return formats.get(format).decode(arrays, (k, n), _block(node, format))
+
+
+def _sparse_kernel(node: onnx.NodeProto, arrays: list[np.ndarray], format: str, readable: tuple[str, ...], backend: Backend,
                    lift, explanations: list[str], why: str = "") -> tuple[onnx.NodeProto, str, list[str]]:
     """The target's sparse kernel node for a SparseMatMul whose weight ``arrays`` are in
-    ``format``, re-encoded as csr when ``format`` is not among ``formats``; returns the
-    node, the format it reads and the lifted names of its arrays."""
+    ``format``, re-encoded as csr when ``format`` is not among ``readable`` (a model whose
+    formats were chosen for another target); returns the node, the format it reads and
+    the lifted names of its arrays."""
     label = node_label(node)
     k, n = (int(d) for d in attribute(node, "shape"))
-    block = tuple(int(d) for d in attribute(node, "block")) if format == "bsr" else None
-    if format not in formats:
-        arrays, block = encode(decode(arrays, format, (k, n), block), "csr"), None
+    block = _block(node, format)
+    if format not in readable:
+        arrays, block = formats.get("csr").encode(_decode(node, arrays, format)), None
         explanations.append(f"{backend.name}: {label} re-encoded from {format} to csr (the kernels reading it take "
-                            f"{', '.join(formats)}).")
+                            f"{', '.join(readable)}).")
         format = "csr"
     names = [lift(array, f"{node.input[-1]}:{part}") for array, part in zip(arrays, ("a", "b", "c"))]
     attrs = {"format": format, "k": k, "n": n}
@@ -197,7 +211,6 @@ def _legalize_sparse_op(node: onnx.NodeProto, model: onnx.ModelProto, graph: Gra
     if any(array is None for array in arrays):
         raise SparseccError(f"{label}: its weight arrays must be initializers.")
     k, n = (int(d) for d in attribute(node, "shape"))
-    block = tuple(int(d) for d in attribute(node, "block")) if format == "bsr" else None
     rows = _rows(model, node.input[0])
     source = weight_inputs[-1]
     x = node.input[0]
@@ -208,7 +221,7 @@ def _legalize_sparse_op(node: onnx.NodeProto, model: onnx.ModelProto, graph: Gra
         if not gated:
             return [_sparse_kernel(node, arrays, format, backend.sparse_formats, backend, lift, explanations)[0]]
         threshold = node.input[1] if mode == "threshold" else _zero_threshold(model)
-        weight = decode(arrays, format, (k, n), block)
+        weight = _decode(node, arrays, format)
         if format == "dense":
             names = [lift(weight, source)]
             explanations.append(f"{backend.name}: {label} [{k}x{n}] -> gated kernel (skips the weight rows of inactive inputs).")
@@ -224,7 +237,7 @@ def _legalize_sparse_op(node: onnx.NodeProto, model: onnx.ModelProto, graph: Gra
                                 f"(inactive inputs and zero weights skipped).")
         return [helper.make_node(backend.gated_op, [x, threshold, *names], [node.output[0]], name=label, domain=backend.domain,
                                  k=k, n=n, dual=dual)]
-    weight = decode(arrays, format, (k, n), block)
+    weight = _decode(node, arrays, format)
     nodes = []
     if gated:
         # The gate runs as its own elementwise op in front of the dense kernel.
@@ -261,8 +274,7 @@ def _tied_sparse_weights(model: onnx.ModelProto, graph: Graph, backend: Backend)
         # An all-zero weight has empty arrays, which TVM cannot take as parameters.
         if not candidates or any(array is None or array.size == 0 for array in arrays):
             continue
-        block = tuple(int(d) for d in attribute(node, "block")) if node.overload == "bsr" else None
-        weight_t = decode(arrays, node.overload, (k, n), block).T
+        weight_t = _decode(node, arrays, node.overload).T
         gathers = [output for output, table in candidates if np.array_equal(weight_t, table)]
         if gathers:
             tied[node.output[0]] = gathers
@@ -357,8 +369,8 @@ def legalize(model: onnx.ModelProto, backend: Backend) -> tuple[onnx.ModelProto,
             # The table's only copy: the sparse kernel serves prompts too (where the dense
             # kernel on a decoded copy would be faster but store the table dense).
             arrays = [graph.constant(name) for name in node.input[1:]]
-            formats = tuple(f for f in backend.sparse_formats if f in backend.sparse_gather_formats)
-            kernel, format, names = _sparse_kernel(node, arrays, node.overload, formats, backend, lift, explanations,
+            readable = tuple(f for f in backend.sparse_formats if f in backend.sparse_gather_formats)
+            kernel, format, names = _sparse_kernel(node, arrays, node.overload, readable, backend, lift, explanations,
                                                    " at every row count (tied to the embedding table, which reads its rows)")
             new_nodes.append(kernel)
             k, n = (int(d) for d in attribute(node, "shape"))

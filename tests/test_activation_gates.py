@@ -9,6 +9,7 @@ from conftest import onnxruntime_reference
 from passes.dense_to_sparse import dense_to_sparse
 from passes.fuse_gated_matmul import fuse_gated_matmul
 from passes.insert_activation_gates import calibrate_thresholds, gated_inputs, insert_activation_gates
+from targets.cpu.legalize import COSTS as CPU_COSTS
 
 MLP = """
 <ir_version: 10, opset_import: ["" : 18]>
@@ -71,7 +72,7 @@ def test_fusion_shares_one_gate_and_keeps_the_function(weight_sparsity):
     gated = insert_activation_gates(_mlp(rng, weight_sparsity), {"x": 0.5}).model
     x = rng.standard_normal((4, 32)).astype(np.float32)
     before = onnxruntime_reference(gated, {"x": x})[0]
-    result = fuse_gated_matmul(dense_to_sparse(gated).model)
+    result = fuse_gated_matmul(dense_to_sparse(gated, CPU_COSTS).model, CPU_COSTS)
     assert result.modified
     ops = [(n.op_type, n.overload) for n in result.model.graph.node]
     expected_format = "dense" if weight_sparsity == 0 else "csr"

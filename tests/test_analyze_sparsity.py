@@ -5,7 +5,8 @@ from hypothesis import given, settings, strategies as st
 from onnx import numpy_helper
 
 from passes.analyze_sparsity import analyze_sparsity
-from passes.sparse_formats import block_structure, choose_format, csr_bytes, dense_bytes, nonzero_blocks
+import formats
+from passes.sparse_formats import block_structure, choose_format, nonzero_blocks
 
 TWO_LAYERS = """
 <ir_version: 8, opset_import: ["" : 18]>
@@ -47,7 +48,7 @@ def test_reports_shape_sparsity_block_and_bytes():
 def test_dense_weight_stays_dense():
     rng = np.random.default_rng(1)
     choice = choose_format(rng.standard_normal((32, 32)).astype(np.float32) + 10)
-    assert choice.format == "dense" and choice.bytes == dense_bytes(32, 32)
+    assert choice.format == "dense" and choice.bytes == formats.get("dense").bytes_read(32, 32, 32 * 32) == 32 * 32 * 4
 
 
 @settings(max_examples=40, deadline=None)
@@ -73,5 +74,6 @@ def test_block_structure_found_only_when_zeros_are_blocked():
 
 
 def test_csr_uses_int16_indices_below_32768():
-    assert csr_bytes(1000, 10, 100) == 100 * 6 + 11 * 4
-    assert csr_bytes(40000, 10, 100) == 100 * 8 + 11 * 4
+    csr = formats.get("csr")
+    assert csr.bytes_read(1000, 10, 100) == 100 * 6 + 11 * 4
+    assert csr.bytes_read(40000, 10, 100) == 100 * 8 + 11 * 4

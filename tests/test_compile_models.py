@@ -92,18 +92,21 @@ def test_gated_sparse_model_matches_onnxruntime_on_the_same_gated_onnx(name, exp
     assert np.abs(dense - reference).max() > 10 * ABSOLUTE_TOLERANCE
 
 
-def _sparse_op_model(format, block, k=48, n=40, rows=1, seed=0, sparsity=0.8):
-    """A one-node model: x [rows, k] -> SparseMatMul[format] -> y, with reference functions."""
+def _sparse_op_model(format, block, k=48, n=40, rows=1, seed=0, sparsity=0.8, weight=None):
+    """A one-node model: x [rows, k] -> SparseMatMul[format] -> y, with reference functions
+    (on ``weight`` when given, else on a random one with ``sparsity`` zeros)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from passes import sparse_ops
     from passes.sparse_formats import encode
 
-    rng = np.random.default_rng(seed)
-    weight = rng.standard_normal((k, n)).astype(np.float32)
-    weight[rng.random((k, n)) < sparsity] = 0
-    weight[:, 3] = 0  # an all-zero output row of W^T
+    if weight is None:
+        rng = np.random.default_rng(seed)
+        weight = rng.standard_normal((k, n)).astype(np.float32)
+        weight[rng.random((k, n)) < sparsity] = 0
+        weight[:, 3] = 0  # an all-zero output row of W^T
+    k, n = weight.shape
     arrays = encode(weight, format, block)
     names = [f"w{i}" for i in range(len(arrays))]
     node = sparse_ops.sparse_matmul_node("x", names, "y", format, (k, n), block)

@@ -209,3 +209,16 @@ def test_smollm2_sparse_gated_step_for_cuda(tmp_path, monkeypatch):
     ours = runtime.load(tmp_path / "sim.sccx").run({"input_ids": ids})["logits"]
     np.testing.assert_allclose(ours, reference, atol=2e-3, rtol=0)
     assert ours.argmax() == reference.argmax()
+
+
+def test_our_kernels_flops_come_from_their_symbols():
+    """2 m per stored weight (a bsr block is R x C of them), 2 m k n for the gated kernel;
+    TVM's functions and the CPU's kernels are not ours here."""
+    from targets.cuda.target import _our_kernel_flops
+
+    assert _our_kernel_flops("cuda_bsr_matmul_m2_k48_n64_b16x1_nnzb12_int16") == ("bsr", 2.0 * 2 * 12 * 16)
+    assert _our_kernel_flops("cuda_csr_matmul_m1_k48_n64_nnz100_int32") == ("csr", 2.0 * 100)
+    assert _our_kernel_flops("cuda_gated_matmul_m3_k48_n64_scalar") == ("gated", 2.0 * 3 * 48 * 64)
+    assert _our_kernel_flops("cuda_dual_matmul_m1_k48_n64_nnz700_channel") == ("dual", 2.0 * 700)
+    assert _our_kernel_flops("fused_matmul_add") == (None, None)
+    assert _our_kernel_flops("csr_matmul_m1_k48_n64_nnz100_int32") == (None, None)

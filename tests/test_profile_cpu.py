@@ -75,3 +75,53 @@ def test_cli_profile_prints_and_writes(compiled, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "estimate on raspberry-pi-5" in out and "estimate on laptop-x86" in out
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["estimates.png", "operators.png"]
+
+
+def test_kernel_costs_come_from_the_symbols_every_format_included():
+    """FLOPs per call: 2 m per stored weight (a BSR block is R x C of them; every weight
+    for the dense and gated kernels, scaled by the active inputs), and bytes: the
+    tensors, the gated kernel's weights scaled too. A name that is no kernel of ours (a
+    TVM function, a gather) counts one FLOP per output element."""
+    import numpy as np
+
+    from targets.cpu.profile import _kernel_cost
+
+    m, k, n = 2, 48, 64
+    x, y = np.zeros((m, k), np.float32), np.zeros((m, n), np.float32)
+    blocks = np.zeros((12, 16, 1), np.float32)
+    args = [x, np.zeros(5, np.int32), np.zeros(12, np.int16), blocks, y]
+    assert _kernel_cost(f"bsr_matmul_m{m}_k{k}_n{n}_b16x1_nnzb12_int16", args, None)[1] == 2.0 * m * 12 * 16 * 1
+    values = np.zeros(100, np.float32)
+    csr = [x, np.zeros(n + 1, np.int32), np.zeros(100, np.int16), values, y]
+    assert _kernel_cost(f"csr_matmul_m{m}_k{k}_n{n}_nnz100_int16", csr, None) == (sum(a.nbytes for a in csr), 2.0 * m * 100)
+    assert _kernel_cost(f"dense_matmul_m{m}_k{k}_n{n}", [x, np.zeros((4, k, 16), np.float32), y], None)[1] == 2.0 * m * k * n
+    weight = np.zeros((k, n), np.float32)
+    gated = [x, np.zeros(1, np.float32), weight, y]
+    total, flops = _kernel_cost(f"gated_matmul_m{m}_k{k}_n{n}_scalar", gated, 0.25)
+    assert flops == 2.0 * m * k * n * 0.25
+    assert total == x.nbytes + 4 + y.nbytes + weight.nbytes * 0.25
+    rows = [np.zeros(5, np.int64), np.zeros(n + 1, np.int32), np.zeros(100, np.int16), values, np.zeros((5, k), np.float32)]
+    assert _kernel_cost(f"csr_gather_r5_k{k}_n{n}_nnz100_int16_int64", rows, None)[1] == 5 * k
+    assert _kernel_cost("fused_add_multiply", [x, x], None) == (2 * x.nbytes, float(x.size))
+
+
+def test_profile_charges_a_bsr_kernel_its_blocks_not_the_dense_flops(tmp_path):
+    """A one-op model compiled to the 16x1 BSR kernel, 75 % of its blocks zero: its
+    operator's FLOPs are 2 m nnzb R C, a quarter of the dense 2 m k n."""
+    import numpy as np
+    import onnx
+
+    from compiler.driver import CompileOptions, compile_model
+    from test_compile_models import _sparse_op_model
+
+    rng = np.random.default_rng(0)
+    weight_t = rng.standard_normal((64, 48)).astype(np.float32)  # W^T [N, K]: 16x1 blocks are 16 rows of a column
+    weight_t *= np.repeat(rng.permutation(4 * 48).reshape(4, 48) < 48, 16, axis=0)
+    model = _sparse_op_model("bsr", (16, 1), rows=1, weight=np.ascontiguousarray(weight_t.T))
+    onnx.save(model, tmp_path / "bsr.onnx")
+    compile_model(CompileOptions(str(tmp_path / "bsr.onnx"), str(tmp_path / "bsr.sccx")))
+    report, _ = profile_artifact(ProfileOptions(str(tmp_path / "bsr.sccx"), hardware=("laptop-x86",)), SILENT)
+    kernel = next(entry for entry in report["operators"] if entry["operator"].startswith("bsr_matmul"))
+    blocks = int(next(a for a in model.graph.initializer if a.name == "w2").dims[0])  # values [nnzb, 16, 1]
+    assert blocks == 48
+    assert kernel["flops"] == 2.0 * 1 * blocks * 16 * 1 * kernel["calls"]

@@ -23,7 +23,7 @@ from compiler.export import ExportOptions, export
 from compiler.onnx_io import load_model
 from conftest import onnxruntime_reference
 from passes.analyze_sparsity import analyze_sparsity
-from passes.sparse_formats import csr_bytes
+import formats
 from sparsify.graph import get_weight, output_projection
 from sparsify.run import SparsifyOptions, sparsify
 from test_cli import assert_one_sentence_error, sparsecc
@@ -114,7 +114,7 @@ def test_artifact_stores_the_tied_table_once_as_csr(tied_export, tmp_path):
     name, table = _table(model)
     others = [layer for layer in analyze_sparsity(model).layers if layer.shape != (HIDDEN, VOCAB)]
     assert len(others) == 14
-    table_bytes = csr_bytes(HIDDEN, VOCAB, np.count_nonzero(table))
+    table_bytes = formats.get("csr").bytes_read(HIDDEN, VOCAB, np.count_nonzero(table))
     assert table_bytes == 4 * (VOCAB + 1) + (2 + 4) * np.count_nonzero(table)
     assert manifest.summary["weight_bytes"] == sum(4 * k * n for k, n in (l.shape for l in others)) + table_bytes
     assert manifest.summary["weight_bytes"] == sum(w.nbytes for w in manifest.weights)

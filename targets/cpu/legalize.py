@@ -4,8 +4,10 @@ gated and dual-sparse kernels (``targets.legalize`` does the rewriting).
 The private ops (domain ``ai.sparsecc.cpu``):
 
 - ``PanelMatMul(x, pack(W))``: ``y = x @ W`` with ``pack`` the dense kernel's layout
-  (``targets.cpu.kernels.pack_dense_weight``);
-- ``CpuSparseMatMul``, ``CpuGatedMatMul``: ``targets.cpu.sparse_kernels``;
+  (``formats.panels``);
+- ``CpuSparseMatMul``, ``CpuGatedMatMul``: ``targets.cpu.sparse_kernels``, on csr, bsr
+  and bitmask weights and, behind a gate, the dense weight or the ``bitmask_rows`` or
+  ``segments`` layout;
 - ``PackedGather(pack(E^T), ids)``: rows of an embedding table ``E`` read from the packed
   tied output projection. Row ``v`` of ``E`` is column ``v`` of ``W = E^T``, which the
   panel layout ``[N / width, K, width]`` stores at ``[v // width, :, v % width]``.
@@ -15,6 +17,9 @@ The private ops (domain ``ai.sparsecc.cpu``):
   ``bitmask_gather_func``);
 - ``DecodeAttention``: a decode step's attention over the filled cache slots
   (``targets.attention``, ``targets.cpu.attention``).
+
+``COSTS`` are the CPU kernels' measured efficiencies, which the graph passes' format
+choice uses (``passes.sparse_formats``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from targets.cpu import kernels, sparse_kernels
+import formats
+from passes.sparse_formats import KernelCosts
 from targets.legalize import LIFT_MIN_BYTES, ROW_PRESERVING, SPARSE_MAX_ROWS, Backend, legalize as _legalize
 
 DOMAIN = "ai.sparsecc.cpu"
@@ -34,7 +40,16 @@ PACKED_GATHER = "PackedGather"
 SPARSE_GATHER = "SparseGather"
 
 __all__ = ["DOMAIN", "PANEL_MATMUL", "SPARSE_MATMUL", "GATED_MATMUL", "PACKED_GATHER", "SPARSE_GATHER", "SPARSE_MAX_ROWS",
-           "LIFT_MIN_BYTES", "ROW_PRESERVING", "BACKEND", "legalize"]
+           "LIFT_MIN_BYTES", "ROW_PRESERVING", "BACKEND", "COSTS", "legalize"]
+
+# Bytes per second each kernel streams relative to the dense kernel (1.0 = as fast per
+# byte). Measured speedup over our dense kernel divided by the bytes ratio, batch 1,
+# weights from DRAM (`sparsecc bench kernels`, 2048x5632 and 1536x576 on the development
+# machine): csr 0.88-0.94, bsr16x1 0.80-0.99, bitmask 0.79 at 50-70 % (0.56 at 90 %),
+# dual 0.83 against the gated dense kernel.
+COSTS = KernelCosts(target="cpu", efficiency={"dense": 1.0, "csr": 0.9, "bsr": 0.9, "bitmask": 0.75},
+                    gated_layout="bitmask_rows", gated_efficiency=0.8,
+                    source="measured by sparsecc bench kernels on the development machine")
 
 
 def _panel_matmul(x: str, packed: str, k: int, n: int, output: str, name: str) -> list[onnx.NodeProto]:
@@ -52,9 +67,11 @@ def _sparse_gather(node: onnx.NodeProto, format: str, arrays: list[str], k: int,
 
 
 BACKEND = Backend(name="cpu", domain=DOMAIN, sparse_op=SPARSE_MATMUL, gated_op=GATED_MATMUL, dense=_panel_matmul,
-                  store_dense=kernels.pack_dense_weight, pack_dual=sparse_kernels.pack_dual_weight, gather=_packed_gather,
-                  sparse_gather=_sparse_gather, pack_segments=sparse_kernels.pack_segment_weight,
-                  decode_attention=True)
+                  store_dense=lambda weight: formats.get("panels").encode(weight)[0],
+                  pack_dual=formats.get(COSTS.gated_layout).encode, gather=_packed_gather, sparse_gather=_sparse_gather,
+                  sparse_formats=COSTS.sparse_formats,
+                  sparse_gather_formats=formats.formats_with_kernel("cpu", "gather", COSTS.sparse_formats),
+                  pack_segments=formats.get("segments").encode, decode_attention=True)
 
 
 def legalize(model: onnx.ModelProto):

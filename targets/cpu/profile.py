@@ -14,8 +14,9 @@ the fraction of inputs at or below the threshold is the activation sparsity the 
 really produced on the profiling input; it is reported beside the calibrated target.
 
 Estimates: each call's bytes (its tensor arguments; for gated kernels the weight bytes
-times the fraction of active inputs) and FLOPs (from the kernel's shape, or one per
-output element for elementwise and reduction code) give
+times the fraction of active inputs) and FLOPs (for our kernels 2 per stored weight per
+row of ``x``, from the facts their symbols spell out, ``formats.parse_symbol``; one per
+output element for elementwise and reduction code, and for gathers) give
 ``max(bytes / (bandwidth x efficiency), flops / (peak x efficiency)) + call overhead``
 on each hardware model (``targets/hardware/*.toml``, kind ``cpu``).
 """
@@ -25,20 +26,19 @@ from __future__ import annotations
 import base64
 import io
 import math
-import re
 import resource
 import time
 from pathlib import Path
 
 import numpy as np
 
+import formats
 from runtime.errors import SparseccError
 
 REPEATS = 5
 DEFAULT_HARDWARE = ("raspberry-pi-5", "jetson-orin-nano-cpu", "laptop-x86")
 HARDWARE_KEYS = {"memory_bandwidth_gbs": (int, float), "bandwidth_efficiency": (int, float), "peak_gflops_fp32": (int, float),
                  "compute_efficiency": (int, float), "call_overhead_us": (int, float), "memory_gb": (int, float)}
-_SHAPE = re.compile(r"_m(\d+)_k(\d+)_n(\d+)(?:_nnz(\d+))?")
 
 
 def _nbytes(value) -> int:
@@ -55,12 +55,10 @@ def _kernel_cost(name: str, args: list, active: float | None) -> tuple[float, fl
     """(bytes, FLOPs) of one call of the compiled function ``name`` on ``args``."""
     tensors = [a for a in args if hasattr(a, "shape")]
     total = sum(_nbytes(a) for a in tensors)
-    shape = _SHAPE.search(name)
-    if shape is None:
+    facts = formats.parse_symbol(name)
+    flops = formats.get(facts.format).flops(facts) if facts is not None else None
+    if flops is None:
         return float(total), float(_elements(tensors[-1]) if tensors else 0)
-    m, k, n = (int(g) for g in shape.groups()[:3])
-    nnz = int(shape.group(4)) if shape.group(4) else k * n
-    flops = 2.0 * m * nnz
     if active is not None:
         # Gated kernels read the weight rows of active inputs only.
         weights = sum(_nbytes(a) for a in tensors[2:-1])
@@ -104,7 +102,8 @@ def _measure(model, inputs: dict[str, np.ndarray]) -> dict:
             return 0
         if before:
             active = None
-            if record["gates"] and (name.startswith("gated_matmul") or name.startswith("dual_matmul")):
+            facts = formats.parse_symbol(name) if record["gates"] else None
+            if facts is not None and facts.role == "gated":
                 x, threshold = args[0].numpy(), args[1].numpy()
                 active = float((np.abs(x) > threshold.reshape(-1)[None, :] if threshold.size > 1 else np.abs(x) > threshold[0]).mean())
             calls.append({"name": name, "active": active, "args": list(args)})

@@ -74,6 +74,8 @@ class CpuTarget:
     """Compiles for the host CPU with its own ``mcpu`` and all cores."""
 
     name = "cpu"
+    #: The kernel efficiencies the graph passes choose formats with.
+    costs = cpu_legalize.COSTS
 
     def unsupported_ops(self, model: onnx.ModelProto) -> list[str]:
         from targets.cpu.lower import unsupported_ops

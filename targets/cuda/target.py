@@ -18,12 +18,12 @@ hardware models without a GPU.
 from __future__ import annotations
 
 import platform
-import re
 from pathlib import Path
 from typing import Callable
 
 import onnx
 
+import formats
 from runtime.errors import SparseccError
 from targets.base import LIBRARY, WEIGHTS, Lowered, lower_onnx, write_weights
 from targets.cuda import legalize as cuda_legalize
@@ -45,23 +45,17 @@ def _static_bytes(ty) -> int:
     return int(np.prod([int(v.value) for v in values])) * np.dtype(str(ty.dtype)).itemsize
 
 
-_OUR_KERNEL = re.compile(r"^cuda_(csr|bsr|gated|dual)_matmul_m(\d+)_k(\d+)_n(\d+)(?:_b(\d+)x(\d+)_nnzb(\d+)|_nnz(\d+))?")
-
-
 def _our_kernel_flops(name: str) -> tuple[str | None, float | None]:
-    """(kind, multiply-add FLOPs) of one of our sparse kernels from its global symbol: 2 m
-    nnz for stored nonzeros, 2 m k n for the gated kernel (all inputs active); (None,
-    None) for any other function."""
-    match = _OUR_KERNEL.match(name)
-    if match is None:
+    """(kind, multiply-add FLOPs) of one of our sparse kernels from the facts its global
+    symbol spells out (``formats.parse_symbol``): 2 m per stored weight (a bsr block is
+    R x C of them), 2 m k n for the gated kernel (all inputs active); kind ``gated`` or
+    ``dual`` for the gated kernels over a dense or a dual-sparse weight, else the format;
+    (None, None) for any other function."""
+    facts = formats.parse_symbol(name)
+    if facts is None or facts.target != "cuda":
         return None, None
-    kind, m, k, n, rows, cols, blocks, nnz = match.groups()
-    m, k, n = int(m), int(k), int(n)
-    if kind == "bsr":
-        return kind, 2.0 * m * int(blocks) * int(rows) * int(cols)
-    if kind in ("csr", "dual"):
-        return kind, 2.0 * m * int(nnz)
-    return kind, 2.0 * m * k * n
+    kind = ("gated" if facts.format == "dense" else "dual") if facts.role == "gated" else facts.format
+    return kind, formats.get(facts.format).flops(facts)
 
 
 def operator_costs(mod, records: list[dict]) -> None:
@@ -173,6 +167,8 @@ class CudaTarget:
     """``cuda[:ARCH]``: NVIDIA GPUs of compute capability ``ARCH`` (default sm_80)."""
 
     name = "cuda"
+    #: The kernel efficiencies the graph passes choose formats with (estimates).
+    costs = cuda_legalize.COSTS
 
     def __init__(self, arch: str = DEFAULT_ARCH):
         if arch not in ARCHS:

@@ -62,6 +62,9 @@ class NeuroTarget:
     """``neuro:<chip>``: a chip model from ``targets/hardware`` (or a .toml path), ``chips`` of it."""
 
     name = "neuro"
+    #: Every synaptic weight is decoded to dense for the chip, so the format the graph
+    #: passes choose only shapes the ONNX dumps; they choose it as for the CPU host.
+    costs = cpu_legalize.COSTS
 
     def __init__(self, chip: str, chips: int = 1):
         self.chip = load_chip(chip, chips)

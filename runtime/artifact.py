@@ -3,6 +3,11 @@
 The manifest is a few dataclasses with ``to_dict`` / ``from_dict``; this module is the only
 place that reads or writes them. Reading checks everything a damaged or foreign artifact
 could get wrong (format, version, the sha256 of every file) before anything is loaded.
+
+Every file the manifest names (its libraries, weights file, tokenizer and the entries of
+``files``) must be a plain name of a regular file inside the folder, listed in ``files``
+with its sha256: a manifest cannot make the runtime load a library, or map weights, from
+anywhere else. A symbolic link is followed only when it stays inside the folder.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -156,14 +162,56 @@ def read_manifest(path: str | os.PathLike, verify: bool = True) -> Manifest:
         manifest = Manifest.from_dict(data)
     except (KeyError, TypeError, ValueError) as exc:
         raise SparseccError(f"{manifest_path} is corrupt (bad or missing field {exc}).") from None
+    check_named_files(path, manifest)
     if verify:
         for name, expected in manifest.files.items():
-            file_path = path / name
-            if not file_path.is_file():
-                raise SparseccError(f"{path} is incomplete: {name} is missing.")
-            if sha256_file(file_path) != expected:
+            if sha256_file(path / name) != expected:
                 raise SparseccError(f"{path} is corrupt: {name} does not match its sha256 in the manifest.")
     return manifest
+
+
+def named_files(manifest: Manifest) -> list[tuple[str, object]]:
+    """(what it is, name) of every file the manifest names, the listed ones last."""
+    named = [("its library", manifest.library), ("its weights file", manifest.weights_file)]
+    named += [(f"its {graph} library", spec.get("library") if isinstance(spec, dict) else spec)
+              for graph, spec in manifest.graphs.items()]
+    if "event_library" in manifest.target:
+        named.append(("its event library", manifest.target["event_library"]))
+    if manifest.decoding.get("tokenizer") is not None:
+        named.append(("its tokenizer", manifest.decoding["tokenizer"]))
+    return named + [("a listed file", name) for name in manifest.files]
+
+
+def is_plain_name(name: object) -> bool:
+    """A file name without any folder part: not absolute, no separator, not ``.`` or ``..``."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name)
+
+
+def check_named_files(path: Path, manifest: Manifest) -> None:
+    """Refuses a manifest naming a file that is not a plain name, not listed in ``files``
+    with a sha256, not a regular file, or a symbolic link leading out of ``path``."""
+    for role, name in named_files(manifest):
+        if not is_plain_name(name):
+            raise SparseccError(f"{path} is refused: its manifest names {name!r} as {role}, which is not a plain "
+                                "file name inside the artifact folder.")
+        if name not in manifest.files:
+            raise SparseccError(f"{path} is refused: {role} {name!r} is not listed with a sha256 in its manifest's files.")
+    folder = path.resolve()
+    for name in manifest.files:
+        try:
+            mode = os.lstat(path / name).st_mode
+            if stat.S_ISLNK(mode):
+                target = (path / name).resolve()
+                if target.parent != folder:
+                    raise SparseccError(f"{path} is refused: {name} is a symbolic link leading out of the artifact folder.")
+                mode = os.stat(target).st_mode
+        except FileNotFoundError:
+            raise SparseccError(f"{path} is incomplete: {name} is missing.") from None
+        except (OSError, RuntimeError) as exc:  # a link loop, a name too long, no permission
+            raise SparseccError(f"{path} is refused: {name} cannot be read ({exc.__class__.__name__}).") from None
+        if not stat.S_ISREG(mode):
+            raise SparseccError(f"{path} is refused: {name} is not a regular file.")
 
 
 def write_artifact(path: str | os.PathLike, manifest: Manifest, staged: Path) -> None:

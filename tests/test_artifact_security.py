@@ -1,0 +1,184 @@
+"""An artifact may name only its own files, and nothing outside it is loaded or run.
+
+Each case crafts an artifact as a careless or hostile hand would (paths out of the folder,
+files the manifest does not hash, symbolic links leading out) and expects one
+``SparseccError`` before any library is loaded: a planted library's constructor writes
+a marker file, which must not appear.
+"""
+
+import hashlib
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+import runtime
+from runtime.artifact import MANIFEST
+from runtime.errors import SparseccError
+
+PLANTED_SOURCE = r"""
+#include <stdio.h>
+#include <stdlib.h>
+__attribute__((constructor)) static void planted(void) {
+    const char *marker = getenv("SPARSECC_TEST_MARKER");
+    if (marker) { FILE *f = fopen(marker, "w"); if (f) { fputs("ran", f); fclose(f); } }
+}
+"""
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def _manifest(path) -> dict:
+    return json.loads((path / MANIFEST).read_text())
+
+
+def _craft(path, data: dict) -> None:
+    """Writes ``data`` as the artifact's manifest, as a crafted artifact would hold it."""
+    (path / MANIFEST).write_text(json.dumps(data))
+
+
+@pytest.fixture
+def planted(tmp_path, monkeypatch):
+    """A shared library outside any artifact whose constructor writes ``marker``."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build the planted library")
+    source = tmp_path / "planted.c"
+    source.write_text(PLANTED_SOURCE)
+    library = tmp_path / "planted.so"
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    marker = tmp_path / "constructor-ran"
+    monkeypatch.setenv("SPARSECC_TEST_MARKER", str(marker))
+    return library, marker
+
+
+@pytest.fixture
+def artifact_copy(compiled, tmp_path):
+    path = tmp_path / "copy.sccx"
+    shutil.copytree(compiled("tiny-llama", 0.0), path)
+    return path
+
+
+@pytest.fixture
+def decoder_copy(decoder, tmp_path):
+    path = tmp_path / "decoder.sccx"
+    shutil.copytree(decoder[1], path)
+    return path
+
+
+def _library_elsewhere(data, artifact, library):
+    data["library"] = str(library)
+
+
+def _library_up_the_tree(data, artifact, library):
+    data["library"] = f"../{library.name}"
+
+
+def _library_elsewhere_listed(data, artifact, library):
+    data["library"] = str(library)
+    data["files"][str(library)] = _sha256(library)
+
+
+def _event_library_elsewhere(data, artifact, library):
+    data["target"]["event_library"] = str(library)
+
+
+@pytest.mark.parametrize("edit", [_library_elsewhere, _library_up_the_tree, _library_elsewhere_listed,
+                                  _event_library_elsewhere])
+def test_a_library_outside_the_artifact_is_never_loaded(artifact_copy, planted, edit):
+    library, marker = planted
+    data = _manifest(artifact_copy)
+    edit(data, artifact_copy, library)
+    _craft(artifact_copy, data)
+    with pytest.raises(SparseccError, match="is refused"):
+        runtime.load(artifact_copy)
+    assert not marker.exists(), "the planted library's constructor ran"
+
+
+def test_a_prefill_library_outside_the_artifact_is_never_loaded(decoder_copy, planted):
+    library, marker = planted
+    data = _manifest(decoder_copy)
+    data["graphs"]["prefill"]["library"] = f"../{library.name}"
+    _craft(decoder_copy, data)
+    with pytest.raises(SparseccError, match="is refused"):
+        runtime.load(decoder_copy)
+    assert not marker.exists(), "the planted library's constructor ran"
+
+
+def test_a_tokenizer_outside_the_artifact_is_refused(decoder_copy):
+    data = _manifest(decoder_copy)
+    data["decoding"]["tokenizer"] = "/etc/passwd"
+    _craft(decoder_copy, data)
+    with pytest.raises(SparseccError, match=r"names '/etc/passwd' as its tokenizer, which is not a plain file name"):
+        runtime.load(decoder_copy)
+
+
+def test_another_artifacts_weights_are_refused(artifact_copy, compiled):
+    other = artifact_copy.parent / "other.sccx"
+    shutil.copytree(compiled("tiny-llama", 0.5), other)
+    data = _manifest(artifact_copy)
+    data["weights_file"] = "../other.sccx/weights.bin"
+    data["files"]["../other.sccx/weights.bin"] = _sha256(other / "weights.bin")
+    _craft(artifact_copy, data)
+    with pytest.raises(SparseccError, match=r"names '../other.sccx/weights.bin' as its weights file, which is not a plain"):
+        runtime.load(artifact_copy)
+
+
+def test_a_files_entry_outside_the_artifact_is_refused(artifact_copy, compiled):
+    outside = artifact_copy.parent / "outside.bin"
+    outside.write_bytes(b"outside")
+    data = _manifest(artifact_copy)
+    data["files"][str(outside)] = _sha256(outside)
+    _craft(artifact_copy, data)
+    with pytest.raises(SparseccError, match="as a listed file, which is not a plain file name"):
+        runtime.load(artifact_copy)
+
+
+@pytest.mark.parametrize("name, role", [("weights.bin", "weights file"), ("model.so", "library")])
+def test_a_file_the_manifest_does_not_hash_is_refused(artifact_copy, name, role):
+    data = _manifest(artifact_copy)
+    del data["files"][name]
+    _craft(artifact_copy, data)
+    with pytest.raises(SparseccError, match=f"its {role} {name!r} is not listed with a sha256"):
+        runtime.load(artifact_copy)
+
+
+def test_a_symbolic_link_leading_out_is_refused(artifact_copy):
+    """Same bytes, so the sha256 matches: the link itself is what is refused."""
+    outside = artifact_copy.parent / "weights-outside.bin"
+    shutil.move(artifact_copy / "weights.bin", outside)
+    (artifact_copy / "weights.bin").symlink_to(outside)
+    with pytest.raises(SparseccError, match="weights.bin is a symbolic link leading out of the artifact folder"):
+        runtime.load(artifact_copy)
+
+
+def test_a_symbolic_link_to_a_device_is_refused(artifact_copy):
+    (artifact_copy / "weights.bin").unlink()
+    (artifact_copy / "weights.bin").symlink_to("/dev/null")
+    data = _manifest(artifact_copy)
+    data["files"]["weights.bin"] = hashlib.sha256(b"").hexdigest()
+    _craft(artifact_copy, data)
+    with pytest.raises(SparseccError, match="weights.bin is a symbolic link leading out of the artifact folder"):
+        runtime.load(artifact_copy)
+
+
+def test_a_folder_named_as_the_weights_file_is_refused(artifact_copy):
+    (artifact_copy / "weights.bin").unlink()
+    (artifact_copy / "weights.bin").mkdir()
+    with pytest.raises(SparseccError, match="weights.bin is not a regular file"):
+        runtime.load(artifact_copy)
+
+
+def test_a_symbolic_link_inside_the_folder_is_followed(artifact_copy, token_ids):
+    """A link to another file of the same folder stays inside it and is allowed."""
+    reference = runtime.load(artifact_copy).run({"input_ids": token_ids})["logits"]
+    shutil.move(artifact_copy / "weights.bin", artifact_copy / "weights.real")
+    (artifact_copy / "weights.bin").symlink_to("weights.real")
+    data = _manifest(artifact_copy)
+    data["files"]["weights.real"] = data["files"]["weights.bin"]
+    _craft(artifact_copy, data)
+    np.testing.assert_array_equal(runtime.load(artifact_copy).run({"input_ids": token_ids})["logits"], reference)

@@ -182,3 +182,79 @@ def test_a_symbolic_link_inside_the_folder_is_followed(artifact_copy, token_ids)
     data["files"]["weights.real"] = data["files"]["weights.bin"]
     _craft(artifact_copy, data)
     np.testing.assert_array_equal(runtime.load(artifact_copy).run({"input_ids": token_ids})["logits"], reference)
+
+
+@pytest.fixture
+def library_cache(tmp_path, monkeypatch, artifact_copy):
+    """The library copy cache moved into ``tmp_path``, and the artifact's library marked as
+    one this process already loaded other bytes from (so ``load`` goes through the cache)."""
+    import os
+    import tempfile
+
+    from runtime import executor
+
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    key = str((artifact_copy / "model.so").resolve())
+    monkeypatch.setitem(executor._LOADED_LIBRARIES, key, "0" * 64)
+    return temporary / f"sparsecc-libraries-{os.getuid()}", _sha256(artifact_copy / "model.so")
+
+
+def test_the_library_cache_is_created_private(artifact_copy, library_cache, token_ids, compiled):
+    import os
+    import stat
+
+    folder, digest = library_cache
+    outputs = runtime.load(artifact_copy).run({"input_ids": token_ids})["logits"]
+    reference = runtime.load(compiled("tiny-llama", 0.0)).run({"input_ids": token_ids})["logits"]
+    np.testing.assert_array_equal(outputs, reference)
+    info = os.lstat(folder)
+    assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.getuid()
+    assert [entry.name for entry in folder.iterdir()] == [f"{digest}.so"], "one copy, no partial file left"
+
+
+def test_a_library_cache_others_can_write_is_refused(artifact_copy, library_cache):
+    folder, _ = library_cache
+    folder.mkdir(mode=0o777)
+    folder.chmod(0o777)
+    with pytest.raises(SparseccError, match="is not private to this user"):
+        runtime.load(artifact_copy)
+
+
+def test_a_library_planted_in_the_cache_is_not_loaded(artifact_copy, library_cache, planted, token_ids, compiled):
+    """A file at the copy's name whose bytes are not the library's is replaced, not run."""
+    folder, digest = library_cache
+    library, marker = planted
+    folder.mkdir(mode=0o700)
+    shutil.copyfile(library, folder / f"{digest}.so")
+    outputs = runtime.load(artifact_copy).run({"input_ids": token_ids})["logits"]
+    assert not marker.exists(), "the planted library's constructor ran"
+    reference = runtime.load(compiled("tiny-llama", 0.0)).run({"input_ids": token_ids})["logits"]
+    np.testing.assert_array_equal(outputs, reference)
+    assert _sha256(folder / f"{digest}.so") == digest
+
+
+def test_a_symbolic_link_planted_in_the_cache_is_not_followed(artifact_copy, library_cache, planted, tmp_path):
+    """The link is replaced by a copy; the file it pointed to is left as it was."""
+    folder, digest = library_cache
+    library, marker = planted
+    folder.mkdir(mode=0o700)
+    before = _sha256(library)
+    (folder / f"{digest}.so").symlink_to(library)
+    runtime.load(artifact_copy)
+    assert not marker.exists(), "the planted library's constructor ran"
+    assert not (folder / f"{digest}.so").is_symlink() and _sha256(folder / f"{digest}.so") == digest
+    assert _sha256(library) == before, "the copy was written through the link"
+
+
+def test_a_library_cache_others_may_only_read_is_closed_to_them(artifact_copy, library_cache):
+    """Older sparsecc versions made the folder 0755: nobody else could plant a file there,
+    so it is kept and made private."""
+    import stat
+
+    folder, _ = library_cache
+    folder.mkdir()
+    folder.chmod(0o755)
+    runtime.load(artifact_copy)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700

@@ -258,3 +258,23 @@ def test_a_library_cache_others_may_only_read_is_closed_to_them(artifact_copy, l
     folder.chmod(0o755)
     runtime.load(artifact_copy)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+def test_output_names_cannot_leave_the_npz(tmp_path):
+    """Output names are the model's: an ``.npz`` entry is a plain, unique name whatever they are."""
+    import zipfile
+
+    from compiler.driver import save_outputs
+
+    outputs = {"../../evil": np.arange(3.0), "/etc/passwd": np.ones(2), "a/b": np.zeros(1), "a_b": np.full(1, 7.0),
+               "file": np.arange(2), "allow_pickle": np.arange(4), "logits.1": np.eye(2)}
+    path = tmp_path / "out" / "o.npz"
+    names = save_outputs(outputs, str(path))
+    entries = zipfile.ZipFile(path).namelist()
+    assert all("/" not in entry and "\\" not in entry and not entry.startswith(".") for entry in entries), entries
+    assert len(set(entries)) == len(outputs) and sorted(entries) == sorted(f"{name}.npy" for name in names.values())
+    assert names["logits.1"] == "logits.1" and names["a_b"] == "a_b"
+    loaded = np.load(path, allow_pickle=False)
+    for name, array in outputs.items():
+        np.testing.assert_array_equal(loaded[names[name]], array)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["o.npz", "out"], "nothing written outside the file"

@@ -278,3 +278,69 @@ def test_output_names_cannot_leave_the_npz(tmp_path):
     for name, array in outputs.items():
         np.testing.assert_array_equal(loaded[names[name]], array)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["o.npz", "out"], "nothing written outside the file"
+
+
+def _decode_export_naming(decoder, tmp_path, tokenizer, prefill_model=None):
+    """A copy of the decoder's export whose metadata names ``tokenizer`` (and ``prefill_model``)."""
+    import onnx
+
+    from compiler.decode_export import DECODE_KEY
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    for entry in decoder[0].parent.iterdir():
+        if entry.is_file():
+            shutil.copyfile(entry, folder / entry.name)
+    model = onnx.load(str(folder / decoder[0].name), load_external_data=False)
+    for prop in model.metadata_props:
+        if prop.key == DECODE_KEY:
+            spec = json.loads(prop.value)
+            spec["tokenizer"] = tokenizer
+            if prefill_model is not None:
+                spec["prefill_model"] = prefill_model
+            prop.value = json.dumps(spec)
+    onnx.save(model, str(folder / decoder[0].name))
+    return folder / decoder[0].name
+
+
+def _tokenizer_json(path):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    Tokenizer(WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(path))
+
+
+@pytest.mark.parametrize("name, message", [
+    ("/etc/passwd", "names the tokenizer '/etc/passwd', which is not a plain file name beside it"),
+    ("../outside.json", "names the tokenizer '../outside.json', which is not a plain file name beside it"),
+    ("passwd.json", r"passwd.json is not a tokenizer \(tokenizer.json\)"),
+    ("folder.json", "folder.json is not a regular file"),
+])
+def test_a_decode_export_cannot_make_compile_copy_any_file_as_its_tokenizer(decoder, tmp_path, name, message):
+    from compiler.driver import CompileOptions, compile_model
+
+    model = _decode_export_naming(decoder, tmp_path, name)
+    (model.parent / "passwd.json").write_text(open("/etc/passwd").read())
+    (model.parent / "folder.json").mkdir()
+    _tokenizer_json(tmp_path / "outside.json")
+    output = tmp_path / "out.sccx"
+    with pytest.raises(SparseccError, match=message):
+        compile_model(CompileOptions(str(model), str(output)))
+    assert not output.exists()
+
+
+def test_a_decode_export_cannot_name_a_prefill_step_elsewhere(decoder, tmp_path):
+    from compiler.driver import CompileOptions, compile_model
+
+    model = _decode_export_naming(decoder, tmp_path, None, prefill_model=str(decoder[0].with_name("tiny.prefill.onnx")))
+    with pytest.raises(SparseccError, match="names the prefill step .*, which is not a plain file name beside it"):
+        compile_model(CompileOptions(str(model), str(tmp_path / "out.sccx")))
+
+
+def test_the_tokenizer_beside_a_decode_export_is_the_one_copied(decoder, tmp_path):
+    from compiler.decode_build import tokenizer_source
+
+    model = _decode_export_naming(decoder, tmp_path, "tiny.tokenizer.json")
+    _tokenizer_json(model.parent / "tiny.tokenizer.json")
+    assert tokenizer_source(model, {"tokenizer": "tiny.tokenizer.json"}) == model.parent / "tiny.tokenizer.json"
+    assert tokenizer_source(model, {"tokenizer": None}) is None

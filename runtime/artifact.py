@@ -8,6 +8,11 @@ Every file the manifest names (its libraries, weights file, tokenizer and the en
 ``files``) must be a plain name of a regular file inside the folder, listed in ``files``
 with its sha256: a manifest cannot make the runtime load a library, or map weights, from
 anywhere else. A symbolic link is followed only when it stays inside the folder.
+
+The manifest holds the sha256 of its own content (``content_sha256``: every other field
+as canonical JSON), so an edit of a weight's offset, shape or dtype, or of an input's
+valid range, is refused like a changed file. Like the files' sha256s, this catches
+accidents, not attacks: whoever can edit an artifact can recompute it.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from pathlib import Path
 from runtime.errors import SparseccError
 
 FORMAT = "sparsecc-artifact"
-FORMAT_VERSION = 1
+# 2: the manifest holds the sha256 of its own content (CONTENT_SHA256).
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+CONTENT_SHA256 = "manifest_sha256"
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,20 @@ class Manifest:
         )
 
 
+def content_sha256(data: dict) -> str:
+    """The sha256 of a manifest's content: every field but ``CONTENT_SHA256`` as canonical
+    JSON (sorted keys, no spaces, ASCII), so that only the layout of the file may change."""
+    body = json.loads(json.dumps({key: value for key, value in data.items() if key != CONTENT_SHA256}))
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_manifest(folder: str | os.PathLike, data: dict) -> None:
+    """Writes ``data`` as ``folder/manifest.json`` with the sha256 of its content."""
+    text = json.dumps({**data, CONTENT_SHA256: content_sha256(data)}, indent=2)
+    (Path(folder) / MANIFEST).write_text(text + "\n")
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
@@ -144,7 +165,7 @@ def read_manifest(path: str | os.PathLike, verify: bool = True) -> Manifest:
         raise SparseccError(f"{path} is not a sparsecc artifact (it has no {MANIFEST}).")
     try:
         data = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise SparseccError(f"{manifest_path} is corrupt ({exc.__class__.__name__}: {exc}).") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise SparseccError(f"{path} is not a sparsecc artifact (its manifest has format {data.get('format') if isinstance(data, dict) else None!r}).")
@@ -155,6 +176,13 @@ def read_manifest(path: str | os.PathLike, verify: bool = True) -> Manifest:
         raise SparseccError(
             f"{path} uses artifact format {version}, newer than the {FORMAT_VERSION} this sparsecc reads; upgrade sparsecc."
         )
+    if version < FORMAT_VERSION:
+        raise SparseccError(
+            f"{path} uses artifact format {version}, older than the {FORMAT_VERSION} this sparsecc reads; compile it again."
+        )
+    if data.get(CONTENT_SHA256) != content_sha256(data):
+        raise SparseccError(f"{path} is corrupt: its {MANIFEST} was changed after it was written (its content does "
+                            "not match its sha256); compile it again.")
     try:
         manifest = Manifest.from_dict(data)
     except (KeyError, TypeError, ValueError) as exc:
@@ -219,7 +247,7 @@ def write_artifact(path: str | os.PathLike, manifest: Manifest, staged: Path) ->
         entry.name: sha256_file(entry) for entry in sorted(staged.iterdir()) if entry.is_file() and entry.name != MANIFEST
     }
     final = Manifest(**{**manifest.__dict__, "files": files})
-    (staged / MANIFEST).write_text(json.dumps(final.to_dict(), indent=2) + "\n")
+    write_manifest(staged, final.to_dict())
     if path.exists():
         if not (path / MANIFEST).exists() and any(path.iterdir()):
             raise SparseccError(f"{path} exists and is not a sparsecc artifact; refusing to replace it.")

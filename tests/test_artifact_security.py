@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import runtime
-from runtime.artifact import MANIFEST
+from runtime.artifact import MANIFEST, write_manifest
 from runtime.errors import SparseccError
 
 PLANTED_SOURCE = r"""
@@ -37,8 +37,9 @@ def _manifest(path) -> dict:
 
 
 def _craft(path, data: dict) -> None:
-    """Writes ``data`` as the artifact's manifest, as a crafted artifact would hold it."""
-    (path / MANIFEST).write_text(json.dumps(data))
+    """Writes ``data`` as the artifact's manifest, as a crafted artifact would hold it
+    (with the sha256 of its content recomputed)."""
+    write_manifest(path, data)
 
 
 @pytest.fixture
@@ -344,3 +345,41 @@ def test_the_tokenizer_beside_a_decode_export_is_the_one_copied(decoder, tmp_pat
     _tokenizer_json(model.parent / "tiny.tokenizer.json")
     assert tokenizer_source(model, {"tokenizer": "tiny.tokenizer.json"}) == model.parent / "tiny.tokenizer.json"
     assert tokenizer_source(model, {"tokenizer": None}) is None
+
+
+def test_a_moved_weight_offset_is_caught(artifact_copy):
+    """The manifest's own content is hashed: one byte's shift of one weight would give wrong logits."""
+    data = _manifest(artifact_copy)
+    data["weights"][0]["offset"] += 1
+    (artifact_copy / MANIFEST).write_text(json.dumps(data, indent=2))
+    with pytest.raises(SparseccError, match="manifest.json was changed after it was written"):
+        runtime.load(artifact_copy)
+
+
+def test_removed_input_ranges_are_caught(artifact_copy):
+    data = _manifest(artifact_copy)
+    data.pop("input_ranges", None)
+    data["summary"].pop("input_ranges", None)
+    (artifact_copy / MANIFEST).write_text(json.dumps(data, indent=2))
+    with pytest.raises(SparseccError, match="manifest.json was changed after it was written"):
+        runtime.load(artifact_copy)
+
+
+def test_the_manifests_layout_is_not_part_of_its_content(artifact_copy, token_ids, compiled):
+    """Only the content is hashed: the same manifest laid out differently still loads."""
+    data = _manifest(artifact_copy)
+    (artifact_copy / MANIFEST).write_text(json.dumps(data, sort_keys=True))
+    reference = runtime.load(compiled("tiny-llama", 0.0)).run({"input_ids": token_ids})["logits"]
+    np.testing.assert_array_equal(runtime.load(artifact_copy).run({"input_ids": token_ids})["logits"], reference)
+
+
+def test_an_artifact_of_the_older_format_is_refused_with_what_to_do(artifact_copy):
+    from runtime.artifact import FORMAT_VERSION
+
+    data = _manifest(artifact_copy)
+    data["format_version"] = FORMAT_VERSION - 1
+    data.pop("manifest_sha256", None)
+    (artifact_copy / MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(SparseccError, match=f"uses artifact format {FORMAT_VERSION - 1}, older than the "
+                                            f"{FORMAT_VERSION} this sparsecc reads; compile it again"):
+        runtime.load(artifact_copy)

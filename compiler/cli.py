@@ -239,9 +239,10 @@ def run(artifact, inputs, output):
 
     arrays = driver.load_inputs(inputs)
     outputs = driver.run(artifact, arrays)
-    driver.save_outputs(outputs, output)
+    names = driver.save_outputs(outputs, output)
     for name, value in outputs.items():
-        click.echo(f"{name}: {value.dtype}{list(value.shape)}")
+        saved_as = f" (saved as {names[name]!r})" if names[name] != name else ""
+        click.echo(f"{name}: {value.dtype}{list(value.shape)}{saved_as}")
     click.echo(f"wrote {output}")
 
 

@@ -27,7 +27,7 @@ from compiler.build import artifact_bytes, build_graph, dense_weight_bytes, gati
 from compiler.decode_export import KEY_LAYOUT, decoding_metadata
 from compiler.onnx_io import load_model
 from compiler.progress import Progress
-from runtime.artifact import Manifest, WeightSpec, staging_dir, write_artifact
+from runtime.artifact import Manifest, WeightSpec, is_plain_name, staging_dir, write_artifact
 from runtime.errors import SparseccError
 
 TOKENIZER = "tokenizer.json"
@@ -139,6 +139,55 @@ def merge_weights(main: Path, main_entries: list[dict], other: Path, other_entri
     return merged
 
 
+def beside(model_path: Path, name, what: str) -> Path:
+    """The file ``name`` that a decode export's metadata names, in the export's folder.
+
+    Raises:
+        SparseccError: when ``name`` is not a plain file name (the exporter writes only
+            those): metadata must not make the compiler read files from elsewhere.
+    """
+    if not is_plain_name(name):
+        raise SparseccError(f"{model_path} names {what} {name!r}, which is not a plain file name beside it; export it again.")
+    return model_path.parent / name
+
+
+def tokenizer_source(model_path: Path, spec: dict) -> Path | None:
+    """The tokenizer the exporter wrote beside a decode export (``spec["tokenizer"]``),
+    checked to be a regular file that parses as a tokenizer, or None when it names none.
+
+    Raises:
+        SparseccError: when the name is not a plain file name, the file is missing, not a
+            regular file, or not a tokenizer (a crafted export must not get, say,
+            ``/etc/passwd`` copied into an artifact).
+    """
+    import json
+    import stat
+
+    name = spec.get("tokenizer")
+    if name is None:
+        return None
+    path = beside(model_path, name, "the tokenizer")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise SparseccError(f"{model_path} names the tokenizer {name}, which is missing; export it again.") from None
+    if not stat.S_ISREG(mode):
+        raise SparseccError(f"{path} is not a regular file, so it is not the tokenizer {model_path} needs; export it again.")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:  # the compiler does not need the package; a tokenizer's JSON has a model
+        Tokenizer = None
+    try:
+        if Tokenizer is not None:
+            Tokenizer.from_file(str(path))
+        elif not isinstance(json.loads(path.read_text()).get("model"), dict):
+            raise ValueError("no model")
+    except Exception:  # tokenizers raises its own Exception type for a file it cannot parse
+        raise SparseccError(f"{path} is not a tokenizer ({TOKENIZER}), so it is not copied into the artifact; "
+                            "export the model again.") from None
+    return path
+
+
 def compile_decoder(options, model: onnx.ModelProto, target, progress: Progress) -> dict:
     """Compiles a decode graph and its prefill graph into one artifact; returns a summary."""
     if target.name == "cuda":
@@ -149,8 +198,8 @@ def compile_decoder(options, model: onnx.ModelProto, target, progress: Progress)
     dense_bytes = dense_weight_bytes(model)
     if options.shapes:
         raise SparseccError("a decoder's shapes are fixed at export (--max-context, --prefill-len); drop --shape.")
-    source = Path(options.model).parent
-    prefill_path = source / spec["prefill_model"]
+    prefill_path = beside(Path(options.model), spec.get("prefill_model"), "the prefill step")
+    tokenizer_path = tokenizer_source(Path(options.model), spec)
     if not prefill_path.exists():
         raise SparseccError(f"{options.model} is a decode step, but its prefill step {prefill_path} is missing; export it again.")
     with progress.step(f"loading {prefill_path}"):
@@ -177,10 +226,8 @@ def compile_decoder(options, model: onnx.ModelProto, target, progress: Progress)
         os.replace(prefill_stage / prefill_graph["built"]["library"], staging / PREFILL_LIBRARY)
         shutil.rmtree(prefill_stage)
         tokenizer = None
-        if spec.get("tokenizer"):
-            if not (source / spec["tokenizer"]).exists():
-                raise SparseccError(f"{options.model} names the tokenizer {spec['tokenizer']}, which is missing; export it again.")
-            shutil.copyfile(source / spec["tokenizer"], staging / TOKENIZER)
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, staging / TOKENIZER)
             tokenizer = TOKENIZER
         if spec.get("key_layout") != KEY_LAYOUT:
             raise SparseccError(f"{options.model} was exported by an older sparsecc (another cache layout); export it again.")

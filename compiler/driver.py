@@ -181,13 +181,47 @@ def load_inputs(specs: list[str]) -> dict[str, np.ndarray]:
     return inputs
 
 
-def save_outputs(outputs: dict[str, np.ndarray], path: str) -> None:
-    """Writes outputs to an .npz file atomically."""
+def npz_names(names) -> dict[str, str]:
+    """Each output name -> its entry in an ``.npz``: a plain file name (characters other
+    than letters, digits, ``_``, ``-`` and ``.`` become ``_``, a leading dot too), made
+    unique with ``_2``, ``_3``... An output named ``../../evil`` cannot become an entry
+    that unpacks outside a folder."""
+    import re
+
+    chosen: dict[str, str] = {}
+    taken = set(names)  # a name that is already safe keeps it; a renamed one avoids it
+    for name in names:
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+        safe = "_" + safe[1:] if safe.startswith(".") else safe or "_"
+        if safe != name:
+            base, count = safe, 1
+            while safe in taken or safe in chosen.values():
+                count += 1
+                safe = f"{base}_{count}"
+            taken.add(safe)
+        chosen[name] = safe
+    return chosen
+
+
+def save_outputs(outputs: dict[str, np.ndarray], path: str) -> dict[str, str]:
+    """Writes outputs to an .npz file atomically; returns each output's entry name
+    (``npz_names``). The zip is written here, not by ``np.savez``, whose own parameters
+    (``file``, ``allow_pickle``) would swallow outputs of those names."""
+    import zipfile
+
+    names = npz_names(list(outputs))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.partial.npz")
-    np.savez(temporary, **outputs)
-    os.replace(temporary, path)
+    try:
+        with zipfile.ZipFile(temporary, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for name, array in outputs.items():
+                with archive.open(f"{names[name]}.npy", "w", force_zip64=True) as entry:
+                    np.lib.format.write_array(entry, np.asanyarray(array), allow_pickle=False)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return names
 
 
 def run(artifact: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

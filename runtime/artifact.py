@@ -3,6 +3,16 @@
 The manifest is a few dataclasses with ``to_dict`` / ``from_dict``; this module is the only
 place that reads or writes them. Reading checks everything a damaged or foreign artifact
 could get wrong (format, version, the sha256 of every file) before anything is loaded.
+
+Every file the manifest names (its libraries, weights file, tokenizer and the entries of
+``files``) must be a plain name of a regular file inside the folder, listed in ``files``
+with its sha256: a manifest cannot make the runtime load a library, or map weights, from
+anywhere else. A symbolic link is followed only when it stays inside the folder.
+
+The manifest holds the sha256 of its own content (``content_sha256``: every other field
+as canonical JSON), so an edit of a weight's offset, shape or dtype, or of an input's
+valid range, is refused like a changed file. Like the files' sha256s, this catches
+accidents, not attacks: whoever can edit an artifact can recompute it.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,8 +29,10 @@ from pathlib import Path
 from runtime.errors import SparseccError
 
 FORMAT = "sparsecc-artifact"
-FORMAT_VERSION = 1
+# 2: the manifest holds the sha256 of its own content (CONTENT_SHA256).
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+CONTENT_SHA256 = "manifest_sha256"
 
 
 @dataclass(frozen=True)
@@ -116,12 +129,23 @@ class Manifest:
         )
 
 
+def content_sha256(data: dict) -> str:
+    """The sha256 of a manifest's content: every field but ``CONTENT_SHA256`` as canonical
+    JSON (sorted keys, no spaces, ASCII), so that only the layout of the file may change."""
+    body = json.loads(json.dumps({key: value for key, value in data.items() if key != CONTENT_SHA256}))
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_manifest(folder: str | os.PathLike, data: dict) -> None:
+    """Writes ``data`` as ``folder/manifest.json`` with the sha256 of its content."""
+    text = json.dumps({**data, CONTENT_SHA256: content_sha256(data)}, indent=2)
+    (Path(folder) / MANIFEST).write_text(text + "\n")
+
+
 def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def read_manifest(path: str | os.PathLike, verify: bool = True) -> Manifest:
@@ -141,7 +165,7 @@ def read_manifest(path: str | os.PathLike, verify: bool = True) -> Manifest:
         raise SparseccError(f"{path} is not a sparsecc artifact (it has no {MANIFEST}).")
     try:
         data = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise SparseccError(f"{manifest_path} is corrupt ({exc.__class__.__name__}: {exc}).") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise SparseccError(f"{path} is not a sparsecc artifact (its manifest has format {data.get('format') if isinstance(data, dict) else None!r}).")
@@ -152,18 +176,67 @@ def read_manifest(path: str | os.PathLike, verify: bool = True) -> Manifest:
         raise SparseccError(
             f"{path} uses artifact format {version}, newer than the {FORMAT_VERSION} this sparsecc reads; upgrade sparsecc."
         )
+    if version < FORMAT_VERSION:
+        raise SparseccError(
+            f"{path} uses artifact format {version}, older than the {FORMAT_VERSION} this sparsecc reads; compile it again."
+        )
+    if data.get(CONTENT_SHA256) != content_sha256(data):
+        raise SparseccError(f"{path} is corrupt: its {MANIFEST} was changed after it was written (its content does "
+                            "not match its sha256); compile it again.")
     try:
         manifest = Manifest.from_dict(data)
     except (KeyError, TypeError, ValueError) as exc:
         raise SparseccError(f"{manifest_path} is corrupt (bad or missing field {exc}).") from None
+    check_named_files(path, manifest)
     if verify:
         for name, expected in manifest.files.items():
-            file_path = path / name
-            if not file_path.is_file():
-                raise SparseccError(f"{path} is incomplete: {name} is missing.")
-            if sha256_file(file_path) != expected:
+            if sha256_file(path / name) != expected:
                 raise SparseccError(f"{path} is corrupt: {name} does not match its sha256 in the manifest.")
     return manifest
+
+
+def named_files(manifest: Manifest) -> list[tuple[str, object]]:
+    """(what it is, name) of every file the manifest names, the listed ones last."""
+    named = [("its library", manifest.library), ("its weights file", manifest.weights_file)]
+    named += [(f"its {graph} library", spec.get("library") if isinstance(spec, dict) else spec)
+              for graph, spec in manifest.graphs.items()]
+    if "event_library" in manifest.target:
+        named.append(("its event library", manifest.target["event_library"]))
+    if manifest.decoding.get("tokenizer") is not None:
+        named.append(("its tokenizer", manifest.decoding["tokenizer"]))
+    return named + [("a listed file", name) for name in manifest.files]
+
+
+def is_plain_name(name: object) -> bool:
+    """A file name without any folder part: not absolute, no separator, not ``.`` or ``..``."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name)
+
+
+def check_named_files(path: Path, manifest: Manifest) -> None:
+    """Refuses a manifest naming a file that is not a plain name, not listed in ``files``
+    with a sha256, not a regular file, or a symbolic link leading out of ``path``."""
+    for role, name in named_files(manifest):
+        if not is_plain_name(name):
+            raise SparseccError(f"{path} is refused: its manifest names {name!r} as {role}, which is not a plain "
+                                "file name inside the artifact folder.")
+        if name not in manifest.files:
+            raise SparseccError(f"{path} is refused: {role} {name!r} is not listed with a sha256 in its manifest's files.")
+    folder = path.resolve()
+    for name in manifest.files:
+        try:
+            mode = os.lstat(path / name).st_mode
+            if stat.S_ISLNK(mode):
+                target = (path / name).resolve()
+                if target.parent != folder:
+                    raise SparseccError(f"{path} is refused: {name} is a symbolic link leading out of the artifact folder.")
+                mode = os.stat(target).st_mode
+        except FileNotFoundError:
+            raise SparseccError(f"{path} is incomplete: {name} is missing.") from None
+        except (OSError, RuntimeError) as exc:  # a link loop, a name too long, no permission
+            raise SparseccError(f"{path} is refused: {name} cannot be read ({exc.__class__.__name__}).") from None
+        if not stat.S_ISREG(mode):
+            raise SparseccError(f"{path} is refused: {name} is not a regular file.")
 
 
 def write_artifact(path: str | os.PathLike, manifest: Manifest, staged: Path) -> None:
@@ -174,7 +247,7 @@ def write_artifact(path: str | os.PathLike, manifest: Manifest, staged: Path) ->
         entry.name: sha256_file(entry) for entry in sorted(staged.iterdir()) if entry.is_file() and entry.name != MANIFEST
     }
     final = Manifest(**{**manifest.__dict__, "files": files})
-    (staged / MANIFEST).write_text(json.dumps(final.to_dict(), indent=2) + "\n")
+    write_manifest(staged, final.to_dict())
     if path.exists():
         if not (path / MANIFEST).exists() and any(path.iterdir()):
             raise SparseccError(f"{path} exists and is not a sparsecc artifact; refusing to replace it.")

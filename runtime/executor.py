@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import shutil
+import stat
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from runtime.artifact import Manifest, TensorSpec, read_manifest
+from runtime.artifact import Manifest, TensorSpec, read_manifest, sha256_file
 from runtime.errors import SparseccError
 from runtime.tvm_runtime import isa_flags, llvm_cpu_name, tvm as _tvm
 
@@ -24,23 +29,81 @@ def load_library(path: Path, sha256: str | None):
     """``tvm.runtime.load_module(path)``, also for a path this process already loaded a
     different library from (an artifact rebuilt in place): the dynamic loader would return
     the first library for a path it has seen, so such a library is loaded from a copy
-    named by its sha256 in the temporary folder."""
+    named by its sha256 in a private cache folder (``library_cache``)."""
     tvm = _tvm()
     key = str(Path(path).resolve())
-    digest = sha256 or ""
+    digest = sha256 or sha256_file(key)
     if _LOADED_LIBRARIES.setdefault(key, digest) == digest:
         return tvm.runtime.load_module(key)
-    import shutil
-    import tempfile
+    return tvm.runtime.load_module(str(cached_copy(key, digest, library_cache())))
 
+
+def library_cache() -> Path:
+    """``$TMPDIR/sparsecc-libraries-UID``, created 0700; refused unless it is a folder of
+    this user that nobody else may write (anyone who can write there could plant a library
+    that this process would run). One of this user's that others may only read (as older
+    sparsecc versions made it) is closed to them first.
+
+    Raises:
+        SparseccError: when the folder belongs to another user, is open to others, or is
+            not a folder.
+    """
     folder = Path(tempfile.gettempdir()) / f"sparsecc-libraries-{os.getuid()}"
-    folder.mkdir(exist_ok=True)
-    copy = folder / f"{digest}{Path(path).suffix}"
-    if not copy.exists():
-        partial = folder / f".{digest}.{os.getpid()}.partial"
-        shutil.copyfile(key, partial)
-        partial.replace(copy)
-    return tvm.runtime.load_module(str(copy))
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise SparseccError(f"the library cache {folder} cannot be created ({exc.strerror}).") from None
+    info = os.lstat(folder)
+    if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not stat.S_IMODE(info.st_mode) & 0o022:
+        os.chmod(folder, 0o700, follow_symlinks=False)
+        info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+        raise SparseccError(f"the library cache {folder} is not private to this user (it must be a folder owned by "
+                            "you with mode 0700); remove it and load again.")
+    return folder
+
+
+def cached_copy(source: str, digest: str, folder: Path) -> Path:
+    """``folder/<digest>.so``, a copy of ``source``: a file already there is used only when
+    it is a regular file (not a link) whose bytes hash to ``digest``; otherwise a new copy
+    is written under an unpredictable name created exclusively, checked, and renamed over it.
+
+    Raises:
+        SparseccError: when ``source`` no longer hashes to ``digest`` (it changed after the
+            artifact was verified).
+    """
+    copy = folder / f"{digest}{Path(source).suffix}"
+    if _regular_file_sha256(copy) == digest:
+        return copy
+    # mkstemp opens with O_CREAT | O_EXCL and mode 0600 under a random name: nothing
+    # planted can be followed or written through.
+    handle, partial = tempfile.mkstemp(prefix=f".{digest}.", suffix=".partial", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as out, open(source, "rb") as data:
+            shutil.copyfileobj(data, out)
+        if _regular_file_sha256(Path(partial)) != digest:
+            raise SparseccError(f"{source} changed while it was being loaded; load the artifact again.")
+        os.replace(partial, copy)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+        raise
+    return copy
+
+
+def _regular_file_sha256(path: Path) -> str | None:
+    """The sha256 of ``path`` when it is a regular file of this user (links not followed), else None."""
+    try:
+        handle = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(handle, "rb") as data:
+        info = os.fstat(data.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+            return None
+        return hashlib.file_digest(data, "sha256").hexdigest()
 
 
 def check_host(path, target: dict) -> None:
@@ -65,7 +128,6 @@ def choose_cuda_compiler() -> None:
     (``TVM_CUDA_COMPILE_MODE=nvcc``) is the way that works. A mode the user set is kept.
     """
     import importlib.util
-    import shutil
 
     if importlib.util.find_spec("cuda") is None or importlib.util.find_spec("cuda.bindings") is None:
         if shutil.which("nvcc") is not None:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import runtime
-from runtime.artifact import FORMAT_VERSION, MANIFEST, Manifest, TensorSpec, WeightSpec, read_manifest
+from runtime.artifact import FORMAT_VERSION, MANIFEST, Manifest, TensorSpec, WeightSpec, read_manifest, write_manifest
 from conftest import onnxruntime_reference
 from runtime.errors import SparseccError
 
@@ -45,7 +45,7 @@ def artifact_copy(compiled, tmp_path):
 def _edit_manifest(path, **changes):
     data = json.loads((path / MANIFEST).read_text())
     data.update(changes)
-    (path / MANIFEST).write_text(json.dumps(data))
+    write_manifest(path, data)
 
 
 def test_truncated_weights_are_refused(artifact_copy):
@@ -92,7 +92,7 @@ def test_corrupt_manifest_is_refused(artifact_copy):
 def test_other_cpu_is_refused(artifact_copy):
     data = json.loads((artifact_copy / MANIFEST).read_text())
     data["target"]["mcpu"] = "some-other-cpu"
-    (artifact_copy / MANIFEST).write_text(json.dumps(data))
+    write_manifest(artifact_copy, data)
     with pytest.raises(SparseccError, match="compiled for CPU 'some-other-cpu'"):
         runtime.load(artifact_copy)
 
@@ -100,7 +100,7 @@ def test_other_cpu_is_refused(artifact_copy):
 def test_other_target_is_refused(artifact_copy):
     data = json.loads((artifact_copy / MANIFEST).read_text())
     data["target"]["name"] = "tpu"
-    (artifact_copy / MANIFEST).write_text(json.dumps(data))
+    write_manifest(artifact_copy, data)
     with pytest.raises(SparseccError, match="compiled for target 'tpu'"):
         runtime.load(artifact_copy)
 
@@ -126,7 +126,7 @@ def test_cpu_lacking_an_instruction_set_is_refused(artifact_copy):
     data = json.loads((artifact_copy / MANIFEST).read_text())
     assert data["target"]["isa"], "the build records the host's instruction sets"
     data["target"]["isa"] = data["target"]["isa"] + ["sve2"]
-    (artifact_copy / MANIFEST).write_text(json.dumps(data))
+    write_manifest(artifact_copy, data)
     with pytest.raises(SparseccError, match="has instructions this machine lacks \\(sve2\\)"):
         runtime.load(artifact_copy)
 

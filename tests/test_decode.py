@@ -257,11 +257,13 @@ def test_inspect_reports_weights_against_dense(decoder, capsys):
 def test_a_decoder_of_another_cache_layout_is_refused(decoder, tmp_path):
     import shutil
 
+    from runtime.artifact import write_manifest
+
     copy = tmp_path / "old.sccx"
     shutil.copytree(decoder[1], copy)
     data = json.loads((copy / "manifest.json").read_text())
     del data["decoding"]["key_layout"]
-    (copy / "manifest.json").write_text(json.dumps(data))
+    write_manifest(copy, data)
     with pytest.raises(SparseccError, match="built by an older sparsecc \\(another cache layout\\)"):
         runtime.load(copy)
 

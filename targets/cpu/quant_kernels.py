@@ -401,6 +401,23 @@ def _quant_matmul_func(m: int, k: int, n: int, bits: int, symmetric: bool, group
         )
 
     @T.macro
+    def fold_step(lanes, half, largest):
+        for j in T.vectorized(half):
+            if largest:
+                lanes[j] = T.max(lanes[j], lanes[j + half])
+            else:
+                lanes[j] = lanes[j] + lanes[j + half]
+
+    @T.macro
+    def fold_lanes(lanes, largest):
+        # lanes[0] <- the max (or sum) of lanes[0:16], by halving: four vector steps
+        # instead of a serial chain of fifteen.
+        fold_step(lanes, 8, largest)
+        fold_step(lanes, 4, largest)
+        fold_step(lanes, 2, largest)
+        fold_step(lanes, 1, largest)
+
+    @T.macro
     def quantize_group(x, xq, xscale, xsum, row, g, guarded):
         # x[row, g*group : (g+1)*group] -> int8 codes xq, step xscale and code sum xsum.
         peak = T.alloc_buffer((width,), "float32")
@@ -417,8 +434,7 @@ def _quant_matmul_func(m: int, k: int, n: int, bits: int, symmetric: bool, group
                     )
                 else:
                     peak[j] = T.max(peak[j], T.abs(x[row, g * group + h * width + j]))
-        for j in range(1, width):
-            peak[0] = T.max(peak[0], peak[j])
+        fold_lanes(peak, True)
         xscale[row, g] = peak[0] / T.float32(127)
         peak[1] = T.if_then_else(peak[0] > T.float32(0), T.float32(127) / peak[0], T.float32(0))
         for h in range(group // width):
@@ -434,8 +450,7 @@ def _quant_matmul_func(m: int, k: int, n: int, bits: int, symmetric: bool, group
                         "int8", T.nearbyint(x[row, g * group + h * width + j] * peak[1])
                     )
                 total[j] = total[j] + T.Cast("int32", xq[row, g * group + h * width + j])
-        for j in range(1, width):
-            total[0] = total[0] + total[j]
+        fold_lanes(total, False)
         xsum[row, g] = total[0]
 
     @T.macro

@@ -1,0 +1,708 @@
+"""Quantized dense matmul kernels for the CPU (int8 and int4 weights), in low-level TIR.
+
+MEASUREMENTS_PLACEHOLDER
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from targets.cpu.kernels import PANEL_WIDTH
+from targets.cpu.kernels import prefetch as _prefetch
+
+#: Inputs (rows of ``W``) per quantization group, the llama.cpp block.
+GROUP = 32
+#: Bytes of one line of a panel: 16 columns x 4 inputs of int8, one cache line and one
+#: AVX-512 register.
+LINE_BYTES = 64
+#: Inputs per 32-bit lane of a line (one ``vpdpbusd`` sums four products per lane).
+QUAD = 4
+#: Rows of ``x`` per pass over a panel pair, per path. The integer path keeps an int32
+#: and an fp32 accumulator per row and panel (16 of the 32 registers at 4 rows); the fp32
+#: path keeps 64 lanes (4 registers) per row and panel (16 at 2 rows).
+VNNI_ROW_TILE = 4
+FMA_ROW_TILE = 2
+#: How far ahead of the current line each panel's codes are prefetched (see
+#: ``targets.cpu.kernels.PREFETCH_BYTES``).
+PREFETCH_BYTES = 4096
+#: The kernels' two ways of multiplying; see the module docstring.
+PATHS = ("vnni", "fma")
+#: The CPU features the ``vnni`` path needs (LLVM's names).
+VNNI_FEATURES = ("avx512bw", "avx512vnni")
+
+_FP16_MAX = float(np.finfo(np.float16).max)
+
+
+# --- Weights: quantize, pack, unpack ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A ``[k, n]`` weight quantized in groups of ``group`` inputs, in the kernels' layout.
+
+    ``codes`` uint8 ``[P, Kp * bits / 256, 64]`` with ``P = ceil(n / 16)`` panels and
+    ``Kp`` = ``k`` rounded up to whole groups; ``scales`` (and ``mins``, asymmetric int4
+    only) float16 ``[P, Kp / group, 16]``: see the module docstring for the bytes.
+    """
+
+    bits: int
+    symmetric: bool
+    k: int
+    n: int
+    group: int
+    codes: np.ndarray
+    scales: np.ndarray
+    mins: np.ndarray | None = None
+
+    def arrays(self) -> list[np.ndarray]:
+        """The weight's arrays in the order the kernel takes them (after ``x``)."""
+        return [self.codes, self.scales] + ([] if self.mins is None else [self.mins])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kernel reads per call: every code, scale and minimum."""
+        return int(sum(a.nbytes for a in self.arrays()))
+
+
+def _check_weight(weight: np.ndarray, group: int) -> None:
+    if weight.ndim != 2 or weight.dtype != np.float32 or 0 in weight.shape:
+        raise ValueError(f"expected a non-empty 2-D float32 weight, got {weight.ndim}-D {weight.dtype}")
+    if not np.isfinite(weight).all():
+        raise ValueError("the weight has infinite or NaN values")
+    _check_group(group)
+
+
+def _check_group(group: int) -> None:
+    if not isinstance(group, (int, np.integer)) or group <= 0 or group % 16:
+        raise ValueError(f"group must be a positive multiple of 16, got {group!r}")
+
+
+def _grouped(weight: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """``W`` zero-padded to ``[G, group, P * 16]`` (float64), and a mask of its real entries."""
+    k, n = weight.shape
+    groups, panels = -(-k // group), -(-n // PANEL_WIDTH)
+    padded = np.zeros((groups * group, panels * PANEL_WIDTH))
+    padded[:k, :n] = weight
+    real = np.zeros(padded.shape, dtype=bool)
+    real[:k, :n] = True
+    shape = (groups, group, panels * PANEL_WIDTH)
+    return padded.reshape(shape), real.reshape(shape)
+
+
+def _fp16_at_least(values: np.ndarray) -> np.ndarray:
+    """The smallest float16 at or above each value (so a step never shrinks in rounding)."""
+    return _fp16_rounded(values, np.inf)
+
+
+def _fp16_at_most(values: np.ndarray) -> np.ndarray:
+    """The largest float16 at or below each value."""
+    return _fp16_rounded(values, -np.inf)
+
+
+def _fp16_rounded(values: np.ndarray, direction: float) -> np.ndarray:
+    if np.abs(values).max(initial=0) > _FP16_MAX:
+        raise ValueError("the weight's range is too large for float16 scales")
+    rounded = values.astype(np.float16)
+    off = (rounded.astype(np.float64) < values) if direction > 0 else (rounded.astype(np.float64) > values)
+    rounded[off] = np.nextafter(rounded[off], np.float16(direction))
+    return rounded
+
+
+def _panel_major(per_group: np.ndarray) -> np.ndarray:
+    """``[G, P * 16]`` -> ``[P, G, 16]``: a panel's scales are one contiguous run."""
+    groups, columns = per_group.shape
+    return np.ascontiguousarray(per_group.reshape(groups, columns // PANEL_WIDTH, PANEL_WIDTH).transpose(1, 0, 2))
+
+
+def _pack_int8_codes(codes: np.ndarray) -> np.ndarray:
+    """Signed codes ``[Kp, P * 16]`` -> lines ``[P, Kp / 4, 64]`` of ``code + 128``:
+    byte ``4 j + b`` of line ``r`` of panel ``p`` holds input ``4 r + b``, column
+    ``16 p + j``."""
+    rows, columns = codes.shape
+    biased = (codes.astype(np.int16) + 128).astype(np.uint8)
+    lines = biased.reshape(rows // QUAD, QUAD, columns // PANEL_WIDTH, PANEL_WIDTH)
+    return np.ascontiguousarray(lines.transpose(2, 0, 3, 1)).reshape(columns // PANEL_WIDTH, rows // QUAD, LINE_BYTES)
+
+
+def _pack_int4_codes(codes: np.ndarray) -> np.ndarray:
+    """Codes 0..15 ``[Kp, P * 16]`` -> lines ``[P, Kp / 8, 64]``: byte ``4 j + b`` of line
+    ``r`` holds input ``8 r + b`` (low nibble) and ``8 r + 4 + b`` (high nibble) of
+    column ``16 p + j``."""
+    rows, columns = codes.shape
+    halves = codes.astype(np.uint8).reshape(rows // 8, 2, QUAD, columns // PANEL_WIDTH, PANEL_WIDTH)
+    bytes_ = halves[:, 0] | (halves[:, 1] << 4)
+    return np.ascontiguousarray(bytes_.transpose(2, 0, 3, 1)).reshape(columns // PANEL_WIDTH, rows // 8, LINE_BYTES)
+
+
+def quantize_int8(weight: np.ndarray, group: int = GROUP) -> QuantizedWeight:
+    """Quantizes ``W`` [K, N] to int8 with one float16 scale per group of ``group`` inputs
+    (llama.cpp's Q8_0 when ``group`` is 32).
+
+    Per group and column, ``d`` is the smallest float16 at or above ``max |w| / 127`` and
+    ``q = round(w / d)`` (so ``|q| <= 127`` and ``|w - d q| <= d / 2``).
+
+    Args:
+        weight: the float32 weight (``y = x @ weight``).
+        group: inputs per group, a positive multiple of 16.
+
+    Returns:
+        The ``QuantizedWeight`` (``bits`` 8) in the layout ``int8_matmul_func`` reads.
+
+    Raises:
+        ValueError: for a weight that is not finite 2-D float32, a bad ``group``, or a
+            range too large for float16 scales.
+    """
+    _check_weight(weight, group)
+    grouped, _ = _grouped(weight, group)
+    scales = _fp16_at_least(np.abs(grouped).max(axis=1) / 127)
+    step = scales.astype(np.float64)[:, None, :]
+    codes = np.rint(np.divide(grouped, step, out=np.zeros_like(grouped), where=step > 0))
+    codes = np.clip(codes, -127, 127).astype(np.int8).reshape(-1, grouped.shape[2])
+    k, n = weight.shape
+    return QuantizedWeight(8, True, k, n, group, _pack_int8_codes(codes), _panel_major(scales))
+
+
+def quantize_int4(weight: np.ndarray, group: int = GROUP, symmetric: bool = False) -> QuantizedWeight:
+    """Quantizes ``W`` [K, N] to int4 per group of ``group`` inputs, two codes per byte.
+
+    Asymmetric (llama.cpp's Q4_1): ``w ~ d q + m`` with ``q`` in 0..15, ``m`` the largest
+    float16 at or below the group's minimum and ``d`` the smallest float16 at or above
+    ``(max - m) / 15``. Symmetric (Q4_0's format): ``w ~ d (q - 8)`` with ``d`` the
+    smallest float16 at or above ``max |w| / 7``, so ``q - 8`` is in -7..7. (llama.cpp's
+    own Q4_0 rounding takes ``d = max / -8`` and clamps the opposite extreme to +7, up to
+    a whole step off; the kernel reads codes from either rule.) Either way ``|w - w'| <= d
+    / 2`` for every weight, up to the float32 rounding of ``d q + m``.
+
+    Args:
+        weight: the float32 weight (``y = x @ weight``).
+        group: inputs per group, a positive multiple of 16.
+        symmetric: scale only, zero point 8 (no minimum).
+
+    Returns:
+        The ``QuantizedWeight`` (``bits`` 4) in the layout ``int4_matmul_func`` reads.
+
+    Raises:
+        ValueError: as ``quantize_int8``.
+    """
+    _check_weight(weight, group)
+    grouped, real = _grouped(weight, group)
+    if symmetric:
+        scales = _fp16_at_least(np.abs(grouped).max(axis=1) / 7)
+        mins = None
+    else:
+        # Over the real entries only: zero padding would widen a group's range.
+        lowest = np.where(real, grouped, np.inf).min(axis=1)
+        highest = np.where(real, grouped, -np.inf).max(axis=1)
+        padding = ~real.any(axis=1)
+        lowest[padding], highest[padding] = 0, 0
+        mins = _fp16_at_most(lowest)
+        scales = _fp16_at_least((highest - mins.astype(np.float64)) / 15)
+    step = scales.astype(np.float64)[:, None, :]
+    offset = grouped - (0 if symmetric else mins.astype(np.float64)[:, None, :])
+    codes = np.rint(np.divide(offset, step, out=np.zeros_like(offset), where=step > 0))
+    codes = np.clip(codes + (8 if symmetric else 0), 0, 15).astype(np.uint8)
+    k, n = weight.shape
+    return QuantizedWeight(
+        4, symmetric, k, n, group, _pack_int4_codes(codes.reshape(-1, grouped.shape[2])),
+        _panel_major(scales), None if mins is None else _panel_major(mins),
+    )
+
+
+def _group_major(per_panel: np.ndarray, n: int) -> np.ndarray:
+    """``[P, G, 16]`` float16 -> ``[G, n]`` float32."""
+    panels, groups, width = per_panel.shape
+    return per_panel.transpose(1, 0, 2).reshape(groups, panels * width)[:, :n].astype(np.float32)
+
+
+def unpack(weight: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The codes as a ``[K, N]`` matrix and the per-group parameters as ``[G, N]``.
+
+    Returns:
+        ``(codes, scales, mins)``: ``codes`` int8 (the signed int8 codes; for symmetric
+        int4 ``q - 8`` in -8..7) or uint8 (asymmetric int4, 0..15); ``scales`` float32
+        ``[ceil(K / group), N]``; ``mins`` float32 of the same shape, or None. These are
+        the inputs of ONNX ``DequantizeLinear`` with ``block_size = group`` along ``K``.
+    """
+    panels, lines, _ = weight.codes.shape
+    if weight.bits == 8:
+        grid = weight.codes.reshape(panels, lines, PANEL_WIDTH, QUAD).transpose(1, 3, 0, 2)
+        codes = (grid.reshape(lines * QUAD, panels * PANEL_WIDTH).astype(np.int16) - 128).astype(np.int8)
+    else:
+        nibbles = weight.codes.reshape(panels, lines, PANEL_WIDTH, QUAD)
+        both = np.stack([nibbles & 15, nibbles >> 4], axis=2)  # [P, lines, 2, 16, 4]
+        codes = both.transpose(1, 2, 4, 0, 3).reshape(lines * 8, panels * PANEL_WIDTH)
+        if weight.symmetric:
+            codes = (codes.astype(np.int8) - 8).astype(np.int8)
+    codes = codes[: weight.k, : weight.n]
+    mins = None if weight.mins is None else _group_major(weight.mins, weight.n)
+    return codes, _group_major(weight.scales, weight.n), mins
+
+
+def _dequantize(weight: QuantizedWeight) -> np.ndarray:
+    codes, scales, mins = unpack(weight)
+    expand = lambda per_group: np.repeat(per_group, weight.group, axis=0)[: weight.k]  # noqa: E731
+    dense = codes.astype(np.float32) * expand(scales)
+    return dense if mins is None else dense + expand(mins)
+
+
+def dequantize_int8(weight: QuantizedWeight) -> np.ndarray:
+    """The float32 ``[K, N]`` weight the int8 codes represent, ``d q`` (exact in float32:
+    an 11-bit scale times an 8-bit code)."""
+    if weight.bits != 8:
+        raise ValueError(f"expected an int8 weight, got int{weight.bits}")
+    return _dequantize(weight)
+
+
+def dequantize_int4(weight: QuantizedWeight) -> np.ndarray:
+    """The float32 ``[K, N]`` weight the int4 codes represent: ``d (q - 8)`` (symmetric,
+    exact) or ``d q + m`` (one float32 rounding, as ``DequantizeLinear`` then ``Add``)."""
+    if weight.bits != 4:
+        raise ValueError(f"expected an int4 weight, got int{weight.bits}")
+    return _dequantize(weight)
+
+
+# --- Kernels ---------------------------------------------------------------------------
+
+
+def vnni_available(target=None) -> bool:
+    """Whether ``target`` (default: this host's, ``targets.cpu.host.host_target``) has the
+    AVX-512 VNNI and BW instructions the ``vnni`` path is built from."""
+    import tvm
+
+    from targets.cpu.host import host_target
+
+    return bool(tvm.target.codegen.target_has_features(list(VNNI_FEATURES), target or host_target()))
+
+
+def _choose_path(path: str | None) -> str:
+    if path is None:
+        return "vnni" if vnni_available() else "fma"
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS} or None, got {path!r}")
+    return path
+
+
+def _check_sizes(m: int, k: int, n: int) -> None:
+    for name, value in (("m", m), ("k", k), ("n", n)):
+        if not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _vpdpbusd(acc, unsigned_bytes, signed_bytes):
+    """``acc + sum of four u8 x s8 products`` per 32-bit lane (AVX-512 VNNI)."""
+    from tvm.script import tirx as T
+
+    return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, unsigned_bytes, signed_bytes)
+
+
+def int8_matmul_func(m: int, k: int, n: int, group: int = GROUP, path: str | None = None):
+    """A TIR PrimFunc computing ``y = x @ W`` for ``W = quantize_int8(...)``.
+
+    Parameters, in order: ``x`` float32 [m, k], ``codes`` uint8 and ``scales`` float16 of
+    the ``QuantizedWeight``, ``y`` float32 [m, n] (every element written). Global symbol
+    ``int8_matmul_m{m}_k{k}_n{n}_g{group}_{path}``.
+
+    Args:
+        m: rows of ``x``; any positive value (decode is 1 to 8).
+        k: reduction size; need not be a multiple of ``group``.
+        n: output size; need not be a multiple of 16.
+        group: inputs per quantization group, as the weight was quantized.
+        path: ``"vnni"`` (x quantized to int8, integer dot products), ``"fma"`` (the
+            weight dequantized to float32, fp32 FMAs; no x86 intrinsics), or None for
+            ``"vnni"`` where ``vnni_available()``.
+
+    Returns:
+        A ``tvm.tirx.PrimFunc``.
+
+    Raises:
+        ValueError: for a non-positive size, a bad ``group`` or an unknown ``path``.
+    """
+    return _quant_matmul_func(m, k, n, 8, True, group, path)
+
+
+def int4_matmul_func(m: int, k: int, n: int, group: int = GROUP, symmetric: bool = False, path: str | None = None):
+    """A TIR PrimFunc computing ``y = x @ W`` for ``W = quantize_int4(..., symmetric)``.
+
+    Parameters, in order: ``x`` float32 [m, k], ``codes`` uint8, ``scales`` float16 and
+    (asymmetric only) ``mins`` float16 of the ``QuantizedWeight``, ``y`` float32 [m, n].
+    Global symbol ``int4{s}_matmul_m{m}_k{k}_n{n}_g{group}_{path}`` (``s`` for symmetric).
+    Arguments as ``int8_matmul_func``'s.
+    """
+    return _quant_matmul_func(m, k, n, 4, symmetric, group, path)
+
+
+def _quant_matmul_func(m: int, k: int, n: int, bits: int, symmetric: bool, group: int, path: str | None):
+    from tvm.script import tirx as T
+
+    _check_sizes(m, k, n)
+    _check_group(group)
+    path = _choose_path(path)
+    width = PANEL_WIDTH
+    groups = -(-k // group)
+    padded_k = groups * group
+    full_groups = k // group
+    panels = -(-n // width)
+    full_panels, tail_cols = divmod(n, width)
+    pairs, lone_panel = divmod(panels, 2)
+    inputs_per_line = QUAD * 8 // bits  # 4 for int8, 8 for int4
+    lines_per_group = group // inputs_per_line
+    lines = groups * lines_per_group
+    ahead = PREFETCH_BYTES // LINE_BYTES
+    has_mins = bits == 4 and not symmetric
+    # The integer path's code offset: int8 codes are stored + 128 (vpdpbusd's unsigned
+    # operand), symmetric int4 codes carry their zero point 8.
+    zero_point = 128 if bits == 8 else (8 if symmetric else 0)
+    tile = VNNI_ROW_TILE if path == "vnni" else FMA_ROW_TILE
+    rows_per_tile = min(m, tile)
+    full_tiles, tail_rows = divmod(m, rows_per_tile)
+    name = f"int{bits}{'s' if bits == 4 and symmetric else ''}_matmul_m{m}_k{k}_n{n}_g{group}_{path}"
+
+    def scale_vector(scales, p, g):
+        return T.Cast("float32x16", scales[p, g, T.Ramp(0, 1, width)])
+
+    def line_bytes(codes, p, line):
+        return codes[p, line, T.Ramp(0, 1, LINE_BYTES)]
+
+    def low_nibbles(codes, p, line):
+        return T.bitwise_and(line_bytes(codes, p, line), T.Broadcast(T.uint8(15), LINE_BYTES))
+
+    def high_nibbles(codes, p, line):
+        return T.shift_right(line_bytes(codes, p, line), T.Broadcast(T.uint8(4), LINE_BYTES))
+
+    @T.macro
+    def prefetch_line(codes, p, line):
+        T.evaluate(_prefetch(T.address_of(codes[p, T.min(line + ahead, lines - 1), 0])))
+
+    @T.macro
+    def store(out, y, p, m0, rows):
+        # out: `rows` rows of 16 finished columns of panel p.
+        if tail_cols == 0:
+            for r in T.unroll(rows):
+                for j in T.vectorized(width):
+                    y[m0 + r, p * width + j] = out[r * width + j]
+        else:
+            if p < full_panels:
+                for r in T.unroll(rows):
+                    for j in T.vectorized(width):
+                        y[m0 + r, p * width + j] = out[r * width + j]
+            else:
+                for r in range(rows):
+                    for j in range(tail_cols):
+                        y[m0 + r, p * width + j] = out[r * width + j]
+
+    # --- The integer path: x quantized per group, vpdpbusd ----------------------------
+
+    def x_word(xq, row, kk):
+        # Four int8 of x (inputs kk..kk+3) in every 32-bit lane.
+        return T.reinterpret(
+            "int8x64", T.Broadcast(T.reinterpret("int32", xq[row, T.Ramp(kk, 1, QUAD)]), width)
+        )
+
+    @T.macro
+    def fold_step(lanes, half, largest):
+        for j in T.vectorized(half):
+            if largest:
+                lanes[j] = T.max(lanes[j], lanes[j + half])
+            else:
+                lanes[j] = lanes[j] + lanes[j + half]
+
+    @T.macro
+    def fold_lanes(lanes, largest):
+        # lanes[0] <- the max (or sum) of lanes[0:16], by halving: four vector steps
+        # instead of a serial chain of fifteen.
+        fold_step(lanes, 8, largest)
+        fold_step(lanes, 4, largest)
+        fold_step(lanes, 2, largest)
+        fold_step(lanes, 1, largest)
+
+    @T.macro
+    def quantize_group(x, xq, xscale, xsum, row, g, guarded):
+        # x[row, g*group : (g+1)*group] -> int8 codes xq, step xscale and code sum xsum.
+        peak = T.alloc_buffer((width,), "float32")
+        total = T.alloc_buffer((width,), "int32")
+        for j in T.vectorized(width):
+            peak[j] = T.float32(0)
+            total[j] = 0
+        for h in range(group // width):
+            for j in T.vectorized(width):
+                if guarded:
+                    peak[j] = T.max(
+                        peak[j],
+                        T.if_then_else(g * group + h * width + j < k, T.abs(x[row, T.min(g * group + h * width + j, k - 1)]), T.float32(0)),
+                    )
+                else:
+                    peak[j] = T.max(peak[j], T.abs(x[row, g * group + h * width + j]))
+        fold_lanes(peak, True)
+        xscale[row, g] = peak[0] / T.float32(127)
+        peak[1] = T.if_then_else(peak[0] > T.float32(0), T.float32(127) / peak[0], T.float32(0))
+        for h in range(group // width):
+            for j in T.vectorized(width):
+                if guarded:
+                    xq[row, g * group + h * width + j] = T.if_then_else(
+                        g * group + h * width + j < k,
+                        T.Cast("int8", T.nearbyint(x[row, T.min(g * group + h * width + j, k - 1)] * peak[1])),
+                        T.int8(0),
+                    )
+                else:
+                    xq[row, g * group + h * width + j] = T.Cast(
+                        "int8", T.nearbyint(x[row, g * group + h * width + j] * peak[1])
+                    )
+                total[j] = total[j] + T.Cast("int32", xq[row, g * group + h * width + j])
+        fold_lanes(total, False)
+        xsum[row, g] = total[0]
+
+    @T.macro
+    def quantize_x(x, xq, xscale, xsum):
+        for row in range(m):
+            for g in range(full_groups):
+                quantize_group(x, xq, xscale, xsum, row, g, False)
+            if full_groups < groups:
+                quantize_group(x, xq, xscale, xsum, row, full_groups, True)
+
+    @T.macro
+    def dot_line(iacc, codes, xq, p, line, m0, rows):
+        for r in T.unroll(rows):
+            if bits == 8:
+                iacc[T.Ramp(r * width, 1, width)] = _vpdpbusd(
+                    iacc[T.Ramp(r * width, 1, width)], line_bytes(codes, p, line), x_word(xq, m0 + r, line * QUAD)
+                )
+            else:
+                iacc[T.Ramp(r * width, 1, width)] = _vpdpbusd(
+                    _vpdpbusd(
+                        iacc[T.Ramp(r * width, 1, width)], low_nibbles(codes, p, line), x_word(xq, m0 + r, line * 8)
+                    ),
+                    high_nibbles(codes, p, line),
+                    x_word(xq, m0 + r, line * 8 + QUAD),
+                )
+
+    @T.macro
+    def start_group(iacc, xsum, g, m0, rows):
+        # sum (q + zero_point) xq - zero_point sum xq = sum q xq.
+        for r in T.unroll(rows):
+            for j in T.vectorized(width):
+                iacc[r * width + j] = xsum[m0 + r, g] * (-zero_point)
+
+    @T.macro
+    def finish_group(acc, iacc, scales, mins, xscale, xsum, p, g, m0, rows):
+        for r in T.unroll(rows):
+            for j in T.vectorized(width):
+                if has_mins:
+                    acc[r * width + j] = (
+                        acc[r * width + j]
+                        + T.Cast("float32", iacc[r * width + j]) * (T.Cast("float32", scales[p, g, j]) * xscale[m0 + r, g])
+                        + T.Cast("float32", mins[p, g, j]) * (xscale[m0 + r, g] * T.Cast("float32", xsum[m0 + r, g]))
+                    )
+                else:
+                    acc[r * width + j] = acc[r * width + j] + T.Cast("float32", iacc[r * width + j]) * (
+                        T.Cast("float32", scales[p, g, j]) * xscale[m0 + r, g]
+                    )
+
+    @T.macro
+    def vnni_tile(codes, scales, mins, y, xq, xscale, xsum, p, m0, rows, pair):
+        # One accumulator buffer per panel and kind, each under TVM's stack limit.
+        first = T.alloc_buffer((rows * width,), "float32")
+        ifirst = T.alloc_buffer((rows * width,), "int32")
+        for t in T.vectorized(rows * width):
+            first[t] = T.float32(0)
+        if pair:
+            second = T.alloc_buffer((rows * width,), "float32")
+            isecond = T.alloc_buffer((rows * width,), "int32")
+            for t in T.vectorized(rows * width):
+                second[t] = T.float32(0)
+        for g in range(groups):
+            start_group(ifirst, xsum, g, m0, rows)
+            if pair:
+                start_group(isecond, xsum, g, m0, rows)
+            for line in range(g * lines_per_group, (g + 1) * lines_per_group):
+                prefetch_line(codes, p, line)
+                dot_line(ifirst, codes, xq, p, line, m0, rows)
+                if pair:
+                    prefetch_line(codes, p + 1, line)
+                    dot_line(isecond, codes, xq, p + 1, line, m0, rows)
+            finish_group(first, ifirst, scales, mins, xscale, xsum, p, g, m0, rows)
+            if pair:
+                finish_group(second, isecond, scales, mins, xscale, xsum, p + 1, g, m0, rows)
+        store(first, y, p, m0, rows)
+        if pair:
+            store(second, y, p + 1, m0, rows)
+
+    @T.macro
+    def vnni_task(codes, scales, mins, y, xq, xscale, xsum, p, pair):
+        if full_tiles > 0:
+            for t in range(full_tiles):
+                vnni_tile(codes, scales, mins, y, xq, xscale, xsum, p, t * rows_per_tile, rows_per_tile, pair)
+        if tail_rows > 0:
+            vnni_tile(codes, scales, mins, y, xq, xscale, xsum, p, full_tiles * rows_per_tile, tail_rows, pair)
+
+    @T.macro
+    def vnni_body(x, codes, scales, mins, y):
+        xq = T.alloc_buffer((m, padded_k), "int8")
+        xscale = T.alloc_buffer((m, groups), "float32")
+        xsum = T.alloc_buffer((m, groups), "int32")
+        quantize_x(x, xq, xscale, xsum)
+        for task in T.parallel(pairs + lone_panel):
+            if lone_panel == 0:
+                vnni_task(codes, scales, mins, y, xq, xscale, xsum, task * 2, True)
+            else:
+                if task < pairs:
+                    vnni_task(codes, scales, mins, y, xq, xscale, xsum, task * 2, True)
+                else:
+                    vnni_task(codes, scales, mins, y, xq, xscale, xsum, task * 2, False)
+
+    # --- The fp32 path: codes dequantized to float32, FMAs with fp32 x -----------------
+    #
+    # Lane 4 j + b of a 64-lane accumulator sums input 4 i + b of column j over the quads
+    # i; the four lanes of each column are added at the end.
+
+    def spread(vector16):
+        # Lane 4 j + b <- lane j.
+        return T.Shuffle([vector16] * QUAD, [lane // QUAD for lane in range(LINE_BYTES)])
+
+    def x_quad(xf, row, kk):
+        # x[row, kk : kk + 4] repeated in every group of four lanes.
+        return T.Shuffle([xf[row, T.Ramp(kk, 1, QUAD)]] * width, list(range(LINE_BYTES)))
+
+    def dequantized(codes, scales, mins, p, g, line, half):
+        if bits == 8:
+            signed = T.reinterpret("int8x64", T.bitwise_xor(line_bytes(codes, p, line), T.Broadcast(T.uint8(128), LINE_BYTES)))
+            return T.Cast("float32x64", signed) * spread(scale_vector(scales, p, g))
+        nibbles = low_nibbles(codes, p, line) if half == 0 else high_nibbles(codes, p, line)
+        if has_mins:
+            return T.Cast("float32x64", nibbles) * spread(scale_vector(scales, p, g)) + spread(
+                T.Cast("float32x16", mins[p, g, T.Ramp(0, 1, width)])
+            )
+        return (T.Cast("float32x64", nibbles) - T.Broadcast(T.float32(8), LINE_BYTES)) * spread(scale_vector(scales, p, g))
+
+    @T.macro
+    def fma_line(acc, xf, codes, scales, mins, p, g, line, m0, rows):
+        for r in T.unroll(rows):
+            if bits == 8:
+                acc[T.Ramp(r * LINE_BYTES, 1, LINE_BYTES)] = acc[T.Ramp(r * LINE_BYTES, 1, LINE_BYTES)] + x_quad(
+                    xf, m0 + r, line * QUAD
+                ) * dequantized(codes, scales, mins, p, g, line, 0)
+            else:
+                acc[T.Ramp(r * LINE_BYTES, 1, LINE_BYTES)] = (
+                    acc[T.Ramp(r * LINE_BYTES, 1, LINE_BYTES)]
+                    + x_quad(xf, m0 + r, line * 8) * dequantized(codes, scales, mins, p, g, line, 0)
+                    + x_quad(xf, m0 + r, line * 8 + QUAD) * dequantized(codes, scales, mins, p, g, line, 1)
+                )
+
+    @T.macro
+    def fold_quads(out, acc, rows):
+        for r in T.unroll(rows):
+            out[T.Ramp(r * width, 1, width)] = (
+                T.Shuffle([acc[T.Ramp(r * LINE_BYTES, 1, LINE_BYTES)]], [QUAD * j for j in range(width)])
+                + T.Shuffle([acc[T.Ramp(r * LINE_BYTES, 1, LINE_BYTES)]], [QUAD * j + 1 for j in range(width)])
+                + T.Shuffle([acc[T.Ramp(r * LINE_BYTES, 1, LINE_BYTES)]], [QUAD * j + 2 for j in range(width)])
+                + T.Shuffle([acc[T.Ramp(r * LINE_BYTES, 1, LINE_BYTES)]], [QUAD * j + 3 for j in range(width)])
+            )
+
+    @T.macro
+    def fma_tile(xf, codes, scales, mins, y, p, m0, rows, pair):
+        first = T.alloc_buffer((rows * LINE_BYTES,), "float32")
+        for t in T.vectorized(rows * LINE_BYTES):
+            first[t] = T.float32(0)
+        if pair:
+            second = T.alloc_buffer((rows * LINE_BYTES,), "float32")
+            for t in T.vectorized(rows * LINE_BYTES):
+                second[t] = T.float32(0)
+        for g in range(groups):
+            for line in range(g * lines_per_group, (g + 1) * lines_per_group):
+                prefetch_line(codes, p, line)
+                fma_line(first, xf, codes, scales, mins, p, g, line, m0, rows)
+                if pair:
+                    prefetch_line(codes, p + 1, line)
+                    fma_line(second, xf, codes, scales, mins, p + 1, g, line, m0, rows)
+        out = T.alloc_buffer((rows * width,), "float32")
+        fold_quads(out, first, rows)
+        store(out, y, p, m0, rows)
+        if pair:
+            fold_quads(out, second, rows)
+            store(out, y, p + 1, m0, rows)
+
+    @T.macro
+    def fma_task(xf, codes, scales, mins, y, p, pair):
+        if full_tiles > 0:
+            for t in range(full_tiles):
+                fma_tile(xf, codes, scales, mins, y, p, t * rows_per_tile, rows_per_tile, pair)
+        if tail_rows > 0:
+            fma_tile(xf, codes, scales, mins, y, p, full_tiles * rows_per_tile, tail_rows, pair)
+
+    @T.macro
+    def fma_panels(xf, codes, scales, mins, y):
+        for task in T.parallel(pairs + lone_panel):
+            if lone_panel == 0:
+                fma_task(xf, codes, scales, mins, y, task * 2, True)
+            else:
+                if task < pairs:
+                    fma_task(xf, codes, scales, mins, y, task * 2, True)
+                else:
+                    fma_task(xf, codes, scales, mins, y, task * 2, False)
+
+    @T.macro
+    def fma_body(x, codes, scales, mins, y):
+        if padded_k == k:
+            fma_panels(x, codes, scales, mins, y)
+        else:
+            # The last group reads whole quads of x: a zero-padded copy.
+            xf = T.alloc_buffer((m, padded_k), "float32")
+            for row in range(m):
+                for kk in range(k):
+                    xf[row, kk] = x[row, kk]
+                for kk in range(k, padded_k):
+                    xf[row, kk] = T.float32(0)
+            fma_panels(xf, codes, scales, mins, y)
+
+    @T.macro
+    def body(x, codes, scales, mins, y):
+        if path == "vnni":
+            vnni_body(x, codes, scales, mins, y)
+        else:
+            fma_body(x, codes, scales, mins, y)
+
+    code_lines = lines_per_group * groups
+    if has_mins:
+
+        @T.prim_func
+        def quant_matmul(
+            x: T.Buffer((m, k), "float32"),
+            codes: T.Buffer((panels, code_lines, LINE_BYTES), "uint8"),
+            scales: T.Buffer((panels, groups, width), "float16"),
+            mins: T.Buffer((panels, groups, width), "float16"),
+            y: T.Buffer((m, n), "float32"),
+        ):
+            T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True})
+            body(x, codes, scales, mins, y)
+
+    else:
+
+        @T.prim_func
+        def quant_matmul(
+            x: T.Buffer((m, k), "float32"),
+            codes: T.Buffer((panels, code_lines, LINE_BYTES), "uint8"),
+            scales: T.Buffer((panels, groups, width), "float16"),
+            y: T.Buffer((m, n), "float32"),
+        ):
+            T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True})
+            body(x, codes, scales, None, y)
+
+    return quant_matmul
+
+
+def quantize_activations(x: np.ndarray, group: int = GROUP) -> np.ndarray:
+    """The ``x`` the ``vnni`` path multiplies by: ``x`` [M, K] float32 rounded as the kernel
+    rounds it, per row and group of ``group`` inputs, to ``s q`` with ``s = max |x| / 127``
+    and ``q = round(x * (127 / max |x|))`` (to even, in float32). The reference for that
+    path; ``|x - s q| <= s / 2``."""
+    _check_group(group)
+    rows, k = x.shape
+    groups = -(-k // group)
+    padded = np.zeros((rows, groups * group), np.float32)
+    padded[:, :k] = x
+    grouped = padded.reshape(rows, groups, group)
+    peak = np.abs(grouped).max(axis=2, keepdims=True)
+    inverse = np.divide(np.float32(127), peak, out=np.zeros_like(peak), where=peak > 0)
+    codes = np.rint(grouped * inverse)
+    return (codes * (peak / np.float32(127))).reshape(rows, -1)[:, :k].astype(np.float32)

@@ -13,7 +13,8 @@ import math
 import onnx
 
 from runtime.errors import SparseccError
-from targets.legalize import DUAL_BITMASK, DUAL_SEGMENTS
+from targets.kernel_args import Kernel
+from targets.legalize import DUAL_BITMASK, DUAL_NONE, DUAL_SEGMENTS
 
 
 def text_attribute(value) -> str:
@@ -21,69 +22,81 @@ def text_attribute(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _kernel_call(bb, cache: dict, key: tuple, build, x, args: list, n: int):
-    """Reshapes ``x`` to [m, k], calls the kernel ``build(m)`` on it, reshapes back."""
+def _kernel_call(bb, cache: dict, kernel: Kernel, layout: str, facts: tuple, x, operands: list, n: int):
+    """Reshapes ``x`` to [m, k], calls ``kernel``'s PrimFunc for m rows on it and the
+    ``operands``, reshapes back."""
     from tvm import relax
 
     shape = [int(d) for d in x.ty.shape]
     m = math.prod(shape[:-1])
-    if (m, *key) not in cache:
-        function = build(m)
-        cache[(m, *key)] = bb.add_func(function, str(function.attrs["global_symbol"]))
+    key = kernel.key(layout, m, facts)
+    if key not in cache:
+        function = kernel.build(m, *facts)
+        cache[key] = bb.add_func(function, str(function.attrs["global_symbol"]))
     flat = bb.emit(relax.op.reshape(x, (m, shape[-1])))
-    y = bb.emit(relax.call_tir(cache[(m, *key)], [flat, *args], relax.TensorType((m, n), "float32")))
+    y = bb.emit(relax.call_tir(cache[key], [flat, *operands], relax.TensorType((m, n), "float32")))
     return relax.op.reshape(y, shape[:-1] + [n])
 
 
-def sparse_converters(cache: dict, kernels, sparse_op: str, gated_op: str) -> dict:
+#: The gated op's ``dual`` attribute (``targets.legalize``) -> the weight layout, the name
+#: of its entry in a target's kernel table.
+GATED_LAYOUTS = {DUAL_NONE: "gated", DUAL_BITMASK: "dual", DUAL_SEGMENTS: "segments"}
+
+
+def table_entry(kernels: dict, op_type: str, layout: str, gated: bool) -> Kernel:
+    """The entry of ``kernels`` (a target's ``KERNELS``) for a weight ``layout`` of the op
+    ``op_type``; a SparseccError naming the layouts it has otherwise."""
+    entry = kernels.get(layout)
+    if entry is None or entry.gated != gated:
+        known = ", ".join(sorted(name for name, kernel in kernels.items() if kernel.gated == gated))
+        raise SparseccError(f"{op_type} has no kernel for weights in the {layout!r} layout on this target "
+                            f"(it has {known}).")
+    return entry
+
+
+def sparse_converters(cache: dict, kernels: dict, sparse_op: str, gated_op: str) -> dict:
     """Converters of ``sparse_op`` and ``gated_op`` (``targets.legalize.Backend``) that call
-    the PrimFunc builders of the module ``kernels`` (``csr_matmul_func``,
-    ``bsr_matmul_func``, ``bitmask_matmul_func``, ``gated_matmul_func``,
-    ``dual_matmul_func``; operands as ``targets.cpu.sparse_kernels`` takes them)."""
+    the kernels of the table ``kernels`` (a target's ``KERNELS``, ``targets.kernel_args.Kernel``
+    entries): the sparse op's ``format`` attribute, or the gated op's ``dual``, names the
+    entry, which reads its arguments from the op and builds its PrimFunc for the rows of
+    ``x``; each PrimFunc is added to the module once per shape (``cache``)."""
     import tvm.relax.frontend.onnx.onnx_frontend as onnx_frontend
 
-    class SparseMatMul(onnx_frontend.OnnxOpConverter):
-        """``y = x @ W`` with W in csr, bsr or bitmask (``passes.sparse_formats.encode``)."""
+    class KernelTableOp(onnx_frontend.OnnxOpConverter):
+        op_type: str
+        gated: bool
+
+        @classmethod
+        def layout(cls, attr) -> str:
+            raise NotImplementedError
 
         @classmethod
         def _impl_v1(cls, bb, inputs, attr, params):
-            x, *arrays = inputs
-            format, k, n = text_attribute(attr["format"]), int(attr["k"]), int(attr["n"])
-            stored = int(arrays[-1].ty.shape[0]) if format != "bsr" else int(arrays[1].ty.shape[0])
-            if format == "csr":
-                index = str(arrays[1].ty.dtype)
-                build = lambda m: kernels.csr_matmul_func(m, k, n, stored, index)  # noqa: E731
-                key = ("csr", k, n, stored, index)
-            elif format == "bsr":
-                block, index = tuple(int(v) for v in attr["block"]), str(arrays[1].ty.dtype)
-                build = lambda m: kernels.bsr_matmul_func(m, k, n, block, stored, index)  # noqa: E731
-                key = ("bsr", k, n, block, stored, index)
-            else:
-                build = lambda m: kernels.bitmask_matmul_func(m, k, n, stored)  # noqa: E731
-                key = ("bitmask", k, n, stored)
-            return _kernel_call(bb, cache, key, build, x, arrays, n)
+            layout = cls.layout(attr)
+            kernel = table_entry(kernels, cls.op_type, layout, cls.gated)
+            x, *operands = inputs
+            facts = kernel.facts(attr, operands)
+            return _kernel_call(bb, cache, kernel, layout, facts, x, operands, int(attr["n"]))
 
-    class GatedMatMul(onnx_frontend.OnnxOpConverter):
-        """``y = gate(x) @ W``; W dense [K, N], ``pack_dual_weight``'s arrays (``dual`` 1) or
-        ``pack_segment_weight``'s (``dual`` 2, a target whose backend packs them)."""
+    class SparseMatMul(KernelTableOp):
+        """``y = x @ W`` with W in the op's ``format`` (``passes.sparse_formats.encode``)."""
+
+        op_type, gated = sparse_op, False
 
         @classmethod
-        def _impl_v1(cls, bb, inputs, attr, params):
-            x, threshold, *arrays = inputs
-            k, n, dual = int(attr["k"]), int(attr["n"]), int(attr.get("dual", 0))
-            per_channel = int(threshold.ty.shape[0]) == k and k > 1
-            if dual == DUAL_SEGMENTS:
-                segments = int(arrays[1].ty.shape[0])
-                build = lambda m: kernels.segment_matmul_func(m, k, n, segments, per_channel)  # noqa: E731
-                key = ("segments", k, n, segments, per_channel)
-            elif dual == DUAL_BITMASK:
-                nnz = int(arrays[-1].ty.shape[0])
-                build = lambda m: kernels.dual_matmul_func(m, k, n, nnz, per_channel)  # noqa: E731
-                key = ("dual", k, n, nnz, per_channel)
-            else:
-                build = lambda m: kernels.gated_matmul_func(m, k, n, per_channel)  # noqa: E731
-                key = ("gated", k, n, per_channel)
-            return _kernel_call(bb, cache, key, build, x, [threshold, *arrays], n)
+        def layout(cls, attr) -> str:
+            return text_attribute(attr["format"])
+
+    class GatedMatMul(KernelTableOp):
+        """``y = gate(x) @ W``; W dense [K, N] (``dual`` 0) or packed by the target's backend
+        (``pack_dual`` for ``dual`` 1, ``pack_segments`` for ``dual`` 2)."""
+
+        op_type, gated = gated_op, True
+
+        @classmethod
+        def layout(cls, attr) -> str:
+            dual = int(attr.get("dual", DUAL_NONE))
+            return GATED_LAYOUTS.get(dual, f"dual={dual}")
 
     return {sparse_op: SparseMatMul, gated_op: GatedMatMul}
 

@@ -16,7 +16,8 @@ below -1e30, whose exponential is 0).
 
 from __future__ import annotations
 
-from targets.cpu.sparse_kernels import LANES, _check_sizes, _func_attrs
+from targets.cpu.simd import LANES
+from targets.kernel_args import check_sizes, func_attrs
 
 #: Slots per chunk of the online softmax: its scores are a 512-byte stack buffer.
 CHUNK = 128
@@ -42,7 +43,7 @@ def decode_attention_func(heads: int, group: int, dim: int, slots: int, scale: f
     """
     from tvm.script import tirx as T
 
-    _check_sizes(heads=heads, group=group, dim=dim, slots=slots)
+    check_sizes(heads=heads, group=group, dim=dim, slots=slots)
     queries = heads * group
     quads = dim // 4
 
@@ -56,7 +57,7 @@ def decode_attention_func(heads: int, group: int, dim: int, slots: int, scale: f
         new_value: T.Buffer((heads, dim), "float32"),
         y: T.Buffer((heads, group, dim), "float32"),
     ):
-        T.func_attr(_func_attrs(f"decode_attention_h{heads}_g{group}_d{dim}_s{slots}"))
+        T.func_attr(func_attrs(f"decode_attention_h{heads}_g{group}_d{dim}_s{slots}"))
         for hg in T.parallel(queries):
             # span: [0] slots to visit (one past the last set bit), [1] this chunk's first
             # slot, [2] its width, [3] its whole vectors of sixteen slots.

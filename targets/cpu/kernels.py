@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from targets.cpu.simd import PREFETCH_BYTES, prefetch
+from targets.kernel_args import check_weight, func_attrs
+
 #: Columns per panel: one 512-bit vector of fp32, so one row of a panel is one cache line.
 PANEL_WIDTH = 16
 #: Rows of ``x`` per register tile. ``ROW_TILE`` rows times two panels is 16 accumulators,
@@ -32,34 +35,8 @@ PANEL_WIDTH = 16
 #: PANEL_WIDTH`` floats (512 bytes), stay below TVM's 1024-byte stack-allocation limit.
 #: A larger buffer would go to the heap workspace, where LLVM cannot keep it in registers.
 ROW_TILE = 8
-#: How far ahead of the current row each panel stream is prefetched. One hardware
-#: prefetcher stream keeps too few reads in flight to reach DRAM bandwidth.
-PREFETCH_BYTES = 4096
 
 _SUPPORTED_DTYPES = ("float32",)
-_LLVM_PREFETCH_READ = 0
-#: Locality 2 (``prefetcht1``): into L2, not L1. Measured on this Zen 4 (one process, five
-#: rounds, weights from DRAM): a prefetch into L1 holds one of L1's few miss buffers until
-#: the line arrives, so L1 prefetches alone cannot keep enough reads in flight; into L2
-#: the 16x1-block dual kernel ran 1.3-1.5x faster, the gated one ~15 % and the dense one
-#: ~5 %. Prefill still reuses each panel from L2.
-_LLVM_PREFETCH_KEEP_IN_L2 = 2
-_LLVM_PREFETCH_DATA_CACHE = 1
-
-
-def prefetch(address):
-    """``llvm.prefetch`` of the cache line at ``address`` into L2; never faults, even past
-    the end of a buffer. Returns one PrimExpr, to ``T.evaluate`` inside a kernel."""
-    from tvm.script import tirx as T
-
-    return T.call_llvm_intrin(
-        "void",
-        "llvm.prefetch.p0",
-        address,
-        _LLVM_PREFETCH_READ,
-        _LLVM_PREFETCH_KEEP_IN_L2,
-        _LLVM_PREFETCH_DATA_CACHE,
-    )
 
 
 def packed_dense_shape(k: int, n: int) -> tuple[int, int, int]:
@@ -88,8 +65,7 @@ def pack_dense_weight(weight: np.ndarray) -> np.ndarray:
     Raises:
         ValueError: if ``weight`` is not a 2-D float32 array.
     """
-    if weight.ndim != 2 or weight.dtype != np.float32:
-        raise ValueError(f"expected a 2-D float32 weight, got {weight.ndim}-D {weight.dtype}")
+    check_weight(weight)
     k, n = weight.shape
     panels, _, width = packed_dense_shape(k, n)
     padded = np.zeros((k, panels * width), dtype=np.float32)
@@ -211,13 +187,7 @@ def dense_matmul_func(m: int, k: int, n: int, dtype: str = "float32"):
         w: T.Buffer((panels, k, width), dtype),
         y: T.Buffer((m, n), dtype),
     ):
-        T.func_attr(
-            {
-                "global_symbol": f"dense_matmul_m{m}_k{k}_n{n}",
-                "tir.noalias": True,
-                "tirx.is_scheduled": True,
-            }
-        )
+        T.func_attr(func_attrs(f"dense_matmul_m{m}_k{k}_n{n}"))
         for task in T.parallel(pairs + lone_panel):
             if lone_panel == 0:
                 column_task(x, w, y, task * 2, True)

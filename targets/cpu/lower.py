@@ -130,7 +130,7 @@ def _converters() -> dict:
     cache: dict = {}
     return {PANEL_MATMUL: _panel_matmul_converter(cache), PACKED_GATHER: _packed_gather_converter(),
             SPARSE_GATHER: _sparse_gather_converter(cache), DECODE_ATTENTION: _decode_attention_converter(cache),
-            **tvm_import.sparse_converters(cache, sparse_kernels, SPARSE_MATMUL, GATED_MATMUL)}
+            **tvm_import.sparse_converters(cache, sparse_kernels.KERNELS, SPARSE_MATMUL, GATED_MATMUL)}
 
 
 OURS = {PANEL_MATMUL, SPARSE_MATMUL, GATED_MATMUL, PACKED_GATHER, SPARSE_GATHER, DECODE_ATTENTION}

@@ -55,15 +55,15 @@ workspace; a second parallel loop sums the partials into ``y``.
 an active one reads only its row's bits and nonzero values, expanded sixteen columns at a
 time into the partial ``y``.
 
-TVM 0.27 facts that shape the code: every "local"-scope buffer goes to the heap workspace,
-so accumulators are default-scope ``T.alloc_buffer``s under 1024 bytes, which become stack
-slots that LLVM keeps in registers; a vector-typed ``v = expr`` in TVMScript is given a
-memory slot that LLVM does not remove, so vector values are written inline or into a small
-buffer; TVM scalarises a vector load at vector indices (16 inserts, no gather), so the
-AVX-512 gather and expand are called as LLVM intrinsics; heap workspace buffers, and
-parameters once inside a ``T.parallel`` body, may alias each other as far as LLVM knows,
-so values read from them that a loop reuses are first copied to a stack buffer; and the
-``llvm.masked.*`` intrinsics of LLVM 22 take no alignment argument.
+``segments`` (activation sparsity, block-pruned weight) -- the split over ``K`` of
+``dual``, with each row of ``W`` stored as windows of 16 consecutive columns that hold all
+its nonzeros (``pack_segment_weight``); an active input adds only its windows.
+
+Each kernel is a small body per format inside one of the loop skeletons of
+``targets.cpu.skeletons`` (csr, bsr and bitmask run in parallel over output rows; gated,
+dual and segments split K over the active inputs), with the vector steps from
+``targets.cpu.simd``. ``KERNELS`` is the table of them by weight format, which
+``targets.tvm_import`` reads to call them from a legalized model.
 """
 
 from __future__ import annotations
@@ -71,163 +71,23 @@ from __future__ import annotations
 import numpy as np
 
 from passes.sparse_formats import encode
-from targets.cpu.kernels import prefetch as _prefetch
+from targets.cpu.simd import (
+    LANES, PREFETCH_BYTES, all_lanes, bit_chunk, bit_lanes, expand, gather, lane_sum_macro, lanes_below,
+    masked_load, prefetch,
+)
+from targets.cpu.skeletons import (
+    GATED_K_PARTS, SPARSE_ROW_TILE, gate_tile_macro, pairs_of_rows, parallel_rows, single_rows, split_k,
+)
+from targets.kernel_args import (
+    bsr_kernel, check_bsr, check_count, check_csr, check_gate, check_gather, check_index_dtype, check_sizes,
+    check_weight, csr_kernel, func_attrs, gate_name, gated_kernel, kernel_table,
+)
 
-#: fp32 lanes of one AVX-512 vector: the unit of the gather, expand and FMA steps.
-LANES = 16
-#: Rows of ``x`` handled per pass over a weight row. ``SPARSE_ROW_TILE * LANES`` fp32
-#: accumulators are 512 bytes, below TVM's 1024-byte limit for stack buffers.
-SPARSE_ROW_TILE = 8
 #: Rows of ``x`` per pass in the bitmask kernel, which keeps four accumulator chains per
 #: row (its per-chunk work is short enough that one FMA chain's latency would bound it).
 BITMASK_ROW_TILE = 4
 #: Floats per accumulator buffer in the BSR kernel (512 bytes; see ``SPARSE_ROW_TILE``).
 BSR_ACC_FLOATS = 128
-#: Block sizes the BSR kernel supports along each side (power-of-two lane reductions).
-BSR_BLOCK_SIDES = (1, 2, 4, 8, 16)
-#: Parallel tasks in the gated and dual kernels, each with an equal share of the active
-#: inputs and its own partial ``y``: at least the number of cores, and few, as every
-#: task's partial is zeroed and summed on each call.
-GATED_K_PARTS = 8
-#: How far ahead of the current position each weight stream is prefetched. One hardware
-#: prefetcher stream keeps too few reads in flight to reach DRAM bandwidth.
-PREFETCH_BYTES = 4096
-#: Partial sums (tasks x rows x columns) below which step 3 runs on one core.
-REDUCE_SERIAL_BELOW = 16384
-
-_INDEX_DTYPES = ("int16", "int32")
-
-
-# --- Vector helpers, called from inside the TVMScript functions ------------------------
-#
-# Each returns one PrimExpr, so it is inlined where it is used; see the module docstring
-# for why vector values are never bound to names.
-
-
-def _bit_lanes(bits):
-    """The 16-lane mask whose lane ``l`` is bit ``l`` of the int32 ``bits`` (one kmov)."""
-    from tvm.script import tirx as T
-
-    one_hot = T.shift_left(T.Broadcast(1, LANES), T.Ramp(0, 1, LANES))
-    return T.bitwise_and(T.Broadcast(bits, LANES), one_hot) != T.Broadcast(0, LANES)
-
-
-def _lanes_below(count):
-    """The 16-lane mask of lanes ``0 .. count - 1``."""
-    from tvm.script import tirx as T
-
-    return T.Ramp(0, 1, LANES) < T.Broadcast(count, LANES)
-
-
-def _expand(address, bits):
-    """``vexpandps``: the next ``popcount(bits)`` floats at ``address`` into the set lanes."""
-    from tvm.script import tirx as T
-
-    return T.call_llvm_intrin(
-        f"float32x{LANES}",
-        f"llvm.masked.expandload.v{LANES}f32",
-        address,
-        _bit_lanes(bits),
-        T.Broadcast(T.float32(0), LANES),
-    )
-
-
-def _masked_load(dtype, address, mask):
-    """16 elements at ``address`` where ``mask`` is set, zero elsewhere; reads no others."""
-    from tvm.script import tirx as T
-
-    llvm_type = {"float32": "f32", "int32": "i32", "int16": "i16"}[dtype]
-    return T.call_llvm_intrin(
-        f"{dtype}x{LANES}",
-        f"llvm.masked.load.v{LANES}{llvm_type}.p0",
-        address,
-        mask,
-        T.Broadcast(T.cast(0, dtype), LANES),
-    )
-
-
-def _gather(row_address, indices, mask):
-    """``vgatherdps``: ``row[indices[l]]`` in the lanes where ``mask`` is set, else zero.
-
-    TVM scalarises an indexed vector load (16 inserts), so the AVX-512 gather is called
-    directly; ``indices`` is an int32x16 vector of element offsets from ``row_address``.
-    """
-    from tvm.script import tirx as T
-
-    return T.call_llvm_pure_intrin(
-        f"float32x{LANES}",
-        "llvm.x86.avx512.mask.gather.dps.512",
-        T.Broadcast(T.float32(0), LANES),
-        row_address,
-        indices,
-        mask,
-        4,  # scale: bytes per float32
-    )
-
-
-def _all_lanes():
-    from tvm.script import tirx as T
-
-    return T.Broadcast(T.bool(True), LANES)
-
-
-def _bit_chunk(bits, row, chunk, bytes_in_chunk):
-    """Bits ``16 chunk .. 16 chunk + 15`` of ``bits[row]`` as an int32 (two byte loads)."""
-    from tvm.script import tirx as T
-
-    low = T.Cast("int32", bits[row, chunk * 2])
-    if bytes_in_chunk == 1:
-        return low
-    return T.bitwise_or(low, T.shift_left(T.Cast("int32", bits[row, chunk * 2 + 1]), 8))
-
-
-def _check_sizes(**sizes: int) -> None:
-    for name, value in sizes.items():
-        if not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_count(name: str, value: int) -> None:
-    if not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-
-
-def _check_index_dtype(index_dtype: str) -> None:
-    if index_dtype not in _INDEX_DTYPES:
-        raise ValueError(f"index_dtype must be one of {_INDEX_DTYPES}, got {index_dtype!r}")
-
-
-def _row_tiles(m: int, tile: int) -> tuple[int, int, int]:
-    """``(rows per full tile, full tiles, rows in the last partial tile)`` for ``m`` rows."""
-    rows = min(m, tile)
-    return rows, m // rows, m % rows
-
-
-def _func_attrs(symbol: str) -> dict:
-    return {"global_symbol": symbol, "tir.noalias": True, "tirx.is_scheduled": True}
-
-
-def _lane_sum_macro():
-    """A macro ``lane_sum(acc, base, width)`` leaving ``sum(acc[base:base+width])`` in
-    ``acc[base]`` by halving (``width`` a power of two up to 16): a few shuffles and adds
-    instead of a serial chain of ``width - 1`` scalar adds."""
-    from tvm.script import tirx as T
-
-    @T.macro
-    def lane_sum(acc, base, width):
-        if width >= 16:
-            for t in T.vectorized(8):
-                acc[base + t] = acc[base + t] + acc[base + t + 8]
-        if width >= 8:
-            for t in T.vectorized(4):
-                acc[base + t] = acc[base + t] + acc[base + t + 4]
-        if width >= 4:
-            for t in T.vectorized(2):
-                acc[base + t] = acc[base + t] + acc[base + t + 2]
-        if width >= 2:
-            acc[base] = acc[base] + acc[base + 1]
-
-    return lane_sum
 
 
 # --- CSR -------------------------------------------------------------------------------
@@ -257,19 +117,16 @@ def csr_matmul_func(m: int, k: int, n: int, nnz: int, index_dtype: str = "int16"
     """
     from tvm.script import tirx as T
 
-    _check_sizes(m=m, k=k, n=n)
-    _check_count("nnz", nnz)
-    _check_index_dtype(index_dtype)
-    if index_dtype == "int16" and k > 32768:
-        raise ValueError(f"int16 indices cannot address k={k} columns")
+    check_sizes(m=m)
+    check_csr(k, n, nnz, index_dtype)
 
-    rows, full_tiles, tail_rows = _row_tiles(m, SPARSE_ROW_TILE)
-    lane_sum = _lane_sum_macro()
+    lane_sum = lane_sum_macro()
     prefetch_values = PREFETCH_BYTES // 4
     prefetch_indices = PREFETCH_BYTES // np.dtype(index_dtype).itemsize
 
     @T.macro
-    def row_tile(x, indptr, indices, values, y, i, m0, tile_rows):
+    def row_tile(x, weights, y, i, m0, tile_rows):
+        indptr, indices, values = weights
         # span: the row's first nonzero, its whole vectors of 16, and the start and length
         # of its last partial vector.
         span = T.alloc_buffer((4,), "int32")
@@ -281,52 +138,38 @@ def csr_matmul_func(m: int, k: int, n: int, nnz: int, index_dtype: str = "int16"
         for t in T.vectorized(tile_rows * LANES):
             acc[t] = T.float32(0)
         for c in range(span[1]):
-            T.evaluate(_prefetch(T.address_of(values[span[0] + c * LANES + prefetch_values])))
-            T.evaluate(_prefetch(T.address_of(indices[span[0] + c * LANES + prefetch_indices])))
+            T.evaluate(prefetch(T.address_of(values[span[0] + c * LANES + prefetch_values])))
+            T.evaluate(prefetch(T.address_of(indices[span[0] + c * LANES + prefetch_indices])))
             for r in T.unroll(tile_rows):
                 acc[T.Ramp(r * LANES, 1, LANES)] = acc[T.Ramp(r * LANES, 1, LANES)] + values[
                     T.Ramp(span[0] + c * LANES, 1, LANES)
-                ] * _gather(
+                ] * gather(
                     T.address_of(x[m0 + r, 0]),
                     T.Cast(f"int32x{LANES}", indices[T.Ramp(span[0] + c * LANES, 1, LANES)]),
-                    _all_lanes(),
+                    all_lanes(),
                 )
         # The partial vector: masked loads and gather, which read nothing past the row
         # (nor past the end of the arrays).
         if span[3] > 0:
             for r in T.unroll(tile_rows):
-                acc[T.Ramp(r * LANES, 1, LANES)] = acc[T.Ramp(r * LANES, 1, LANES)] + _masked_load(
-                    "float32", T.address_of(values[span[2]]), _lanes_below(span[3])
-                ) * _gather(
+                acc[T.Ramp(r * LANES, 1, LANES)] = acc[T.Ramp(r * LANES, 1, LANES)] + masked_load(
+                    "float32", T.address_of(values[span[2]]), lanes_below(span[3])
+                ) * gather(
                     T.address_of(x[m0 + r, 0]),
                     T.Cast(
                         f"int32x{LANES}",
-                        _masked_load(
-                            index_dtype, T.address_of(indices[span[2]]), _lanes_below(span[3])
+                        masked_load(
+                            index_dtype, T.address_of(indices[span[2]]), lanes_below(span[3])
                         ),
                     ),
-                    _lanes_below(span[3]),
+                    lanes_below(span[3]),
                 )
         for r in T.unroll(tile_rows):
             lane_sum(acc, r * LANES, LANES)
             y[m0 + r, i] = acc[r * LANES]
 
-    @T.prim_func
-    def csr_matmul(
-        x: T.Buffer((m, k), "float32"),
-        indptr: T.Buffer((n + 1,), "int32"),
-        indices: T.Buffer((nnz,), index_dtype),
-        values: T.Buffer((nnz,), "float32"),
-        y: T.Buffer((m, n), "float32"),
-    ):
-        T.func_attr(_func_attrs(f"csr_matmul_m{m}_k{k}_n{n}_nnz{nnz}_{index_dtype}"))
-        for i in T.parallel(n):
-            for t in range(full_tiles):
-                row_tile(x, indptr, indices, values, y, i, t * rows, rows)
-            if tail_rows > 0:
-                row_tile(x, indptr, indices, values, y, i, full_tiles * rows, tail_rows)
-
-    return csr_matmul
+    over_rows = parallel_rows(m, n, SPARSE_ROW_TILE, row_tile)
+    return csr_kernel(m, k, n, nnz, index_dtype, f"csr_matmul_m{m}_k{k}_n{n}_nnz{nnz}_{index_dtype}", over_rows)
 
 
 # --- BSR -------------------------------------------------------------------------------
@@ -355,7 +198,7 @@ def bsr_matmul_func(
         k: reduction size.
         n: output size.
         block: ``(R, C)``: rows of ``W^T`` (outputs) and columns (inputs) per block, each
-            one of ``BSR_BLOCK_SIDES``.
+            one of ``targets.kernel_args.BSR_BLOCK_SIDES``.
         nnzb: stored blocks (may be 0).
         index_dtype: ``"int16"`` or ``"int32"``.
 
@@ -368,11 +211,8 @@ def bsr_matmul_func(
     """
     from tvm.script import tirx as T
 
-    _check_sizes(m=m, k=k, n=n)
-    _check_count("nnzb", nnzb)
-    _check_index_dtype(index_dtype)
-    if len(block) != 2 or any(side not in BSR_BLOCK_SIDES for side in block):
-        raise ValueError(f"block sides must be in {BSR_BLOCK_SIDES}, got {block!r}")
+    check_sizes(m=m)
+    check_bsr(k, n, block, nnzb, index_dtype)
 
     block_r, block_c = int(block[0]), int(block[1])
     block_rows = -(-n // block_r)
@@ -381,13 +221,13 @@ def bsr_matmul_func(
     # tile_rows * pass_rows * block_c floats, fit in BSR_ACC_FLOATS.
     pass_rows = min(block_r, BSR_ACC_FLOATS // block_c)
     passes = block_r // pass_rows
-    rows, full_tiles, tail_rows = _row_tiles(m, min(SPARSE_ROW_TILE, BSR_ACC_FLOATS // (pass_rows * block_c)))
+    tile = min(SPARSE_ROW_TILE, BSR_ACC_FLOATS // (pass_rows * block_c))
     partial_col = k % block_c != 0
     partial_row = n % block_r != 0
     block_floats = block_r * block_c
     prefetch_blocks = max(1, PREFETCH_BYTES // (block_floats * 4))
     lines_per_block = max(1, block_floats // LANES)
-    lane_sum = _lane_sum_macro()
+    lane_sum = lane_sum_macro()
 
     @T.macro
     def accumulate_block(acc, x, values, b, col, m0, tile_rows, p):
@@ -443,7 +283,8 @@ def bsr_matmul_func(
                             ]
 
     @T.macro
-    def row_tile(x, indptr, indices, values, y, ib, m0, tile_rows):
+    def row_tile(x, weights, y, ib, m0, tile_rows):
+        indptr, indices, values = weights
         for p in range(passes):
             acc = T.alloc_buffer((tile_rows * pass_rows * block_c,), "float32")
             for t in T.vectorized(tile_rows * pass_rows * block_c):
@@ -451,7 +292,7 @@ def bsr_matmul_func(
             for b in range(indptr[ib], indptr[ib + 1]):
                 for line in T.unroll(lines_per_block):
                     T.evaluate(
-                        _prefetch(
+                        prefetch(
                             T.address_of(
                                 values[
                                     b + prefetch_blocks,
@@ -461,7 +302,7 @@ def bsr_matmul_func(
                             )
                         )
                     )
-                T.evaluate(_prefetch(T.address_of(indices[b + prefetch_blocks])))
+                T.evaluate(prefetch(T.address_of(indices[b + prefetch_blocks])))
                 if not partial_col:
                     accumulate_block(
                         acc, x, values, b, T.Cast("int32", indices[b]), m0, tile_rows, p
@@ -477,26 +318,9 @@ def bsr_matmul_func(
                         )
             store(acc, y, ib, m0, tile_rows, p)
 
-    @T.prim_func
-    def bsr_matmul(
-        x: T.Buffer((m, k), "float32"),
-        indptr: T.Buffer((block_rows + 1,), "int32"),
-        indices: T.Buffer((nnzb,), index_dtype),
-        values: T.Buffer((nnzb, block_r, block_c), "float32"),
-        y: T.Buffer((m, n), "float32"),
-    ):
-        T.func_attr(
-            _func_attrs(
-                f"bsr_matmul_m{m}_k{k}_n{n}_b{block_r}x{block_c}_nnzb{nnzb}_{index_dtype}"
-            )
-        )
-        for ib in T.parallel(block_rows):
-            for t in range(full_tiles):
-                row_tile(x, indptr, indices, values, y, ib, t * rows, rows)
-            if tail_rows > 0:
-                row_tile(x, indptr, indices, values, y, ib, full_tiles * rows, tail_rows)
-
-    return bsr_matmul
+    over_rows = parallel_rows(m, block_rows, tile, row_tile)
+    symbol = f"bsr_matmul_m{m}_k{k}_n{n}_b{block_r}x{block_c}_nnzb{nnzb}_{index_dtype}"
+    return bsr_kernel(m, k, n, (block_r, block_c), nnzb, index_dtype, symbol, over_rows)
 
 
 # --- Bitmask ---------------------------------------------------------------------------
@@ -534,8 +358,8 @@ def bitmask_matmul_func(m: int, k: int, n: int, nnz: int):
     """
     from tvm.script import tirx as T
 
-    _check_sizes(m=m, k=k, n=n)
-    _check_count("nnz", nnz)
+    check_sizes(m=m, k=k, n=n)
+    check_count("nnz", nnz)
 
     row_bytes = -(-k // 8)
     chunks = k // LANES
@@ -543,24 +367,24 @@ def bitmask_matmul_func(m: int, k: int, n: int, nnz: int):
     left = chunks % 4
     tail = k % LANES
     tail_bytes = -(-tail // 8)
-    rows, full_tiles, tail_rows = _row_tiles(m, BITMASK_ROW_TILE)
     prefetch_values = PREFETCH_BYTES // 4
-    lane_sum = _lane_sum_macro()
+    lane_sum = lane_sum_macro()
 
     @T.macro
     def chunk(acc, weight, x, bits, values, offset, i, c, m0, tile_rows):
-        weight[T.Ramp(0, 1, LANES)] = _expand(
-            T.address_of(values[offset[0]]), _bit_chunk(bits, i, c, 2)
+        weight[T.Ramp(0, 1, LANES)] = expand(
+            T.address_of(values[offset[0]]), bit_chunk(bits, i, c, 2)
         )
         for r in T.unroll(tile_rows):
             acc[T.Ramp(r * LANES, 1, LANES)] = (
                 acc[T.Ramp(r * LANES, 1, LANES)]
                 + weight[T.Ramp(0, 1, LANES)] * x[m0 + r, T.Ramp(c * LANES, 1, LANES)]
             )
-        offset[0] = offset[0] + T.Cast("int64", T.popcount(_bit_chunk(bits, i, c, 2)))
+        offset[0] = offset[0] + T.Cast("int64", T.popcount(bit_chunk(bits, i, c, 2)))
 
     @T.macro
-    def row_tile(x, bits, row_offsets, values, y, i, m0, tile_rows):
+    def row_tile(x, weights, y, i, m0, tile_rows):
+        bits, row_offsets, values = weights
         # Chunk c accumulates into acc[c % 4]: four FMA chains, as one chunk's other work
         # (a mask, an expand, a popcount) takes about a cycle, a quarter of an FMA latency.
         acc0 = T.alloc_buffer((tile_rows * LANES,), "float32")
@@ -577,8 +401,8 @@ def bitmask_matmul_func(m: int, k: int, n: int, nnz: int):
             acc3[t] = T.float32(0)
         offset[0] = T.Cast("int64", row_offsets[i])
         for c4 in range(quads):
-            T.evaluate(_prefetch(T.address_of(values[offset[0] + prefetch_values])))
-            T.evaluate(_prefetch(T.address_of(bits[i, c4 * 8 + PREFETCH_BYTES])))
+            T.evaluate(prefetch(T.address_of(values[offset[0] + prefetch_values])))
+            T.evaluate(prefetch(T.address_of(bits[i, c4 * 8 + PREFETCH_BYTES])))
             chunk(acc0, weight, x, bits, values, offset, i, c4 * 4, m0, tile_rows)
             chunk(acc1, weight, x, bits, values, offset, i, c4 * 4 + 1, m0, tile_rows)
             chunk(acc2, weight, x, bits, values, offset, i, c4 * 4 + 2, m0, tile_rows)
@@ -590,16 +414,16 @@ def bitmask_matmul_func(m: int, k: int, n: int, nnz: int):
         if left >= 3:
             chunk(acc2, weight, x, bits, values, offset, i, quads * 4 + 2, m0, tile_rows)
         if tail > 0:
-            weight[T.Ramp(0, 1, LANES)] = _expand(
-                T.address_of(values[offset[0]]), _bit_chunk(bits, i, chunks, tail_bytes)
+            weight[T.Ramp(0, 1, LANES)] = expand(
+                T.address_of(values[offset[0]]), bit_chunk(bits, i, chunks, tail_bytes)
             )
             for r in T.unroll(tile_rows):
                 acc3[T.Ramp(r * LANES, 1, LANES)] = acc3[
                     T.Ramp(r * LANES, 1, LANES)
-                ] + weight[T.Ramp(0, 1, LANES)] * _masked_load(
+                ] + weight[T.Ramp(0, 1, LANES)] * masked_load(
                     "float32",
                     T.address_of(x[m0 + r, chunks * LANES]),
-                    _bit_lanes(_bit_chunk(bits, i, chunks, tail_bytes)),
+                    bit_lanes(bit_chunk(bits, i, chunks, tail_bytes)),
                 )
         for r in T.unroll(tile_rows):
             for t in T.vectorized(LANES):
@@ -609,6 +433,8 @@ def bitmask_matmul_func(m: int, k: int, n: int, nnz: int):
             lane_sum(acc0, r * LANES, LANES)
             y[m0 + r, i] = acc0[r * LANES]
 
+    over_rows = parallel_rows(m, n, BITMASK_ROW_TILE, row_tile)
+
     @T.prim_func
     def bitmask_matmul(
         x: T.Buffer((m, k), "float32"),
@@ -617,92 +443,13 @@ def bitmask_matmul_func(m: int, k: int, n: int, nnz: int):
         values: T.Buffer((nnz,), "float32"),
         y: T.Buffer((m, n), "float32"),
     ):
-        T.func_attr(_func_attrs(f"bitmask_matmul_m{m}_k{k}_n{n}_nnz{nnz}"))
-        for i in T.parallel(n):
-            for t in range(full_tiles):
-                row_tile(x, bits, row_offsets, values, y, i, t * rows, rows)
-            if tail_rows > 0:
-                row_tile(x, bits, row_offsets, values, y, i, full_tiles * rows, tail_rows)
+        T.func_attr(func_attrs(f"bitmask_matmul_m{m}_k{k}_n{n}_nnz{nnz}"))
+        over_rows(x, (bits, row_offsets, values), y)
 
     return bitmask_matmul
 
 
-# --- Activation sparsity: gated and dual -----------------------------------------------
-#
-# Both kernels run in three steps:
-#   1. serially, list the active inputs: k such that |x[m, k]| > t for some row m
-#      (``active[0 .. count)``, with ``count`` kept in ``active[k]``);
-#   2. in parallel, task p takes the p-th of ``k_parts`` equal slices of that list and
-#      adds gate(x)[:, k] * W[k, :] for each of its k into its own partial y; equal slices
-#      balance the tasks whatever the pattern of active inputs, and knowing the next
-#      active row lets the prefetch run ahead across the skipped ones;
-#   3. in parallel over columns, y is the sum of the partials.
-
-
-def _gate_macros(m: int, k: int, per_channel: bool):
-    """Macros shared by the gated and dual kernels: ``list_active`` (step 1),
-    ``gate_tile`` (the gated inputs of one row tile), ``zero_partial`` (a task's partial
-    ``y`` set to 0 before step 2) and ``reduce_partials`` (step 3)."""
-    from tvm.script import tirx as T
-
-    def threshold_at(threshold, kk):
-        return threshold[kk] if per_channel else threshold[0]
-
-    @T.macro
-    def list_active(x, threshold, active):
-        flag = T.alloc_buffer((1,), "int32")
-        active[k] = 0
-        for kk in range(k):
-            flag[0] = 0
-            for mm in range(m):
-                if T.abs(x[mm, kk]) > threshold_at(threshold, kk):
-                    flag[0] = 1
-            if flag[0] == 1:
-                active[active[k]] = kk
-                active[k] = active[k] + 1
-
-    @T.macro
-    def gate_tile(gated, base, x, threshold, kk, m0, tile_rows):
-        for r in range(tile_rows):
-            gated[base + r] = T.if_then_else(
-                T.abs(x[m0 + r, kk]) > threshold_at(threshold, kk), x[m0 + r, kk], T.float32(0)
-            )
-
-    @T.macro
-    def zero_partial(partial, p, padded_n):
-        for mm in range(m):
-            for j in T.vectorized(padded_n):
-                partial[p, mm, j] = T.float32(0)
-
-    def columns(vectors, parts):
-        # Summing a few thousand partials is cheaper on one core than waking the pool.
-        return T.parallel(vectors) if vectors * LANES * parts * m >= REDUCE_SERIAL_BELOW else T.serial(vectors)
-
-    @T.macro
-    def reduce_partials(partial, y, parts, n):
-        for v in columns(n // LANES, parts):
-            for mm in range(m):
-                total = T.alloc_buffer((LANES,), "float32")
-                for t in T.vectorized(LANES):
-                    total[t] = partial[0, mm, v * LANES + t]
-                for p in range(1, parts):
-                    for t in T.vectorized(LANES):
-                        total[t] = total[t] + partial[p, mm, v * LANES + t]
-                for t in T.vectorized(LANES):
-                    y[mm, v * LANES + t] = total[t]
-        for mm in range(m):
-            for j in range(n // LANES * LANES, n):
-                y[mm, j] = partial[0, mm, j]
-                for p in range(1, parts):
-                    y[mm, j] = y[mm, j] + partial[p, mm, j]
-
-    return list_active, gate_tile, zero_partial, reduce_partials
-
-
-def _check_gate_args(per_channel: bool, k_parts: int) -> None:
-    if not isinstance(per_channel, (bool, np.bool_)):
-        raise ValueError(f"per_channel must be a bool, got {per_channel!r}")
-    _check_sizes(k_parts=k_parts)
+# --- Activation sparsity: gated, dual and segments (split-K over the active inputs) ----
 
 
 def gated_matmul_func(m: int, k: int, n: int, per_channel: bool, k_parts: int = GATED_K_PARTS):
@@ -736,18 +483,14 @@ def gated_matmul_func(m: int, k: int, n: int, per_channel: bool, k_parts: int = 
     """
     from tvm.script import tirx as T
 
-    _check_sizes(m=m, k=k, n=n)
-    _check_gate_args(per_channel, k_parts)
+    check_sizes(m=m, k=k, n=n)
+    check_gate(per_channel, k_parts)
 
-    list_active, gate_tile, zero_partial, reduce_partials = _gate_macros(m, k, per_channel)
-    rows, full_tiles, tail_rows = _row_tiles(m, SPARSE_ROW_TILE)
+    gate_tile = gate_tile_macro(per_channel)
     vectors = n // LANES
-    tail = n % LANES
     # The last `ahead` vectors of a row prefetch the start of the next active row.
     ahead = min(PREFETCH_BYTES // (4 * LANES), vectors)
     in_row = vectors - ahead
-    threshold_size = k if per_channel else 1
-    padded_n = -(-n // LANES) * LANES
 
     @T.macro
     def add_vector(partial, w, gated, p, rows_at, v, m0, tile_rows):
@@ -764,12 +507,12 @@ def gated_matmul_func(m: int, k: int, n: int, per_channel: bool, k_parts: int = 
         # Two rows of w at once: two streams in flight and one read-modify-write of the
         # partial sum per two vectors of w.
         for v in range(in_row):
-            T.evaluate(_prefetch(T.address_of(w[rows_at[0], (v + ahead) * LANES])))
-            T.evaluate(_prefetch(T.address_of(w[rows_at[1], (v + ahead) * LANES])))
+            T.evaluate(prefetch(T.address_of(w[rows_at[0], (v + ahead) * LANES])))
+            T.evaluate(prefetch(T.address_of(w[rows_at[1], (v + ahead) * LANES])))
             add_vector(partial, w, gated, p, rows_at, v, m0, tile_rows)
         for v in range(in_row, vectors):
-            T.evaluate(_prefetch(T.address_of(w[rows_at[2], (v - in_row) * LANES])))
-            T.evaluate(_prefetch(T.address_of(w[rows_at[3], (v - in_row) * LANES])))
+            T.evaluate(prefetch(T.address_of(w[rows_at[2], (v - in_row) * LANES])))
+            T.evaluate(prefetch(T.address_of(w[rows_at[3], (v - in_row) * LANES])))
             add_vector(partial, w, gated, p, rows_at, v, m0, tile_rows)
         for r in T.unroll(tile_rows):
             for j in range(vectors * LANES, n):
@@ -780,7 +523,8 @@ def gated_matmul_func(m: int, k: int, n: int, per_channel: bool, k_parts: int = 
                 )
 
     @T.macro
-    def row_tile(x, threshold, w, partial, p, rows_at, single, m0, tile_rows):
+    def row_tile(x, threshold, weights, partial, p, rows_at, single, m0, tile_rows):
+        (w,) = weights
         # gated[0:tile_rows] and gated[tile_rows:] are the gated inputs of the two rows; a
         # lone last row is paired with itself at a zero input.
         gated = T.alloc_buffer((2 * tile_rows,), "float32")
@@ -791,49 +535,8 @@ def gated_matmul_func(m: int, k: int, n: int, per_channel: bool, k_parts: int = 
                 gated[tile_rows + r] = T.float32(0)
         add_rows(partial, w, gated, p, rows_at, m0, tile_rows)
 
-    @T.prim_func
-    def gated_matmul(
-        x: T.Buffer((m, k), "float32"),
-        threshold: T.Buffer((threshold_size,), "float32"),
-        w: T.Buffer((k, n), "float32"),
-        y: T.Buffer((m, n), "float32"),
-    ):
-        T.func_attr(
-            _func_attrs(f"gated_matmul_m{m}_k{k}_n{n}_{'channel' if per_channel else 'scalar'}")
-        )
-        active = T.alloc_buffer((k + 1,), "int32")
-        partial = T.alloc_buffer((k_parts, m, padded_n), "float32")
-        list_active(x, threshold, active)
-        for p in T.parallel(k_parts):
-            zero_partial(partial, p, padded_n)
-            # This task's slice of the active list, [first, end), in pairs of rows.
-            for q in range(
-                (active[k] * (p + 1) // k_parts - active[k] * p // k_parts + 1) // 2
-            ):
-                # Copied to the stack once per pair: `active` and `partial` are both heap
-                # workspace, which may alias for all LLVM knows, so reading `active`
-                # inside the rows would repeat the load after every store to `partial`.
-                # The two rows, then the next two (to prefetch), clamped to the list.
-                rows_at = T.alloc_buffer((4,), "int32")
-                for i in range(4):
-                    rows_at[i] = active[
-                        T.min(active[k] * p // k_parts + 2 * q + i, active[k] * (p + 1) // k_parts - 1)
-                    ]
-                for t in range(full_tiles):
-                    row_tile(
-                        x, threshold, w, partial, p, rows_at,
-                        active[k] * p // k_parts + 2 * q + 1 == active[k] * (p + 1) // k_parts,
-                        t * rows, rows,
-                    )
-                if tail_rows > 0:
-                    row_tile(
-                        x, threshold, w, partial, p, rows_at,
-                        active[k] * p // k_parts + 2 * q + 1 == active[k] * (p + 1) // k_parts,
-                        full_tiles * rows, tail_rows,
-                    )
-        reduce_partials(partial, y, k_parts, n)
-
-    return gated_matmul
+    matmul = split_k(m, k, n, per_channel, k_parts, pairs_of_rows(m, row_tile))
+    return gated_kernel(m, k, n, per_channel, f"gated_matmul_m{m}_k{k}_n{n}_{gate_name(per_channel)}", matmul)
 
 
 def pack_dual_weight(weight: np.ndarray) -> list[np.ndarray]:
@@ -853,8 +556,7 @@ def pack_dual_weight(weight: np.ndarray) -> list[np.ndarray]:
     Raises:
         ValueError: if ``weight`` is not a 2-D float32 array.
     """
-    if weight.ndim != 2 or weight.dtype != np.float32:
-        raise ValueError(f"expected a 2-D float32 weight, got {weight.ndim}-D {weight.dtype}")
+    check_weight(weight)
     return encode(np.ascontiguousarray(weight.T), "bitmask")
 
 
@@ -900,31 +602,39 @@ def dual_matmul_func(
     """
     from tvm.script import tirx as T
 
-    _check_sizes(m=m, k=k, n=n)
-    _check_count("nnz", nnz)
-    _check_gate_args(per_channel, k_parts)
+    check_sizes(m=m, k=k, n=n)
+    check_count("nnz", nnz)
+    check_gate(per_channel, k_parts)
 
-    list_active, gate_tile, zero_partial, reduce_partials = _gate_macros(m, k, per_channel)
-    rows, full_tiles, tail_rows = _row_tiles(m, SPARSE_ROW_TILE)
+    gate_tile = gate_tile_macro(per_channel)
     row_bytes = -(-n // 8)
     chunks = n // LANES
     tail = n % LANES
     tail_bytes = -(-tail // 8)
     threshold_size = k if per_channel else 1
-    padded_n = -(-n // LANES) * LANES
     ahead = PREFETCH_BYTES // 4
     bit_lines = -(-row_bytes // 64)
 
     # rows_at, per pair of rows (s = 0, 1 for the first and second row of the pair):
     # rows_at[s] the row, rows_at[2 + s] the row the next pair has in its place,
     # rows_at[4 + 2 s] and rows_at[5 + 2 s] where the row's values start and end, and
-    # rows_at[8 + s] where the values of rows_at[2 + s] start.
+    # rows_at[8 + s] where the values of rows_at[2 + s] start. Like the rows, the offsets
+    # are copied to the stack: the parameters, reached through the parallel closure, lose
+    # `noalias` too.
+
+    @T.macro
+    def locate(weights, rows_at):
+        row_offsets = weights[1]
+        for s in range(2):
+            rows_at[4 + 2 * s] = row_offsets[rows_at[s]]
+            rows_at[5 + 2 * s] = row_offsets[rows_at[s] + 1]
+            rows_at[8 + s] = row_offsets[rows_at[2 + s]]
 
     @T.macro
     def prefetch_values(values, offset, rows_at, s):
         # `ahead` values on, in this row or else in the one that follows it.
         T.evaluate(
-            _prefetch(
+            prefetch(
                 T.address_of(
                     values[
                         T.if_then_else(
@@ -941,11 +651,11 @@ def dual_matmul_func(
 
     @T.macro
     def expand_row(weight, bits, values, offset, rows_at, s, c, chunk_bytes):
-        weight[T.Ramp(s * LANES, 1, LANES)] = _expand(
-            T.address_of(values[offset[0]]), _bit_chunk(bits, rows_at[s], c, chunk_bytes)
+        weight[T.Ramp(s * LANES, 1, LANES)] = expand(
+            T.address_of(values[offset[0]]), bit_chunk(bits, rows_at[s], c, chunk_bytes)
         )
         offset[0] = offset[0] + T.Cast(
-            offset.dtype, T.popcount(_bit_chunk(bits, rows_at[s], c, chunk_bytes))
+            offset.dtype, T.popcount(bit_chunk(bits, rows_at[s], c, chunk_bytes))
         )
 
     @T.macro
@@ -961,7 +671,8 @@ def dual_matmul_func(
                 )
 
     @T.macro
-    def row_tile(x, threshold, bits, values, partial, p, rows_at, single, m0, tile_rows):
+    def row_tile(x, threshold, weights, partial, p, rows_at, single, m0, tile_rows):
+        bits, row_offsets, values = weights
         # Two rows at once: four streams in flight (two of bits, two of values) and one
         # read-modify-write of the partial sum for both. A lone last row is paired with
         # itself at a zero input. The two value offsets differ in type only so that LLVM's
@@ -978,7 +689,7 @@ def dual_matmul_func(
                 gated[tile_rows + r] = T.float32(0)
         for s in T.unroll(2):
             for line in range(bit_lines):
-                T.evaluate(_prefetch(T.address_of(bits[rows_at[2 + s], line * 64])))
+                T.evaluate(prefetch(T.address_of(bits[rows_at[2 + s], line * 64])))
         first[0] = rows_at[4]
         second[0] = T.Cast("int64", rows_at[6])
         for c in range(chunks):
@@ -994,6 +705,8 @@ def dual_matmul_func(
                 tail_bytes, m0, tile_rows,
             )
 
+    matmul = split_k(m, k, n, per_channel, k_parts, pairs_of_rows(m, row_tile, 10, locate))
+
     @T.prim_func
     def dual_matmul(
         x: T.Buffer((m, k), "float32"),
@@ -1003,44 +716,8 @@ def dual_matmul_func(
         values: T.Buffer((nnz,), "float32"),
         y: T.Buffer((m, n), "float32"),
     ):
-        T.func_attr(
-            _func_attrs(
-                f"dual_matmul_m{m}_k{k}_n{n}_nnz{nnz}_{'channel' if per_channel else 'scalar'}"
-            )
-        )
-        active = T.alloc_buffer((k + 1,), "int32")
-        partial = T.alloc_buffer((k_parts, m, padded_n), "float32")
-        list_active(x, threshold, active)
-        for p in T.parallel(k_parts):
-            zero_partial(partial, p, padded_n)
-            # This task's slice of the active list, in pairs of rows, as in
-            # gated_matmul_func; rows_at is copied to the stack for the same reason (and
-            # the parameters, reached through the parallel closure, lose `noalias` too).
-            for q in range(
-                (active[k] * (p + 1) // k_parts - active[k] * p // k_parts + 1) // 2
-            ):
-                rows_at = T.alloc_buffer((10,), "int32")
-                for i in range(4):
-                    rows_at[i] = active[
-                        T.min(active[k] * p // k_parts + 2 * q + i, active[k] * (p + 1) // k_parts - 1)
-                    ]
-                for s in range(2):
-                    rows_at[4 + 2 * s] = row_offsets[rows_at[s]]
-                    rows_at[5 + 2 * s] = row_offsets[rows_at[s] + 1]
-                    rows_at[8 + s] = row_offsets[rows_at[2 + s]]
-                for t in range(full_tiles):
-                    row_tile(
-                        x, threshold, bits, values, partial, p, rows_at,
-                        active[k] * p // k_parts + 2 * q + 1 == active[k] * (p + 1) // k_parts,
-                        t * rows, rows,
-                    )
-                if tail_rows > 0:
-                    row_tile(
-                        x, threshold, bits, values, partial, p, rows_at,
-                        active[k] * p // k_parts + 2 * q + 1 == active[k] * (p + 1) // k_parts,
-                        full_tiles * rows, tail_rows,
-                    )
-        reduce_partials(partial, y, k_parts, n)
+        T.func_attr(func_attrs(f"dual_matmul_m{m}_k{k}_n{n}_nnz{nnz}_{gate_name(per_channel)}"))
+        matmul(x, threshold, (bits, row_offsets, values), y)
 
     return dual_matmul
 
@@ -1052,15 +729,6 @@ def dual_matmul_func(
 # ``v`` of the arrays the projection's kernel reads, and the table is stored once. A
 # lookup writes a few hundred floats per token, so the loops are serial (waking the thread
 # pool would cost more than the work).
-
-_ID_DTYPES = ("int32", "int64")
-
-
-def _check_gather_args(rows: int, k: int, n: int, nnz: int, id_dtype: str) -> None:
-    _check_sizes(rows=rows, k=k, n=n)
-    _check_count("nnz", nnz)
-    if id_dtype not in _ID_DTYPES:
-        raise ValueError(f"id_dtype must be one of {_ID_DTYPES}, got {id_dtype!r}")
 
 
 def csr_gather_func(rows: int, k: int, n: int, nnz: int, index_dtype: str = "int16", id_dtype: str = "int64"):
@@ -1079,8 +747,8 @@ def csr_gather_func(rows: int, k: int, n: int, nnz: int, index_dtype: str = "int
     """
     from tvm.script import tirx as T
 
-    _check_gather_args(rows, k, n, nnz, id_dtype)
-    _check_index_dtype(index_dtype)
+    check_gather(rows, k, n, nnz, id_dtype)
+    check_index_dtype(index_dtype)
 
     @T.prim_func
     def csr_gather(
@@ -1090,7 +758,7 @@ def csr_gather_func(rows: int, k: int, n: int, nnz: int, index_dtype: str = "int
         values: T.Buffer((nnz,), "float32"),
         y: T.Buffer((rows, k), "float32"),
     ):
-        T.func_attr(_func_attrs(f"csr_gather_r{rows}_k{k}_n{n}_nnz{nnz}_{index_dtype}_{id_dtype}"))
+        T.func_attr(func_attrs(f"csr_gather_r{rows}_k{k}_n{n}_nnz{nnz}_{index_dtype}_{id_dtype}"))
         for r in range(rows):
             for c in range(k):
                 y[r, c] = T.float32(0)
@@ -1115,7 +783,7 @@ def bitmask_gather_func(rows: int, k: int, n: int, nnz: int, id_dtype: str = "in
     """
     from tvm.script import tirx as T
 
-    _check_gather_args(rows, k, n, nnz, id_dtype)
+    check_gather(rows, k, n, nnz, id_dtype)
     row_bytes = -(-k // 8)
 
     @T.prim_func
@@ -1126,7 +794,7 @@ def bitmask_gather_func(rows: int, k: int, n: int, nnz: int, id_dtype: str = "in
         values: T.Buffer((nnz,), "float32"),
         y: T.Buffer((rows, k), "float32"),
     ):
-        T.func_attr(_func_attrs(f"bitmask_gather_r{rows}_k{k}_n{n}_nnz{nnz}_{id_dtype}"))
+        T.func_attr(func_attrs(f"bitmask_gather_r{rows}_k{k}_n{n}_nnz{nnz}_{id_dtype}"))
         for r in range(rows):
             offset = T.alloc_buffer((1,), "int32")
             offset[0] = row_offsets[ids[r]]
@@ -1212,16 +880,14 @@ def segment_matmul_func(m: int, k: int, n: int, segments: int, per_channel: bool
     """
     from tvm.script import tirx as T
 
-    _check_sizes(m=m, k=k, n=n)
-    _check_count("segments", segments)
-    _check_gate_args(per_channel, k_parts)
+    check_sizes(m=m, k=k, n=n)
+    check_count("segments", segments)
+    check_gate(per_channel, k_parts)
     if n < LANES:
         raise ValueError(f"n must be at least {LANES}, got {n}")
 
-    list_active, gate_tile, zero_partial, reduce_partials = _gate_macros(m, k, per_channel)
-    rows, full_tiles, tail_rows = _row_tiles(m, SPARSE_ROW_TILE)
+    gate_tile = gate_tile_macro(per_channel)
     threshold_size = k if per_channel else 1
-    padded_n = -(-n // LANES) * LANES
     ahead = PREFETCH_BYTES // 4
     windows = max(segments, 1)
     stored = windows * LANES
@@ -1234,25 +900,39 @@ def segment_matmul_func(m: int, k: int, n: int, segments: int, per_channel: bool
     rows_ahead = min(16, max(1, int(np.ceil(PREFETCH_BYTES / max(row_bytes, 1.0)))))
 
     @T.macro
-    def prefetch_row(starts, values, row_offsets, row):
+    def prefetch_row(weights, row):
+        row_offsets, starts, values = weights
         for s in range(row_offsets[row], row_offsets[row + 1]):
-            T.evaluate(_prefetch(T.address_of(values[s * LANES])))
+            T.evaluate(prefetch(T.address_of(values[s * LANES])))
         for s in range(row_offsets[row] // LANES, (row_offsets[row + 1] + LANES - 1) // LANES):
-            T.evaluate(_prefetch(T.address_of(starts[T.min(s * LANES, windows - 1)])))
+            T.evaluate(prefetch(T.address_of(starts[T.min(s * LANES, windows - 1)])))
 
     @T.macro
-    def row_tile(x, threshold, starts, values, partial, p, rows_at, m0, tile_rows):
+    def locate(weights, rows_at, next_row):
+        # rows_at: the row, where its windows start and end, where the next active row's
+        # windows start.
+        row_offsets = weights[0]
+        rows_at[1] = row_offsets[rows_at[0]]
+        rows_at[2] = row_offsets[rows_at[0] + 1]
+        rows_at[3] = row_offsets[next_row]
+
+    @T.macro
+    def row_tile(x, threshold, weights, partial, p, rows_at, m0, tile_rows):
+        row_offsets, starts, values = weights
         gated = T.alloc_buffer((tile_rows,), "float32")
         gate_tile(gated, 0, x, threshold, rows_at[0], m0, tile_rows)
         for s in range(rows_at[1], rows_at[2]):
             if not row_prefetch:
                 # `ahead` values on, in this row or else at the start of the next active one.
-                T.evaluate(_prefetch(T.address_of(values[T.if_then_else(
+                T.evaluate(prefetch(T.address_of(values[T.if_then_else(
                     s * LANES + ahead < rows_at[2] * LANES, s * LANES + ahead,
                     T.min(rows_at[3] * LANES + s * LANES + ahead - rows_at[2] * LANES, stored - 1))])))
             for r in T.unroll(tile_rows):
                 for t in T.vectorized(LANES):
                     partial[p, m0 + r, starts[s] + t] = partial[p, m0 + r, starts[s] + t] + gated[r] * values[s * LANES + t]
+
+    walk = single_rows(m, k, row_tile, locate, prefetch_row if row_prefetch else None, rows_ahead)
+    matmul = split_k(m, k, n, per_channel, k_parts, walk)
 
     @T.prim_func
     def segment_matmul(
@@ -1263,31 +943,21 @@ def segment_matmul_func(m: int, k: int, n: int, segments: int, per_channel: bool
         values: T.Buffer((stored,), "float32"),
         y: T.Buffer((m, n), "float32"),
     ):
-        T.func_attr(_func_attrs(
-            f"dual_matmul_m{m}_k{k}_n{n}_nnz{segments * LANES}_{'channel' if per_channel else 'scalar'}_seg"))
-        active = T.alloc_buffer((k + 1,), "int32")
-        partial = T.alloc_buffer((k_parts, m, padded_n), "float32")
-        list_active(x, threshold, active)
-        for p in T.parallel(k_parts):
-            zero_partial(partial, p, padded_n)
-            if row_prefetch:
-                for q in range(T.min(rows_ahead, active[k] * (p + 1) // k_parts - active[k] * p // k_parts)):
-                    prefetch_row(starts, values, row_offsets, active[active[k] * p // k_parts + q])
-            for q in range(active[k] * (p + 1) // k_parts - active[k] * p // k_parts):
-                if row_prefetch:
-                    if active[k] * p // k_parts + q + rows_ahead < active[k] * (p + 1) // k_parts:
-                        prefetch_row(starts, values, row_offsets, active[active[k] * p // k_parts + q + rows_ahead])
-                # rows_at: the row, where its windows start and end, where the next
-                # active row's windows start (copied to the stack: see dual_matmul_func).
-                rows_at = T.alloc_buffer((4,), "int32")
-                rows_at[0] = active[active[k] * p // k_parts + q]
-                rows_at[1] = row_offsets[rows_at[0]]
-                rows_at[2] = row_offsets[rows_at[0] + 1]
-                rows_at[3] = row_offsets[active[T.min(active[k] * p // k_parts + q + 1, active[k] - 1)]]
-                for t in range(full_tiles):
-                    row_tile(x, threshold, starts, values, partial, p, rows_at, t * rows, rows)
-                if tail_rows > 0:
-                    row_tile(x, threshold, starts, values, partial, p, rows_at, full_tiles * rows, tail_rows)
-        reduce_partials(partial, y, k_parts, n)
+        T.func_attr(func_attrs(
+            f"dual_matmul_m{m}_k{k}_n{n}_nnz{segments * LANES}_{gate_name(per_channel)}_seg"))
+        matmul(x, threshold, (row_offsets, starts, values), y)
 
     return segment_matmul
+
+
+#: The CPU's kernels by weight format: ``targets.tvm_import`` calls the entry named by a
+#: sparse op's ``format`` (csr, bsr, bitmask) or by a gated op's ``dual`` (gated: a dense
+#: weight; dual: ``pack_dual_weight``'s rows; segments: ``pack_segment_weight``'s windows).
+KERNELS = kernel_table(
+    csr=csr_matmul_func,
+    bsr=bsr_matmul_func,
+    bitmask=bitmask_matmul_func,
+    gated=gated_matmul_func,
+    dual=dual_matmul_func,
+    segments=segment_matmul_func,
+)

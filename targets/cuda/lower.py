@@ -50,5 +50,5 @@ def unsupported_ops(model: onnx.ModelProto) -> list[str]:
 def import_onnx(model: onnx.ModelProto, input_shapes: dict[str, list[int]], input_dtypes: dict[str, str]):
     """Imports a legalized model into a Relax IRModule."""
     converters = {DENSE_MATMUL: _dense_matmul_converter(),
-                  **tvm_import.sparse_converters({}, sparse_kernels, SPARSE_MATMUL, GATED_MATMUL)}
+                  **tvm_import.sparse_converters({}, sparse_kernels.KERNELS, SPARSE_MATMUL, GATED_MATMUL)}
     return tvm_import.import_onnx(model, input_shapes, input_dtypes, converters)

@@ -29,7 +29,8 @@ reads consecutive addresses):
   ``+ G / (R*C)``, ..., so the group reads each step's ``G`` values as one contiguous
   run (``SPARSE_UNROLL`` steps at a time). Rows of the last block row past ``n`` are
   never written, and columns past ``k`` of the last block column never read (their
-  stored values are the zero padding).
+  stored values are the zero padding). CSR is this kernel's loop with ``1 x 1`` blocks
+  and a warp per row.
 
 ``gated`` (activation sparsity, dense weight; the TEAL design) -- ``y = gate(x) @ W``
 with ``gate(x)[m, k] = x[m, k] if |x[m, k]| > t else 0`` (``passes.sparse_ops``'s
@@ -75,92 +76,37 @@ numpy, and compile the real kernels with nvcc to PTX. Running the kernels on a G
 tested by the ``gpu``-marked tests only, which are skipped where there is no CUDA device;
 the GPU execution and speed of these kernels have not been verified in this repository
 yet.
+
+
+Each kernel is a small body per format inside one of the two loop skeletons of
+``targets.cuda.skeletons`` (csr and bsr: parallel over output rows; gated and dual:
+split-K over the active inputs). ``KERNELS`` is the table of them by weight format,
+which ``targets.tvm_import`` reads to call them from a legalized model.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-# The argument checks and function attributes are the CPU kernels' own: both sets take
-# the same arguments and are scheduled by hand.
-from targets.cpu.sparse_kernels import (
-    BSR_BLOCK_SIDES,
-    _check_count,
-    _check_gate_args,
-    _func_attrs,
-    _check_index_dtype,
-    _check_sizes,
+from targets.cuda.skeletons import (
+    GATED_WARPS, MAX_ROWS, REDUCE_THREADS, WARP, ceil_div, check_rows, default_k_parts, parallel_rows, split_k,
+)
+from targets.kernel_args import (
+    bsr_kernel, check_bsr, check_count, check_csr, check_gate, check_sizes, check_weight, csr_kernel,
+    func_attrs, gate_name, gated_kernel, kernel_table,
 )
 
-#: Rows of ``x`` a kernel takes: the per-thread accumulators are ``m`` registers, and a
-#: larger batch is no longer a matrix-vector product (dense GEMM schedules serve it).
-MAX_ROWS = 8
-#: Threads in a warp.
-WARP = 32
+__all__ = ["MAX_ROWS", "GATED_WARPS", "REDUCE_THREADS", "KERNELS", "csr_matmul_func", "bsr_matmul_func",
+           "gated_matmul_func", "dual_matmul_func", "pack_dual_weight", "unpack_dual_weight", "default_k_parts",
+           "serial_copy"]
+
 #: Output rows (one warp each) per thread block of the CSR kernel.
 CSR_WARPS = 4
-#: Steps of the CSR and BSR loops over a row's nonzeros (or blocks) issued together,
-#: unrolled, so that a warp has that many independent weight loads in flight.
-SPARSE_UNROLL = 4
 #: Threads per block row of the BSR kernel (at least ``R * C``): there are ``R`` times
 #: fewer block rows than rows, so several warps per block row keep enough loads in flight.
 BSR_GROUP = 128
 #: Threads per thread block the BSR kernel aims at.
 BSR_THREADS = 128
-#: Warps per thread block of the gated and dual kernels; each takes its own rows of the
-#: block's slice of K.
-GATED_WARPS = 8
-#: Rows of ``W`` a warp of the gated and dual kernels handles per step, unrolled, so that
-#: their gates and then their (predicated) weight loads are issued together rather than
-#: one latency at a time.
-GATED_ROW_UNROLL = 4
-#: Thread blocks the gated and dual kernels aim at when ``k_parts`` is not given: about
-#: eight resident blocks of 256 threads on each of the 108 (A100) to 132 (H100) SMs,
-#: twice over.
-GATED_TARGET_BLOCKS = 2048
-#: Threads per block of the kernel that adds the split-K partials.
-REDUCE_THREADS = 256
-#: The widest lane sum that the last reduction phase adds serially; wider ones are folded
-#: first (see "Reductions" in the module docstring).
-SERIAL_LANES = 8
-
-
-def _check_rows(m: int) -> None:
-    _check_sizes(m=m)
-    if m > MAX_ROWS:
-        raise ValueError(f"the CUDA sparse kernels take at most {MAX_ROWS} rows of x, got m={m}")
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _fold_width(lanes: int) -> int:
-    """Lanes left after the fold phase: all of them up to ``SERIAL_LANES``, else about
-    the square root, so that the fold and the last phase each add a few values."""
-    if lanes <= SERIAL_LANES:
-        return lanes
-    return 1 << ((lanes.bit_length() - 1) // 2)
-
-
-def _fold_macro(threads: int):
-    """A macro ``fold(lanes, folded, items, width)``: one phase of the block's ``threads``
-    threads computing ``folded[i, w] = sum_u lanes[i, w + u * width]``."""
-    from tvm.script import tirx as T
-
-    @T.macro
-    def fold(lanes, folded, items, width):
-        for t in T.thread_binding(threads, thread="threadIdx.x"):
-            for u in range(_ceil_div(items * width, threads)):
-                slot = t + u * threads  # (item, lane left) = divmod(slot, width)
-                if slot < items * width:
-                    total = T.alloc_buffer((1,), "float32", scope="local")
-                    total[0] = T.float32(0)
-                    for f in range(lanes.shape[1] // width):
-                        total[0] = total[0] + lanes[slot // width, slot % width + f * width]
-                    folded[slot // width, slot % width] = total[0]
-
-    return fold
 
 
 # --- CSR -------------------------------------------------------------------------------
@@ -169,82 +115,26 @@ def _fold_macro(threads: int):
 def csr_matmul_func(m: int, k: int, n: int, nnz: int, index_dtype: str = "int16"):
     """A TIR PrimFunc computing ``y = x @ W`` from ``encode(W, "csr")`` on a GPU.
 
-    Parameters, in order: ``x`` float32 [m, k], ``indptr`` int32 [n + 1], ``indices``
-    ``index_dtype`` [nnz], ``values`` float32 [nnz], ``y`` float32 [m, n] (every element
-    written). One warp per output row, ``CSR_WARPS`` rows per block of
-    ``32 * CSR_WARPS`` threads. Global symbol
+    Operands, arguments and errors are those of ``targets.cpu.sparse_kernels.csr_matmul_func``,
+    with ``m`` at most ``MAX_ROWS``. One warp per output row, ``CSR_WARPS`` rows per block
+    of ``32 * CSR_WARPS`` threads. Global symbol
     ``cuda_csr_matmul_m{m}_k{k}_n{n}_nnz{nnz}_{index_dtype}``.
-
-    Args:
-        m: rows of ``x``, 1 to ``MAX_ROWS``.
-        k: reduction size (``indices`` lie in ``[0, k)``).
-        n: output size.
-        nnz: stored nonzeros (may be 0).
-        index_dtype: ``"int16"`` (``k <= 32768``) or ``"int32"``.
-
-    Returns:
-        A ``tvm.tirx.PrimFunc``.
-
-    Raises:
-        ValueError: for a bad size or count, an unknown index dtype or int16 indices with
-            ``k > 32768``.
     """
     from tvm.script import tirx as T
 
-    _check_rows(m)
-    _check_sizes(k=k, n=n)
-    _check_count("nnz", nnz)
-    _check_index_dtype(index_dtype)
-    if index_dtype == "int16" and k > 32768:
-        raise ValueError(f"int16 indices cannot address k={k} columns")
+    check_rows(m)
+    check_csr(k, n, nnz, index_dtype)
 
-    threads = WARP * CSR_WARPS
-    items = CSR_WARPS * m  # (warp, row of x)
-    width = _fold_width(WARP)
-    fold = _fold_macro(threads)
+    @T.macro
+    def accumulate(acc, x, weights, j, lane):
+        # Lane l takes nonzeros first + l, first + l + 32, ... of the row.
+        indptr, indices, values = weights
+        for r in range(m):
+            acc[r] = acc[r] + values[j] * x[r, T.Cast("int32", indices[j])]
 
-    @T.prim_func
-    def csr_matmul(
-        x: T.Buffer((m, k), "float32"),
-        indptr: T.Buffer((n + 1,), "int32"),
-        indices: T.Buffer((nnz,), index_dtype),
-        values: T.Buffer((nnz,), "float32"),
-        y: T.Buffer((m, n), "float32"),
-    ):
-        T.func_attr(_func_attrs(f"cuda_csr_matmul_m{m}_k{k}_n{n}_nnz{nnz}_{index_dtype}"))
-        for bx in T.thread_binding(_ceil_div(n, CSR_WARPS), thread="blockIdx.x"):
-            lanes = T.alloc_buffer((items, WARP), "float32", scope="shared")
-            folded = T.alloc_buffer((items, width), "float32", scope="shared")
-            for t in T.thread_binding(threads, thread="threadIdx.x"):
-                row = bx * CSR_WARPS + t // WARP
-                lane = t % WARP
-                acc = T.alloc_buffer((m,), "float32", scope="local")
-                for r in range(m):
-                    acc[r] = T.float32(0)
-                if row < n:
-                    # Lane l takes nonzeros first + l, first + l + 32, ... of the row.
-                    for s in range(
-                        (indptr[row + 1] - indptr[row] + WARP * SPARSE_UNROLL - 1)
-                        // (WARP * SPARSE_UNROLL)
-                    ):
-                        for u in T.unroll(SPARSE_UNROLL):
-                            j = indptr[row] + lane + (s * SPARSE_UNROLL + u) * WARP
-                            if j < indptr[row + 1]:
-                                for r in range(m):
-                                    acc[r] = acc[r] + values[j] * x[r, T.Cast("int32", indices[j])]
-                for r in range(m):
-                    lanes[(t // WARP) * m + r, lane] = acc[r]
-            fold(lanes, folded, items, width)
-            for t in T.thread_binding(threads, thread="threadIdx.x"):
-                if t < items:
-                    if bx * CSR_WARPS + t // m < n:
-                        total = T.alloc_buffer((1,), "float32", scope="local")
-                        total[0] = T.float32(0)
-                        for w in range(width):
-                            total[0] = total[0] + folded[t, w]
-                        y[t % m, bx * CSR_WARPS + t // m] = total[0]
+    over_rows = parallel_rows(m, n, (1, 1), WARP, CSR_WARPS, accumulate)
 
-    return csr_matmul
+    return csr_kernel(m, k, n, nnz, index_dtype, f"cuda_csr_matmul_m{m}_k{k}_n{n}_nnz{nnz}_{index_dtype}", over_rows)
 
 
 # --- BSR -------------------------------------------------------------------------------
@@ -255,235 +145,43 @@ def bsr_matmul_func(
 ):
     """A TIR PrimFunc computing ``y = x @ W`` from ``encode(W, "bsr", block)`` on a GPU.
 
-    Parameters, in order: ``x`` float32 [m, k], ``indptr`` int32 [ceil(n / R) + 1],
-    ``indices`` ``index_dtype`` [nnzb] (block columns), ``values`` float32 [nnzb, R, C],
-    ``y`` float32 [m, n] (every element written). ``k`` and ``n`` need not be multiples
-    of the block. A group of ``max(BSR_GROUP, R * C)`` threads per block row (see the
-    module docstring), ``max(1, BSR_THREADS // group)`` block rows per thread block. Global
-    symbol ``cuda_bsr_matmul_m{m}_k{k}_n{n}_b{R}x{C}_nnzb{nnzb}_{index_dtype}``.
-
-    Args:
-        m: rows of ``x``, 1 to ``MAX_ROWS``.
-        k: reduction size.
-        n: output size.
-        block: ``(R, C)``: rows of ``W^T`` (outputs) and columns (inputs) per block, each
-            one of ``BSR_BLOCK_SIDES``.
-        nnzb: stored blocks (may be 0).
-        index_dtype: ``"int16"`` or ``"int32"``.
-
-    Returns:
-        A ``tvm.tirx.PrimFunc``.
-
-    Raises:
-        ValueError: for a bad size or count, an unsupported block or an unknown index
-            dtype.
+    Operands, arguments and errors are those of ``targets.cpu.sparse_kernels.bsr_matmul_func``,
+    with ``m`` at most ``MAX_ROWS``; ``k`` and ``n`` need not be multiples of the block. A
+    group of ``max(BSR_GROUP, R * C)`` threads per block row (see the module docstring),
+    ``max(1, BSR_THREADS // group)`` block rows per thread block. Global symbol
+    ``cuda_bsr_matmul_m{m}_k{k}_n{n}_b{R}x{C}_nnzb{nnzb}_{index_dtype}``.
     """
     from tvm.script import tirx as T
 
-    _check_rows(m)
-    _check_sizes(k=k, n=n)
-    _check_count("nnzb", nnzb)
-    _check_index_dtype(index_dtype)
-    if len(block) != 2 or any(side not in BSR_BLOCK_SIDES for side in block):
-        raise ValueError(f"block sides must be in {BSR_BLOCK_SIDES}, got {block!r}")
+    check_rows(m)
+    check_bsr(k, n, block, nnzb, index_dtype)
 
     block_r, block_c = int(block[0]), int(block[1])
     block_size = block_r * block_c
-    block_rows = _ceil_div(n, block_r)
     group = max(BSR_GROUP, block_size)  # threads per block row
-    groups = max(1, BSR_THREADS // group)  # block rows per thread block
-    threads = group * groups
-    per_step = group // block_size  # blocks a group reads per step
-    lane_count = group // block_r  # threads that share one output row r
-    items = groups * m * block_r  # (block row, row of x, r)
-    width = _fold_width(lane_count)
     partial_col = k % block_c != 0
-    fold = _fold_macro(threads)
 
     @T.macro
-    def accumulate(acc, x, values, b, e, col):
+    def add_block_value(acc, x, values, b, e, col):
         for r in range(m):
             acc[r] = acc[r] + values[b, e % block_size // block_c, e % block_c] * x[r, col]
 
     @T.macro
-    def add_lanes(y, lanes, item, ib, r_out):
-        # The last phase for one (block row, row of x, r): the remaining lanes into y.
-        total = T.alloc_buffer((1,), "float32", scope="local")
-        total[0] = T.float32(0)
-        for w in range(lanes.shape[1]):
-            total[0] = total[0] + lanes[item, w]
-        y[item // block_r % m, ib * block_r + r_out] = total[0]
+    def accumulate(acc, x, weights, b, e):
+        indptr, indices, values = weights
+        col = T.Cast("int32", indices[b]) * block_c + e % block_c
+        if partial_col:
+            if col < k:
+                add_block_value(acc, x, values, b, e, col)
+        else:
+            add_block_value(acc, x, values, b, e, col)
 
-    @T.prim_func
-    def bsr_matmul(
-        x: T.Buffer((m, k), "float32"),
-        indptr: T.Buffer((block_rows + 1,), "int32"),
-        indices: T.Buffer((nnzb,), index_dtype),
-        values: T.Buffer((nnzb, block_r, block_c), "float32"),
-        y: T.Buffer((m, n), "float32"),
-    ):
-        T.func_attr(
-            _func_attrs(
-                f"cuda_bsr_matmul_m{m}_k{k}_n{n}_b{block_r}x{block_c}_nnzb{nnzb}_{index_dtype}"
-            )
-        )
-        for bx in T.thread_binding(_ceil_div(block_rows, groups), thread="blockIdx.x"):
-            lanes = T.alloc_buffer((items, lane_count), "float32", scope="shared")
-            folded = T.alloc_buffer((items, width), "float32", scope="shared")
-            for t in T.thread_binding(threads, thread="threadIdx.x"):
-                ib = bx * groups + t // group
-                e = t % group  # position in the group: block slot e // (R*C), then (r, c)
-                acc = T.alloc_buffer((m,), "float32", scope="local")
-                for r in range(m):
-                    acc[r] = T.float32(0)
-                if ib < block_rows:
-                    for s in range(
-                        (indptr[ib + 1] - indptr[ib] + per_step * SPARSE_UNROLL - 1)
-                        // (per_step * SPARSE_UNROLL)
-                    ):
-                        for u in T.unroll(SPARSE_UNROLL):
-                            b = indptr[ib] + e // block_size + (s * SPARSE_UNROLL + u) * per_step
-                            if b < indptr[ib + 1]:
-                                col = T.Cast("int32", indices[b]) * block_c + e % block_c
-                                if partial_col:
-                                    if col < k:
-                                        accumulate(acc, x, values, b, e, col)
-                                else:
-                                    accumulate(acc, x, values, b, e, col)
-                # Output row r = e % (R*C) // C gathers the lanes (block slot, c).
-                for r in range(m):
-                    lanes[
-                        ((t // group) * m + r) * block_r + e % block_size // block_c,
-                        e // block_size * block_c + e % block_c,
-                    ] = acc[r]
-            if width < lane_count:
-                fold(lanes, folded, items, width)
-            for t in T.thread_binding(threads, thread="threadIdx.x"):
-                for u in range(_ceil_div(items, threads)):
-                    item = t + u * threads
-                    ib = bx * groups + item // (m * block_r)
-                    if item < items and ib < block_rows:
-                        if ib * block_r + item % block_r < n:
-                            if width < lane_count:
-                                add_lanes(y, folded, item, ib, item % block_r)
-                            else:
-                                add_lanes(y, lanes, item, ib, item % block_r)
-
-    return bsr_matmul
+    over_rows = parallel_rows(m, n, (block_r, block_c), group, max(1, BSR_THREADS // group), accumulate)
+    symbol = f"cuda_bsr_matmul_m{m}_k{k}_n{n}_b{block_r}x{block_c}_nnzb{nnzb}_{index_dtype}"
+    return bsr_kernel(m, k, n, (block_r, block_c), nnzb, index_dtype, symbol, over_rows)
 
 
 # --- Gated and dual (split-K over the active inputs) -------------------------------------
-
-
-def default_k_parts(k: int, n: int) -> int:
-    """Slices of K for ``gated_matmul_func`` and ``dual_matmul_func`` when none is given:
-    enough that the grid has about ``GATED_TARGET_BLOCKS`` blocks, and at most one per
-    ``GATED_WARPS * 8`` rows, so that each warp still walks several rows."""
-    tiles = _ceil_div(n, WARP)
-    return max(1, min(_ceil_div(GATED_TARGET_BLOCKS, tiles), k // (GATED_WARPS * 8)))
-
-
-def _split_k_macros(m: int, k: int, n: int, per_channel: bool, k_parts: int, dual: bool):
-    """The two kernels of ``gated_matmul_func`` (``dual`` False) or ``dual_matmul_func``.
-
-    Returns ``(split_k_block, add_partials)``: ``split_k_block(x, threshold, weights,
-    partials, bx, by)`` is the body of thread block ``(bx, by)`` of the first kernel, with
-    ``weights`` the tuple ``(w,)`` or ``(bits, offsets, values)``: each warp walks its
-    rows of slice ``by``, computes the gate and skips the inactive rows, then the warps'
-    sums are reduced in shared memory into ``partials[by]``. ``add_partials(partials, y)``
-    is the second kernel.
-    """
-    from tvm.script import tirx as T
-
-    threads = WARP * GATED_WARPS
-    items = m * WARP  # (row of x, column of the tile)
-    width = _fold_width(GATED_WARPS)
-    fold = _fold_macro(threads)
-    k_slice = _ceil_div(k, k_parts)
-
-    def limit(threshold, kk):
-        return threshold[kk] if per_channel else threshold[0]
-
-    @T.macro
-    def gate_row(x, threshold, kk, gated, live):
-        # gated[r] = gate(x)[r, kk]; live[0] = 1 when any row is active at kk.
-        live[0] = 0
-        for r in range(m):
-            gated[r] = T.if_then_else(T.abs(x[r, kk]) > limit(threshold, kk), x[r, kk], T.float32(0))
-            if T.abs(x[r, kk]) > limit(threshold, kk):
-                live[0] = 1
-
-    @T.macro
-    def add_dense_row(acc, gated, w, kk, col):
-        if col < n:
-            for r in range(m):
-                acc[r] = acc[r] + gated[r] * w[kk, col]
-
-    @T.macro
-    def add_bitmask_row(acc, gated, bits, offsets, values, kk, word_index, lane):
-        word = bits[kk, word_index]
-        if T.bitwise_and(T.shift_right(word, lane), T.uint32(1)) == T.uint32(1):
-            # The set lanes below this one come first in values.
-            below = T.bitwise_and(word, T.shift_left(T.uint32(1), lane) - T.uint32(1))
-            v = values[offsets[kk, word_index] + T.Cast("int32", T.popcount(below))]
-            for r in range(m):
-                acc[r] = acc[r] + gated[r] * v
-
-    @T.macro
-    def split_k_block(x, threshold, weights, partials, bx, by):
-        lanes = T.alloc_buffer((items, GATED_WARPS), "float32", scope="shared")
-        folded = T.alloc_buffer((items, width), "float32", scope="shared")
-        for t in T.thread_binding(threads, thread="threadIdx.x"):
-            acc = T.alloc_buffer((m,), "float32", scope="local")
-            gated = T.alloc_buffer((m,), "float32", scope="local")
-            live = T.alloc_buffer((1,), "int32", scope="local")
-            for r in range(m):
-                acc[r] = T.float32(0)
-            # Warp t // 32 takes rows t // 32, t // 32 + GATED_WARPS, ... of the slice.
-            for s in range(_ceil_div(k_slice, GATED_WARPS * GATED_ROW_UNROLL)):
-                for u in T.unroll(GATED_ROW_UNROLL):
-                    slot = t // WARP + (s * GATED_ROW_UNROLL + u) * GATED_WARPS
-                    kk = by * k_slice + slot
-                    if slot < k_slice and kk < k:
-                        gate_row(x, threshold, kk, gated, live)
-                        if live[0] == 1:
-                            if dual:
-                                add_bitmask_row(
-                                    acc, gated, weights[0], weights[1], weights[2], kk, bx,
-                                    T.Cast("uint32", t % WARP),
-                                )
-                            else:
-                                add_dense_row(acc, gated, weights[0], kk, bx * WARP + t % WARP)
-            for r in range(m):
-                lanes[r * WARP + t % WARP, t // WARP] = acc[r]
-        if width < GATED_WARPS:
-            fold(lanes, folded, items, width)
-        for t in T.thread_binding(threads, thread="threadIdx.x"):
-            for u in range(_ceil_div(items, threads)):
-                item = t + u * threads
-                if item < items and bx * WARP + item % WARP < n:
-                    total = T.alloc_buffer((1,), "float32", scope="local")
-                    total[0] = T.float32(0)
-                    if width < GATED_WARPS:
-                        for w in range(width):
-                            total[0] = total[0] + folded[item, w]
-                    else:
-                        for w in range(width):
-                            total[0] = total[0] + lanes[item, w]
-                    partials[by, item // WARP * n + bx * WARP + item % WARP] = total[0]
-
-    @T.macro
-    def add_partials(partials, y):
-        for b in T.thread_binding(_ceil_div(m * n, REDUCE_THREADS), thread="blockIdx.x"):
-            for t in T.thread_binding(REDUCE_THREADS, thread="threadIdx.x"):
-                if b * REDUCE_THREADS + t < m * n:
-                    total = T.alloc_buffer((1,), "float32", scope="local")
-                    total[0] = T.float32(0)
-                    for p in range(k_parts):
-                        total[0] = total[0] + partials[p, b * REDUCE_THREADS + t]
-                    y[(b * REDUCE_THREADS + t) // n, (b * REDUCE_THREADS + t) % n] = total[0]
-
-    return split_k_block, add_partials
 
 
 def gated_matmul_func(m: int, k: int, n: int, per_channel: bool, k_parts: int | None = None):
@@ -513,31 +211,20 @@ def gated_matmul_func(m: int, k: int, n: int, per_channel: bool, k_parts: int | 
     """
     from tvm.script import tirx as T
 
-    _check_rows(m)
-    _check_sizes(k=k, n=n)
+    check_rows(m)
+    check_sizes(k=k, n=n)
     k_parts = default_k_parts(k, n) if k_parts is None else k_parts
-    _check_gate_args(per_channel, k_parts)
+    check_gate(per_channel, k_parts)
 
-    split_k_block, add_partials = _split_k_macros(m, k, n, per_channel, k_parts, dual=False)
-    threshold_size = k if per_channel else 1
+    @T.macro
+    def add_dense_row(acc, gated, weights, kk, bx, lane):
+        (w,) = weights
+        if bx * WARP + lane < n:
+            for r in range(m):
+                acc[r] = acc[r] + gated[r] * w[kk, bx * WARP + lane]
 
-    @T.prim_func
-    def gated_matmul(
-        x: T.Buffer((m, k), "float32"),
-        threshold: T.Buffer((threshold_size,), "float32"),
-        w: T.Buffer((k, n), "float32"),
-        y: T.Buffer((m, n), "float32"),
-    ):
-        T.func_attr(
-            _func_attrs(f"cuda_gated_matmul_m{m}_k{k}_n{n}_{'channel' if per_channel else 'scalar'}")
-        )
-        partials = T.alloc_buffer((k_parts, m * n), "float32")
-        for bx in T.thread_binding(_ceil_div(n, WARP), thread="blockIdx.x"):
-            for by in T.thread_binding(k_parts, thread="blockIdx.y"):
-                split_k_block(x, threshold, (w,), partials, bx, by)
-        add_partials(partials, y)
-
-    return gated_matmul
+    matmul = split_k(m, k, n, per_channel, k_parts, add_dense_row)
+    return gated_kernel(m, k, n, per_channel, f"cuda_gated_matmul_m{m}_k{k}_n{n}_{gate_name(per_channel)}", matmul)
 
 
 def pack_dual_weight(weight: np.ndarray) -> list[np.ndarray]:
@@ -555,10 +242,9 @@ def pack_dual_weight(weight: np.ndarray) -> list[np.ndarray]:
     Raises:
         ValueError: if ``weight`` is not a 2-D float32 array.
     """
-    if weight.ndim != 2 or weight.dtype != np.float32:
-        raise ValueError(f"expected a 2-D float32 weight, got {weight.ndim}-D {weight.dtype}")
+    check_weight(weight)
     k, n = weight.shape
-    words = _ceil_div(n, WARP)
+    words = ceil_div(n, WARP)
     mask = np.zeros((k, words * WARP), dtype=bool)
     mask[:, :n] = weight != 0
     lanes = mask.reshape(k, words, WARP)
@@ -612,15 +298,26 @@ def dual_matmul_func(
     """
     from tvm.script import tirx as T
 
-    _check_rows(m)
-    _check_sizes(k=k, n=n)
-    _check_count("nnz", nnz)
+    check_rows(m)
+    check_sizes(k=k, n=n)
+    check_count("nnz", nnz)
     k_parts = default_k_parts(k, n) if k_parts is None else k_parts
-    _check_gate_args(per_channel, k_parts)
-
-    split_k_block, add_partials = _split_k_macros(m, k, n, per_channel, k_parts, dual=True)
-    words = _ceil_div(n, WARP)
+    check_gate(per_channel, k_parts)
+    words = ceil_div(n, WARP)
     threshold_size = k if per_channel else 1
+
+    @T.macro
+    def add_bitmask_row(acc, gated, weights, kk, word_index, lane):
+        bits, offsets, values = weights
+        word = bits[kk, word_index]
+        if T.bitwise_and(T.shift_right(word, T.Cast("uint32", lane)), T.uint32(1)) == T.uint32(1):
+            # The set lanes below this one come first in values.
+            below = T.bitwise_and(word, T.shift_left(T.uint32(1), T.Cast("uint32", lane)) - T.uint32(1))
+            v = values[offsets[kk, word_index] + T.Cast("int32", T.popcount(below))]
+            for r in range(m):
+                acc[r] = acc[r] + gated[r] * v
+
+    matmul = split_k(m, k, n, per_channel, k_parts, add_bitmask_row)
 
     @T.prim_func
     def dual_matmul(
@@ -631,18 +328,16 @@ def dual_matmul_func(
         values: T.Buffer((nnz,), "float32"),
         y: T.Buffer((m, n), "float32"),
     ):
-        T.func_attr(
-            _func_attrs(
-                f"cuda_dual_matmul_m{m}_k{k}_n{n}_nnz{nnz}_{'channel' if per_channel else 'scalar'}"
-            )
-        )
-        partials = T.alloc_buffer((k_parts, m * n), "float32")
-        for bx in T.thread_binding(words, thread="blockIdx.x"):
-            for by in T.thread_binding(k_parts, thread="blockIdx.y"):
-                split_k_block(x, threshold, (bits, offsets, values), partials, bx, by)
-        add_partials(partials, y)
+        T.func_attr(func_attrs(f"cuda_dual_matmul_m{m}_k{k}_n{n}_nnz{nnz}_{gate_name(per_channel)}"))
+        matmul(x, threshold, (bits, offsets, values), y)
 
     return dual_matmul
+
+
+#: The CUDA kernels by weight format (``targets.cpu.sparse_kernels.KERNELS`` says how the
+#: table is read); bitmask and segments have no CUDA kernel, so legalisation re-encodes
+#: such weights (``targets.cuda.legalize``).
+KERNELS = kernel_table(csr=csr_matmul_func, bsr=bsr_matmul_func, gated=gated_matmul_func, dual=dual_matmul_func)
 
 
 # --- Checking on the CPU ----------------------------------------------------------------

@@ -82,12 +82,10 @@ def gating_for(options: CompileOptions, input_shapes: dict[str, list[int]], prog
         raise SparseccError("--activation-sparsity needs calibration data: --calib pydoc, a text file or an .npz of inputs.")
 
     def calibrate(model: onnx.ModelProto):
-        from passes.insert_activation_gates import calibrate_thresholds, gated_inputs
-        from sparsify.calibration import calibration_feeds
+        from sparsify.calibration import calibration_feeds, gate_thresholds
 
         feeds = calibration_feeds(model, options.calib, input_shapes, options.calib_tokens)
-        progress(f"calibrating {len(gated_inputs(model))} gates on {len(feeds)} batches of {options.calib}")
-        return calibrate_thresholds(model, sorted(gated_inputs(model)), feeds, options.activation_sparsity)
+        return gate_thresholds(model, feeds, options.activation_sparsity, progress, f"{len(feeds)} batches of {options.calib}")
 
     return Gating(calibrate=calibrate)
 

@@ -39,6 +39,7 @@ def main() -> None:
     import runtime
     from compiler.driver import CompileOptions, compile_model
     from compiler.export import ExportOptions, export
+    from compiler.pipeline import sparse_onnx_dump
     from compiler.progress import Progress
 
     progress = Progress()
@@ -65,7 +66,7 @@ def main() -> None:
     session_options = ort.SessionOptions()
     session_options.intra_op_num_threads = os.cpu_count() or 1
     reference = ort.InferenceSession(str(dense_onnx), session_options, providers=["CPUExecutionProvider"])
-    gated_reference = ort.InferenceSession(str(sorted((work / "dump").glob("*.onnx"))[-1]), session_options,
+    gated_reference = ort.InferenceSession(str(sparse_onnx_dump(work / "dump")), session_options,
                                            providers=["CPUExecutionProvider"])
     runs = {"onnxruntime dense": lambda: reference.run(None, {"input_ids": ids})}
     runs.update({name: (lambda m=m: m.run({"input_ids": ids})) for name, m in models.items()})

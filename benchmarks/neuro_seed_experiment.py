@@ -168,6 +168,7 @@ def summarise(reports: list[dict], artifact_target: dict) -> dict:
 def gru_experiment(work: Path, train_steps: int, eval_bytes: int) -> list[dict]:
     import runtime
     from compiler.driver import CompileOptions, compile_model
+    from compiler.pipeline import sparse_onnx_dump
 
     data = text_bytes()
     split = int(len(data) * 0.9)
@@ -192,7 +193,7 @@ def gru_experiment(work: Path, train_steps: int, eval_bytes: int) -> list[dict]:
                                      activation_sparsity=sparsity if gated else None,
                                      calib=str(calibration) if gated else None, dump_dir=str(work / f"dump{int(sparsity * 100)}")))
         model = runtime.load(artifact)
-        check = _check_against_onnxruntime(model, sorted((work / f"dump{int(sparsity * 100)}").glob("*.onnx"))[-1], held_out[0])
+        check = _check_against_onnxruntime(model, sparse_onnx_dump(work / f"dump{int(sparsity * 100)}"), held_out[0])
         reports, loss = run_recurrent(model, held_out)
         row = {"model": "GRU (ours, trained on pydoc)", "activation_sparsity_target": sparsity,
                "loss_nats_per_byte": loss, "max_abs_error_vs_onnxruntime": check, **summarise(reports, model.manifest.target)}

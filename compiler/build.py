@@ -82,12 +82,10 @@ def gating_for(options: CompileOptions, input_shapes: dict[str, list[int]], prog
         raise SparseccError("--activation-sparsity needs calibration data: --calib pydoc, a text file or an .npz of inputs.")
 
     def calibrate(model: onnx.ModelProto):
-        from passes.insert_activation_gates import calibrate_thresholds, gated_inputs
-        from sparsify.calibration import calibration_feeds
+        from sparsify.calibration import calibration_feeds, gate_thresholds
 
         feeds = calibration_feeds(model, options.calib, input_shapes, options.calib_tokens)
-        progress(f"calibrating {len(gated_inputs(model))} gates on {len(feeds)} batches of {options.calib}")
-        return calibrate_thresholds(model, sorted(gated_inputs(model)), feeds, options.activation_sparsity)
+        return gate_thresholds(model, feeds, options.activation_sparsity, progress, f"{len(feeds)} batches of {options.calib}")
 
     return Gating(calibrate=calibrate)
 
@@ -162,30 +160,23 @@ def build_graph(options: CompileOptions, model: onnx.ModelProto, inputs: list[Te
     Returns ``{"built": target.build's entries, "report": the sparsity report, "outputs":
     the output signature}``.
     """
-    from passes.analyze_sparsity import analyze_sparsity
-
     missing = target.unsupported_ops(model)
     if missing:
         raise SparseccError(f"{options.model} uses ops sparsecc cannot compile: {', '.join(missing)}.")
     if dump_dir is not None:
         dump_dir.mkdir(parents=True, exist_ok=True)
     shapes = {spec.name: list(spec.shape) for spec in inputs}
-    model = run_onnx_phases(model, shapes, target, progress, dump_dir, explanations, gating)
-    report = analyze_sparsity(model)
-    outputs = output_signature(model)
+    legalized = run_onnx_phases(model, shapes, target, progress, dump_dir, explanations, gating)
 
     def dump(name: str, text: str) -> None:
         if dump_dir is not None:
             (dump_dir / name).write_text(text)
 
-    with progress.step(f"legalizing for {options.target}"):
-        model, weights, target_notes = target.legalize(model)
-    explanations.extend(target_notes)
     with progress.step("importing into TVM Relax"):
-        lowered = target.lower(model, weights, shapes, dump)
+        lowered = target.lower(legalized.model, legalized.weights, shapes, dump)
     with progress.step("building with TVM"):
         built = target.build(lowered, staging, dump)
-    return {"built": built, "report": report, "outputs": outputs}
+    return {"built": built, "report": legalized.report, "outputs": output_signature(legalized.model)}
 
 
 def artifact_bytes(path: str | os.PathLike) -> int:

@@ -50,23 +50,12 @@ def _gating(options, prefill: onnx.ModelProto, spec: dict, progress: Progress):
     metadata.metadata_props.extend(prefill.metadata_props)
 
     def calibrate(model: onnx.ModelProto):
-        from passes.insert_activation_gates import calibrate_thresholds, gated_inputs
-        from sparsify.calibration import _text_tokens
+        from sparsify.calibration import decoder_feeds, gate_thresholds
 
-        tokens = _text_tokens(options.calib, metadata, spec["vocab_size"])
         length = spec["prefill_len"]
-        count = max(1, min(len(tokens), options.calib_tokens) // length)
-        feeds = []
-        for i in range(count):
-            window = tokens[i * length:(i + 1) * length]
-            if len(window) < length:
-                break
-            feed = {"input_ids": window.reshape(1, length), "position": np.zeros(1, np.int64)}
-            feed.update({value.name: np.zeros([d.dim_value for d in value.type.tensor_type.shape.dim], np.float32)
-                         for value in model.graph.input if value.name.startswith("past_")})
-            feeds.append(feed)
-        progress(f"calibrating {len(gated_inputs(model))} gates on {len(feeds)} windows of {length} tokens of {options.calib}")
-        thresholds, measured = calibrate_thresholds(model, sorted(gated_inputs(model)), feeds, options.activation_sparsity)
+        feeds = decoder_feeds(model, options.calib, length, options.calib_tokens, spec["vocab_size"], metadata)
+        thresholds, measured = gate_thresholds(model, feeds, options.activation_sparsity, progress,
+                                               f"{len(feeds)} windows of {length} tokens of {options.calib}")
         found.update(_by_weight(model, thresholds, measured))
         return thresholds, measured
 

@@ -1,18 +1,23 @@
 """The compile pipeline, as a flat list of phases.
 
-Each ONNX phase is ModelProto in, ModelProto out (``passes.PassResult``); with a dump
-folder the model is saved after every phase so a user can look at what each one did.
+Each phase is ModelProto in, ModelProto out (``passes.PassResult``): the graph passes every
+target gets, then the target's ``legalize``, whose output is what the TVM import reads.
+With a dump folder the model is saved after every phase so a user can look at what each
+one did.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from compiler.progress import Progress
+from passes.analyze_sparsity import SparsityReport, analyze_sparsity
 from passes.base import PassResult
 from passes.dense_to_sparse import dense_to_sparse
 from passes.drop_dead_neurons import drop_dead_neurons
@@ -20,6 +25,9 @@ from passes.fold_pruning_masks import fold_pruning_masks
 from passes.fuse_gated_matmul import fuse_gated_matmul
 from passes.insert_activation_gates import insert_activation_gates
 from passes.simplify_shapes import simplify_shapes
+
+# The target's phase; its dump holds the target's private ops, which onnxruntime cannot run.
+LEGALIZE = "legalize"
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,40 @@ class Gating:
     calibrate: Callable[[onnx.ModelProto], tuple[dict[str, float], dict[str, float]]] | None = None
 
 
+@dataclass
+class Legalized(PassResult):
+    """The legalize phase's outcome.
+
+    Attributes:
+        weights: the weights lifted out of the graph as (graph input name, array, source
+            name), in graph-input order; the compiled library takes them after the inputs.
+        report: the sparsity of the linear layers as legalize received them: the last
+            graph in which they are ONNX ops, which the manifest's summary describes.
+    """
+
+    weights: list[tuple[str, np.ndarray, str]] = field(default_factory=list)
+    report: SparsityReport | None = None
+
+    def self_contained(self) -> onnx.ModelProto:
+        """A copy of the model whose lifted weights are also the initializers of their graph
+        inputs, so that its dump holds every array the compiled library reads."""
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        model.graph.initializer.extend(numpy_helper.from_array(array, name) for name, array, _ in self.weights)
+        return model
+
+
+def _legalize_phase(target) -> Callable[[onnx.ModelProto], Legalized]:
+    def run(model: onnx.ModelProto) -> Legalized:
+        # Taken first: legalize rewrites the model in place, and its linear layers become
+        # the target's ops, which the analysis does not read.
+        report = analyze_sparsity(model)
+        model, weights, explanations = target.legalize(model)
+        return Legalized(model, True, explanations, weights, report)
+
+    return run
+
+
 def _gate_phase(gating: Gating) -> Callable[[onnx.ModelProto], PassResult]:
     def run(model: onnx.ModelProto) -> PassResult:
         if gating.thresholds is not None:
@@ -47,8 +89,9 @@ def _gate_phase(gating: Gating) -> Callable[[onnx.ModelProto], PassResult]:
 
 
 def onnx_phases(input_shapes: dict[str, list[int]], target, gating: Gating | None = None) -> list[Phase]:
-    """The graph passes every target gets, in order; ``target`` (``targets.base.Target``)
-    gives the kernel costs that weight formats are chosen with."""
+    """The phases, in order: the graph passes every target gets, then ``target``'s
+    legalisation; ``target`` (``targets.base.Target``) also gives the kernel costs that
+    weight formats are chosen with."""
     costs = target.costs
     phases = [
         # Pruning masks (weight_orig * weight_mask) become one weight with real zeros.
@@ -68,14 +111,17 @@ def onnx_phases(input_shapes: dict[str, list[int]], target, gating: Gating | Non
         # A gate and the linear layers it feeds become one GatedMatMul per format
         # (dual-sparse where the target's dual-sparse kernel is predicted faster).
         Phase("fuse_gated_matmul", lambda model: fuse_gated_matmul(model, costs)),
+        # The target's own ops: linear layers become its dense, sparse, gated and
+        # dual-sparse kernels, and their weights leave the graph (targets/legalize.py).
+        Phase(LEGALIZE, _legalize_phase(target)),
     ]
     return phases
 
 
 def run_onnx_phases(model: onnx.ModelProto, input_shapes: dict[str, list[int]], target, progress: Progress,
                     dump_dir: Path | None = None, explanations: list[str] | None = None,
-                    gating: Gating | None = None) -> onnx.ModelProto:
-    """Runs the ONNX phases for ``target``; returns the final model."""
+                    gating: Gating | None = None) -> Legalized:
+    """Runs the phases for ``target``; returns the last one's (legalize's) result."""
     from compiler.onnx_io import save_model
 
     if explanations is not None:
@@ -88,5 +134,13 @@ def run_onnx_phases(model: onnx.ModelProto, input_shapes: dict[str, list[int]], 
         if explanations is not None:
             explanations.extend(result.explanations)
         if dump_dir is not None:
-            save_model(model, dump_dir / f"{index:02d}-{phase.name}.onnx")
-    return model
+            dumped = result.self_contained() if isinstance(result, Legalized) else model
+            save_model(dumped, dump_dir / f"{index:02d}-{phase.name}.onnx")
+    return result
+
+
+def sparse_onnx_dump(dump_dir: Path) -> Path:
+    """The dump of the last phase before legalize: the model in standard and ``ai.sparsecc``
+    ops, which onnxruntime runs through the reference functions (``sparsecc check``)."""
+    dumps = sorted(path for path in Path(dump_dir).glob("[0-9][0-9]-*.onnx") if not path.name.endswith(f"-{LEGALIZE}.onnx"))
+    return dumps[-1]

@@ -7,14 +7,14 @@ MLP's gate/up share one, o and down have their own)::
 
 (the output projection, whose result is a model output, is left alone) with one
 threshold ``t`` per tensor, chosen on calibration data as the quantile of |X|
-that zeros the target fraction of its entries (TEAL's per-layer magnitude threshold).
+that zeros the target fraction of its entries (TEAL's per-layer magnitude threshold;
+``sparsify.calibration`` fits them).
 When X comes straight from a ``Relu`` its zeros are already there: the gate is inserted
 in ``relu`` mode (no threshold), so the kernels can skip them.
 
-Precondition: linear weights are constants (MatMul, Gemm or SparseMatMul); the model runs
-in onnxruntime on the calibration feeds. Postcondition: every such input goes through
-one gate; the model is no longer exactly the original (that is the point), and the
-calibrated sparsity of each gate is reported.
+Precondition: linear weights are constants (MatMul, Gemm or SparseMatMul).
+Postcondition: every such input goes through one gate; the model is no longer exactly the
+original (that is the point), and the calibrated sparsity of each gate is reported.
 """
 
 from __future__ import annotations
@@ -27,9 +27,6 @@ from passes import sparse_ops
 from passes.analyze_sparsity import linear_weight
 from passes.base import Graph, PassResult
 
-# Values kept per tensor to estimate its quantile; enough for a threshold within a
-# fraction of a percent of sparsity, small enough to keep calibration memory bounded.
-SAMPLES_PER_TENSOR = 1 << 18
 LINEAR_OPS = ("MatMul", "Gemm", "SparseMatMul")
 
 
@@ -61,36 +58,6 @@ def probe_session(model: onnx.ModelProto, tensors: list[str]):
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def calibrate_thresholds(model: onnx.ModelProto, tensors: list[str], feeds: list[dict[str, np.ndarray]],
-                         sparsity: float, seed: int = 0) -> tuple[dict[str, float], dict[str, float]]:
-    """Per-tensor magnitude thresholds reaching ``sparsity`` on ``feeds``.
-
-    The tensors are exposed as extra outputs and the model is run in onnxruntime one
-    batch at a time; only a bounded random sample of each tensor's magnitudes is kept.
-
-    Returns:
-        (thresholds, measured sparsity on the calibration data) per tensor.
-    """
-    session = probe_session(model, tensors)
-    rng = np.random.default_rng(seed)
-    samples: dict[str, list[np.ndarray]] = {name: [] for name in tensors}
-    per_batch = max(1, SAMPLES_PER_TENSOR // max(1, len(feeds)))
-    for feed in feeds:
-        values = session.run(tensors, feed)
-        for name, value in zip(tensors, values):
-            magnitudes = np.abs(value).ravel()
-            if magnitudes.size > per_batch:
-                magnitudes = rng.choice(magnitudes, per_batch, replace=False)
-            samples[name].append(magnitudes)
-    thresholds, measured = {}, {}
-    for name in tensors:
-        magnitudes = np.concatenate(samples[name])
-        threshold = float(np.quantile(magnitudes, sparsity)) if sparsity > 0 else 0.0
-        thresholds[name] = threshold
-        measured[name] = float((magnitudes <= threshold).mean()) if sparsity > 0 else float((magnitudes == 0).mean())
-    return thresholds, measured
 
 
 def insert_activation_gates(model: onnx.ModelProto, thresholds: dict[str, float],

@@ -49,10 +49,11 @@ import onnx
 from compiler.progress import Progress
 from passes.insert_activation_gates import probe_session
 from passes.insert_expert_routers import Router, insert_expert_routers, set_tau, tensor_names
+from sparsify.calibration import collect_stats
 from sparsify.gates import gate_down_projections
 from sparsify.graph import Mlp, get_weight, linear_layers, require_mlps
 from sparsify.methods import Method, SparsifyOptions
-from sparsify.stats import calibration, collect_stats
+from sparsify.stats import calibration
 
 # Neurons per expert we aim for (the best of 4, 8, 12, 16, 24 on SmolLM2 with seed 0; see
 # the module docstring for how much the seed moves that).

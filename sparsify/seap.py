@@ -14,9 +14,10 @@ import numpy as np
 import onnx
 
 from compiler.progress import Progress
+from sparsify.calibration import TensorStats, collect_stats
 from sparsify.graph import Linear, get_weight, require_mlps, set_weight
 from sparsify.methods import Method, SparsifyOptions
-from sparsify.stats import TensorStats, calibration, collect_stats
+from sparsify.stats import calibration
 
 
 def drop_neurons(model: onnx.ModelProto, layers: list[Linear], method: Method, options: SparsifyOptions,

@@ -7,7 +7,7 @@ greedily: all start at 0, and in steps of 5 % the tensor whose relative output e
 least per weight it skips gets more sparsity, until the average weighted by the weights
 each tensor feeds (the share of multiply-adds skipped) reaches L; the last step is trimmed
 to land on L exactly. A tensor's threshold is the quantile of its sampled |values| at its
-level.
+level (``sparsify.calibration.fit_thresholds``, the fitter ``sparsecc compile`` uses too).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from compiler.progress import Progress
 from passes.analyze_sparsity import linear_weight
 from passes.base import Graph
 from passes.insert_activation_gates import gated_inputs, insert_activation_gates
+from sparsify.calibration import collect_stats, fit_thresholds
 from sparsify.methods import Method, SparsifyOptions
-from sparsify.stats import SAMPLE_ROWS, calibration, collect_stats
+from sparsify.stats import SAMPLE_ROWS, calibration
 
 TEAL_STEP = 0.05
 # Of the sampled rows, those used to estimate the output error of each level (bounds the work).
@@ -68,9 +69,7 @@ def gate(model: onnx.ModelProto, method: Method, options: SparsifyOptions, progr
     stats = collect_stats(model, list(consumers), calibration(model, options, progress), progress, SAMPLE_ROWS, options.seed)
     samples = {name: stats[name].sample for name in consumers}
     levels = teal_levels(samples, weights, method.level)
-    thresholds = {name: float(np.quantile(np.abs(samples[name]), lv)) if lv > 0 else 0.0 for name, lv in levels.items()}
-    measured = {name: float((np.abs(samples[name]) <= thresholds[name]).mean()) if levels[name] > 0 else
-                float((samples[name] == 0).mean()) for name in samples}
+    thresholds, measured = fit_thresholds({name: np.abs(sample) for name, sample in samples.items()}, levels)
     insert_activation_gates(model, thresholds, measured)
     cost = {name: sum(w.size for w in weights[name]) for name in samples}
     average = sum(measured[n] * cost[n] for n in samples) / sum(cost.values())

@@ -14,9 +14,10 @@ import onnx
 
 from compiler.progress import Progress
 from runtime.errors import SparseccError
+from sparsify.calibration import collect_stats
 from sparsify.graph import Linear, get_weight, set_weight
 from sparsify.methods import Method, SparsifyOptions
-from sparsify.stats import calibration, collect_stats
+from sparsify.stats import calibration
 
 
 def wanda_scores(weight: np.ndarray, norms: np.ndarray) -> np.ndarray:

@@ -245,8 +245,14 @@ def _legalize_sparse_op(node: onnx.NodeProto, model: onnx.ModelProto, graph: Gra
         nodes.extend(_gate_as_standard_ops(sparse_ops.activation_gate_node(
             node.input[0], node.input[1] if mode == "threshold" else None, x, mode, name=label + "_gate")))
     nodes.extend(dense_matmul(x, weight, (weight_inputs[0], False), source, node.output[0], node.name or node.output[0]))
+    if empty:
+        why = "all its weights are zero, and TVM takes no empty arrays"
+    elif rows is None:
+        why = f"its rows are unknown, so it may be more than the {backend.max_rows} the sparse kernels take"
+    else:
+        why = f"{rows} rows, more than the {backend.max_rows} the sparse kernels take: a prompt-sized matmul is compute-bound"
     explanations.append(f"{backend.name}: {label} ({node.op_type} {node.overload}) [{k}x{n}] -> dense kernel on the decoded weight "
-                        f"({rows if rows is not None else 'unknown'} rows: a prompt-sized matmul is compute-bound).")
+                        f"({why}).")
     return nodes
 
 
@@ -416,6 +422,9 @@ def legalize(model: onnx.ModelProto, backend: Backend) -> tuple[onnx.ModelProto,
         size = int(np.prod(init.dims)) * (4 if init.data_type == onnx.TensorProto.FLOAT else 2)
         if is_float and size >= LIFT_MIN_BYTES:
             lifted[init.name] = lift(numpy_helper.to_array(init), init.name)
+            explanations.append(f"{backend.name}: constant {init.name} {list(init.dims)} ({size} bytes) -> graph input "
+                                f"{lifted[init.name]}, stored in the weights file (constants of at least "
+                                f"{LIFT_MIN_BYTES} bytes stay out of the library).")
         else:
             keep.append(init)
     del model.graph.initializer[:]

@@ -8,7 +8,8 @@ from onnx import numpy_helper
 from conftest import onnxruntime_reference
 from passes.dense_to_sparse import dense_to_sparse
 from passes.fuse_gated_matmul import fuse_gated_matmul
-from passes.insert_activation_gates import calibrate_thresholds, gated_inputs, insert_activation_gates
+from passes.insert_activation_gates import gated_inputs, insert_activation_gates
+from sparsify.calibration import calibrate_thresholds
 from targets.cpu.legalize import COSTS as CPU_COSTS
 
 MLP = """

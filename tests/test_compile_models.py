@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import runtime
+from compiler.pipeline import sparse_onnx_dump
 from conftest import onnxruntime_reference
 
 ABSOLUTE_TOLERANCE = 1e-4
@@ -82,7 +83,7 @@ def test_gated_sparse_model_matches_onnxruntime_on_the_same_gated_onnx(name, exp
     dump = tmp_path / "dump"
     compile_model(CompileOptions(str(exported(name, 0.5)), str(tmp_path / "g.sccx"), dump_dir=str(dump),
                                  activation_sparsity=0.5, calib="pydoc", calib_tokens=256))
-    final = sorted(dump.glob("*.onnx"))[-1]
+    final = sparse_onnx_dump(dump)
     assert final.name.endswith("fuse_gated_matmul.onnx")
     reference = onnxruntime_reference(final, {"input_ids": token_ids})[0]
     ours = runtime.load(tmp_path / "g.sccx").run({"input_ids": token_ids})["logits"]
@@ -147,7 +148,7 @@ def test_decode_step_uses_gated_kernels_and_matches_onnxruntime(prune, kernel, e
                                            activation_sparsity=0.5, calib="pydoc", calib_tokens=256))
     assert any(kernel in line for line in summary["explanations"]), summary["explanations"]
     ids = np.array([[42]], np.int64)
-    reference = onnxruntime_reference(sorted(dump.glob("*.onnx"))[-1], {"input_ids": ids})[0]
+    reference = onnxruntime_reference(sparse_onnx_dump(dump), {"input_ids": ids})[0]
     ours = runtime.load(tmp_path / "g.sccx").run({"input_ids": ids})["logits"]
     np.testing.assert_allclose(ours, reference, atol=ABSOLUTE_TOLERANCE, rtol=0)
 

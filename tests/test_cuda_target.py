@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import runtime
+from compiler.pipeline import sparse_onnx_dump
 from conftest import onnxruntime_reference
 from test_cli import assert_one_sentence_error, sparsecc
 from test_compile_models import _sparse_op_model
@@ -117,7 +118,7 @@ def test_tiny_llama_on_the_host_simulation_matches_onnxruntime(exported, tmp_pat
     kernel = {None: "-> dense kernel", 0.5: "gated kernel" if prune == 0 else "dual-sparse kernel"}[sparsity]
     assert any(kernel in line for line in summary["explanations"]), summary["explanations"]
     ids = np.array([[42]], np.int64)
-    reference = onnxruntime_reference(sorted(dump.glob("*.onnx"))[-1], {"input_ids": ids})[0]
+    reference = onnxruntime_reference(sparse_onnx_dump(dump), {"input_ids": ids})[0]
     ours = runtime.load(tmp_path / "sim.sccx").run({"input_ids": ids})["logits"]
     np.testing.assert_allclose(ours, reference, atol=TOLERANCE, rtol=0)
 
@@ -178,7 +179,7 @@ def test_on_a_gpu_matches_onnxruntime(artifacts, name):
     model = runtime.load(path)
     spec = model.inputs[0]
     ids = np.random.default_rng(0).integers(0, 512, size=spec.shape).astype(np.int64)
-    reference_model = sorted(artifacts["dump"].glob("*.onnx"))[-1] if name == "sparse" else _manifest(path)["summary"]["source"]
+    reference_model = sparse_onnx_dump(artifacts["dump"]) if name == "sparse" else _manifest(path)["summary"]["source"]
     reference = onnxruntime_reference(reference_model, {spec.name: ids})[0]
     np.testing.assert_allclose(model.run({spec.name: ids})["logits"], reference, atol=TOLERANCE, rtol=0)
 
@@ -205,7 +206,7 @@ def test_smollm2_sparse_gated_step_for_cuda(tmp_path, monkeypatch):
     dump = tmp_path / "dump"
     _compile(onnx_path, tmp_path / "sim.sccx", dump_dir=str(dump), **options)
     ids = np.array([[504]], np.int64)
-    reference = onnxruntime_reference(sorted(dump.glob("*.onnx"))[-1], {"input_ids": ids})[0]
+    reference = onnxruntime_reference(sparse_onnx_dump(dump), {"input_ids": ids})[0]
     ours = runtime.load(tmp_path / "sim.sccx").run({"input_ids": ids})["logits"]
     np.testing.assert_allclose(ours, reference, atol=2e-3, rtol=0)
     assert ours.argmax() == reference.argmax()

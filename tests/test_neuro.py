@@ -17,6 +17,7 @@ from onnx import helper, numpy_helper
 
 import runtime
 from compiler.driver import CompileOptions, compile_model
+from compiler.pipeline import sparse_onnx_dump
 from conftest import onnxruntime_reference
 from runtime.errors import SparseccError
 from targets.neuro.chip import load_chip
@@ -158,7 +159,7 @@ def test_gated_tiny_llama_matches_its_gated_onnx_and_cli_run(capsys, tmp_path, e
                               "--activation-sparsity", "0.5", "--calib", "pydoc", "--calib-tokens", "256",
                               "--dump-dir", str(dump))
     assert code == 0, err
-    gated_onnx = sorted(dump.glob("*.onnx"))[-1]
+    gated_onnx = sparse_onnx_dump(dump)
     ids = np.array([[17]], np.int64)
     np.save(tmp_path / "ids.npy", ids)
     code, _, err = sparsecc(capsys, "run", str(artifact), "--input", f"input_ids={tmp_path / 'ids.npy'}", "-o", str(tmp_path / "out.npz"))

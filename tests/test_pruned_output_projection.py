@@ -173,9 +173,8 @@ def test_sparsify_prunes_the_tied_table(tied_export, tmp_path, method, level):
     """``sparsify --prune-output-projection`` prunes the table itself, so the lookup sees
     the zeros too; wanda zeros the same fraction of every vocabulary row (one output of the
     projection), scored by the norms of the projection's input, the final hidden states."""
-    from sparsify.calibration import calibration_feeds
     from compiler.progress import SILENT
-    from sparsify.stats import collect_stats
+    from sparsify.calibration import calibration_feeds, collect_stats
     from sparsify.wanda import wanda_mask, wanda_scores
 
     dense = load_model(tied_export(0.0, 16))

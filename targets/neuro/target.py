@@ -85,9 +85,9 @@ class NeuroTarget:
         # The CPU legalisation turns the remaining gates into standard ops and lifts
         # large constants (the embedding table) out of the controllers' program.
         self._controller_ops = dict(Counter(node.op_type for node in model.graph.node if node.op_type != NEURO_LINEAR))
-        model, weights, _ = cpu_legalize.legalize(model)
+        model, weights, controller = cpu_legalize.legalize(model)
         self._layers, self._placements, self._instructions = layers, placements, instructions
-        return model, weights, explanations + placed
+        return model, weights, explanations + placed + controller
 
     def lower(self, model: onnx.ModelProto, weights, input_shapes: dict[str, list[int]],
               dump: Callable[[str, str], None] | None = None) -> Lowered:

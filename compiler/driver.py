@@ -168,7 +168,7 @@ def compile_model(options: CompileOptions, progress: Progress = SILENT) -> dict:
 
         return compile_decoder(options, model, target, progress)
     inputs = input_signature(model, options.shapes)
-    ranges, dense_bytes = input_ranges(model), dense_weight_bytes(model)
+    dense_bytes = dense_weight_bytes(model)
     dump_dir = Path(options.dump_dir) if options.dump_dir else None
     explanations: list[str] = []
     gating = gating_for(options, {spec.name: list(spec.shape) for spec in inputs}, progress)
@@ -190,9 +190,9 @@ def compile_model(options: CompileOptions, progress: Progress = SILENT) -> dict:
                 "weight_sparsity": graph["report"].sparsity,
                 "activation_sparsity_target": options.activation_sparsity,
                 "compile_seconds": time.perf_counter() - start,
-                "input_ranges": ranges,
                 **weight_size(sum(entry["nbytes"] for entry in graph["built"]["weights"]), dense_bytes),
             },
+            input_ranges=graph["input_ranges"],
         )
         write_artifact(options.output, manifest, staging)
     finally:
@@ -229,23 +229,15 @@ def weight_size(stored_bytes: int, dense_bytes: int) -> dict:
             "weights_vs_dense": stored_bytes / dense_bytes if dense_bytes else 1.0}
 
 
-def input_ranges(model: onnx.ModelProto) -> dict[str, list[int]]:
-    """Valid ``[low, high)`` of integer inputs the runtime checks: token ids index the
-    embedding table."""
-    from compiler.calibration import embedding_rows
-
-    rows = embedding_rows(model)
-    return {"input_ids": [0, rows]} if rows else {}
-
-
 def build_graph(options: CompileOptions, model: onnx.ModelProto, inputs: list[TensorSpec], target, gating,
                 staging: Path, dump_dir: Path | None, explanations: list[str], progress: Progress) -> dict:
     """Runs the passes on one graph and builds it into ``staging`` (library and weights).
 
     Returns ``{"built": target.build's entries, "report": the sparsity report, "outputs":
-    the output signature}``.
+    the output signature, "input_ranges": the valid ranges of inputs that index tables}``.
     """
     from passes.analyze_sparsity import analyze_sparsity
+    from passes.guard_gather_indices import index_ranges
 
     missing = target.unsupported_ops(model)
     if missing:
@@ -256,6 +248,7 @@ def build_graph(options: CompileOptions, model: onnx.ModelProto, inputs: list[Te
     model = run_onnx_phases(model, shapes, progress, dump_dir, explanations, gating)
     report = analyze_sparsity(model)
     outputs = output_signature(model)
+    ranges = index_ranges(model)
 
     def dump(name: str, text: str) -> None:
         if dump_dir is not None:
@@ -268,7 +261,7 @@ def build_graph(options: CompileOptions, model: onnx.ModelProto, inputs: list[Te
         lowered = target.lower(model, weights, shapes, dump)
     with progress.step("building with TVM"):
         built = target.build(lowered, staging, dump)
-    return {"built": built, "report": report, "outputs": outputs}
+    return {"built": built, "report": report, "outputs": outputs, "input_ranges": ranges}
 
 
 def artifact_bytes(path: str | os.PathLike) -> int:

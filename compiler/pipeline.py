@@ -18,6 +18,7 @@ from passes.dense_to_sparse import dense_to_sparse
 from passes.drop_dead_neurons import drop_dead_neurons
 from passes.fold_pruning_masks import fold_pruning_masks
 from passes.fuse_gated_matmul import fuse_gated_matmul
+from passes.guard_gather_indices import guard_gather_indices
 from passes.insert_activation_gates import insert_activation_gates
 from passes.simplify_shapes import simplify_shapes
 
@@ -64,6 +65,9 @@ def onnx_phases(input_shapes: dict[str, list[int]], gating: Gating | None = None
         Phase("dense_to_sparse", dense_to_sparse),
         # A gate and the linear layers it feeds become one GatedMatMul per format.
         Phase("fuse_gated_matmul", fuse_gated_matmul),
+        # Table lookups stay in their tables: input-fed indices get a range the runtime
+        # checks, computed ones are wrapped into the table.
+        Phase("guard_gather_indices", guard_gather_indices),
     ]
     return phases
 

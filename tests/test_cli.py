@@ -59,7 +59,7 @@ def test_export_inspect_compile_run(capsys, tmp_path, token_ids):
     assert (artifact / "manifest.json").exists()
     assert sorted(p.name for p in (tmp_path / "dump").glob("*.onnx")) == [
         "01-fold_pruning_masks.onnx", "02-simplify_shapes.onnx", "03-drop_dead_neurons.onnx",
-        "04-dense_to_sparse.onnx", "05-fuse_gated_matmul.onnx"]
+        "04-dense_to_sparse.onnx", "05-fuse_gated_matmul.onnx", "06-guard_gather_indices.onnx"]
     assert (tmp_path / "dump" / "relax-imported.py").exists()
     assert "fold_pruning_masks: folded" in out
 

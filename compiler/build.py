@@ -158,7 +158,7 @@ def build_graph(options: CompileOptions, model: onnx.ModelProto, inputs: list[Te
     """Runs the passes on one graph and builds it into ``staging`` (library and weights).
 
     Returns ``{"built": target.build's entries, "report": the sparsity report, "outputs":
-    the output signature}``.
+    the output signature, "input_ranges": the valid ranges of inputs that index tables}``.
     """
     missing = target.unsupported_ops(model)
     if missing:
@@ -176,7 +176,8 @@ def build_graph(options: CompileOptions, model: onnx.ModelProto, inputs: list[Te
         lowered = target.lower(legalized.model, legalized.weights, shapes, dump)
     with progress.step("building with TVM"):
         built = target.build(lowered, staging, dump)
-    return {"built": built, "report": legalized.report, "outputs": output_signature(legalized.model)}
+    return {"built": built, "report": legalized.report, "outputs": output_signature(legalized.model),
+            "input_ranges": legalized.input_ranges}
 
 
 def artifact_bytes(path: str | os.PathLike) -> int:

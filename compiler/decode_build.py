@@ -27,6 +27,7 @@ from compiler.build import artifact_bytes, build_graph, dense_weight_bytes, gati
 from compiler.decode_export import KEY_LAYOUT, decoding_metadata
 from compiler.onnx_io import load_model
 from compiler.progress import Progress
+from passes.guard_gather_indices import intersect_ranges
 from runtime.artifact import Manifest, WeightSpec, is_plain_name, staging_dir, write_artifact
 from runtime.errors import SparseccError
 
@@ -238,9 +239,12 @@ def compile_decoder(options, model: onnx.ModelProto, target, progress: Progress)
                 "weight_sparsity": report.sparsity,
                 "activation_sparsity_target": options.activation_sparsity,
                 "compile_seconds": time.perf_counter() - start,
-                "input_ranges": {"input_ids": [0, spec["vocab_size"]], "position": [0, spec["max_context"]]},
                 **weight_size((staging / built["weights_file"]).stat().st_size, dense_bytes),
             },
+            # Both graphs take the same inputs. Positions address the cache's max_context
+            # slots, a bound no table lookup in the graphs gives, so it is added here.
+            input_ranges=intersect_ranges({"input_ids": [0, spec["vocab_size"]], "position": [0, spec["max_context"]]},
+                                          prefill_graph["input_ranges"], decode_graph["input_ranges"]),
             graphs={"prefill": {
                 "library": PREFILL_LIBRARY,
                 "inputs": [t.to_dict() for t in prefill_inputs],

@@ -56,7 +56,7 @@ def compile_model(options: CompileOptions, progress: Progress = SILENT) -> dict:
 
         return compile_decoder(options, model, target, progress)
     inputs = input_signature(model, options.shapes)
-    ranges, dense_bytes = input_ranges(model), dense_weight_bytes(model)
+    dense_bytes = dense_weight_bytes(model)
     dump_dir = Path(options.dump_dir) if options.dump_dir else None
     explanations: list[str] = []
     gating = gating_for(options, {spec.name: list(spec.shape) for spec in inputs}, progress)
@@ -78,9 +78,9 @@ def compile_model(options: CompileOptions, progress: Progress = SILENT) -> dict:
                 "weight_sparsity": graph["report"].sparsity,
                 "activation_sparsity_target": options.activation_sparsity,
                 "compile_seconds": time.perf_counter() - start,
-                "input_ranges": ranges,
                 **weight_size(sum(entry["nbytes"] for entry in graph["built"]["weights"]), dense_bytes),
             },
+            input_ranges=graph["input_ranges"],
         )
         write_artifact(options.output, manifest, staging)
     finally:
@@ -92,15 +92,6 @@ def compile_model(options: CompileOptions, progress: Progress = SILENT) -> dict:
         "artifact_bytes": artifact_bytes(options.output),
         "explanations": explanations if options.explain else [],
     }
-
-
-def input_ranges(model: onnx.ModelProto) -> dict[str, list[int]]:
-    """Valid ``[low, high)`` of integer inputs the runtime checks: token ids index the
-    embedding table."""
-    from passes.base import embedding_rows
-
-    rows = embedding_rows(model)
-    return {"input_ids": [0, rows]} if rows else {}
 
 
 def inspect(path: str) -> dict:
@@ -179,6 +170,28 @@ def load_inputs(specs: list[str]) -> dict[str, np.ndarray]:
         if not isinstance(inputs[name], np.ndarray):
             raise SparseccError(f"{file} holds several arrays; give one .npy file per input.")
     return inputs
+
+
+def npz_names(names) -> dict[str, str]:
+    """Each output name -> its entry in an ``.npz``: a plain file name (characters other
+    than letters, digits, ``_``, ``-`` and ``.`` become ``_``, a leading dot too), made
+    unique with ``_2``, ``_3``... An output named ``../../evil`` cannot become an entry
+    that unpacks outside a folder."""
+    import re
+
+    chosen: dict[str, str] = {}
+    taken = set(names)  # a name that is already safe keeps it; a renamed one avoids it
+    for name in names:
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+        safe = "_" + safe[1:] if safe.startswith(".") else safe or "_"
+        if safe != name:
+            base, count = safe, 1
+            while safe in taken or safe in chosen.values():
+                count += 1
+                safe = f"{base}_{count}"
+            taken.add(safe)
+        chosen[name] = safe
+    return chosen
 
 
 def npz_names(names) -> dict[str, str]:

@@ -23,6 +23,7 @@ from passes.dense_to_sparse import dense_to_sparse
 from passes.drop_dead_neurons import drop_dead_neurons
 from passes.fold_pruning_masks import fold_pruning_masks
 from passes.fuse_gated_matmul import fuse_gated_matmul
+from passes.guard_gather_indices import guard_gather_indices, index_ranges
 from passes.insert_activation_gates import insert_activation_gates
 from passes.simplify_shapes import simplify_shapes
 
@@ -57,6 +58,9 @@ class Legalized(PassResult):
 
     weights: list[tuple[str, np.ndarray, str]] = field(default_factory=list)
     report: SparsityReport | None = None
+    #: valid ``[low, high)`` of the graph inputs that index constant tables
+    #: (``passes.guard_gather_indices.index_ranges``), as legalize received the graph.
+    input_ranges: dict[str, list[int]] = field(default_factory=dict)
 
     def self_contained(self) -> onnx.ModelProto:
         """A copy of the model whose lifted weights are also the initializers of their graph
@@ -71,9 +75,9 @@ def _legalize_phase(target) -> Callable[[onnx.ModelProto], Legalized]:
     def run(model: onnx.ModelProto) -> Legalized:
         # Taken first: legalize rewrites the model in place, and its linear layers become
         # the target's ops, which the analysis does not read.
-        report = analyze_sparsity(model)
+        report, ranges = analyze_sparsity(model), index_ranges(model)
         model, weights, explanations = target.legalize(model)
-        return Legalized(model, True, explanations, weights, report)
+        return Legalized(model, True, explanations, weights, report, ranges)
 
     return run
 
@@ -111,6 +115,9 @@ def onnx_phases(input_shapes: dict[str, list[int]], target, gating: Gating | Non
         # A gate and the linear layers it feeds become one GatedMatMul per format
         # (dual-sparse where the target's dual-sparse kernel is predicted faster).
         Phase("fuse_gated_matmul", lambda model: fuse_gated_matmul(model, costs)),
+        # Table lookups stay in their tables: input-fed indices get a range the runtime
+        # checks, computed ones are wrapped into the table.
+        Phase("guard_gather_indices", guard_gather_indices),
         # The target's own ops: linear layers become its dense, sparse, gated and
         # dual-sparse kernels, and their weights leave the graph (targets/legalize.py).
         Phase(LEGALIZE, _legalize_phase(target)),

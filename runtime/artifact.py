@@ -29,7 +29,7 @@ from pathlib import Path
 from runtime.errors import SparseccError
 
 FORMAT = "sparsecc-artifact"
-# 2: the manifest holds the sha256 of its own content (CONTENT_SHA256).
+# 2: the manifest holds the sha256 of its own content (CONTENT_SHA256), and input_ranges.
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 CONTENT_SHA256 = "manifest_sha256"
@@ -86,6 +86,9 @@ class Manifest:
     library: str = "model.so"
     weights_file: str = "weights.bin"
     summary: dict = field(default_factory=dict)
+    # Integer input name -> [low, high): values outside would index a table out of bounds
+    # (passes.guard_gather_indices); the runtime refuses them.
+    input_ranges: dict = field(default_factory=dict)
     # More graphs over the same weights file: name -> {"library", "inputs", "outputs",
     # "weights"} (a decoder's prefill step); and how a decoder drives them.
     graphs: dict = field(default_factory=dict)
@@ -106,6 +109,7 @@ class Manifest:
             "weights": [w.to_dict() for w in self.weights],
             "files": self.files,
             "summary": self.summary,
+            "input_ranges": self.input_ranges,
             **({"graphs": self.graphs} if self.graphs else {}),
             **({"decoding": self.decoding} if self.decoding else {}),
         }
@@ -122,6 +126,7 @@ class Manifest:
             library=str(data.get("library", "model.so")),
             weights_file=str(data.get("weights_file", "weights.bin")),
             summary=dict(data.get("summary", {})),
+            input_ranges={str(name): [int(low), int(high)] for name, (low, high) in data.get("input_ranges", {}).items()},
             graphs=dict(data.get("graphs", {})),
             decoding=dict(data.get("decoding", {})),
             format=str(data["format"]),

@@ -175,7 +175,8 @@ class DecoderModel(CompiledModel):
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise SparseccError("the prompt is empty; give at least one token.")
-        check_range("prompt", np.asarray(prompt, np.int64), (0, self.vocab_size))
+        # The steps are called unchecked: the prompt is held to the range the graphs' tables allow.
+        check_range("prompt", np.asarray(prompt, np.int64), self.manifest.input_ranges.get("input_ids", (0, self.vocab_size)))
         if max_new_tokens < 1:
             raise SparseccError(f"--max-new-tokens must be at least 1, not {max_new_tokens}.")
         if temperature < 0 or not np.isfinite(temperature):

@@ -241,7 +241,7 @@ class CompiledModel:
                 )
             if array.dtype != np.dtype(spec.dtype):
                 raise SparseccError(f"input {spec.name!r} has dtype {array.dtype} but the model expects {spec.dtype}.")
-            check_range(spec.name, array, self.manifest.summary.get("input_ranges", {}).get(spec.name))
+            check_range(spec.name, array, self.manifest.input_ranges.get(spec.name))
             if np.issubdtype(array.dtype, np.floating) and array.size and not np.isfinite(array).all():
                 raise SparseccError(f"input {spec.name!r} holds NaN or infinite values.")
             arrays.append(np.ascontiguousarray(array))

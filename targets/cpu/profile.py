@@ -79,7 +79,7 @@ def default_inputs(model) -> dict[str, np.ndarray]:
         token = next(iter(model.generate_ids(prompt, max_new_tokens=1)))
         feeds = {spec.name: array.copy() for spec, array in zip(model.inputs[2:], model._cache)}
         return {"input_ids": np.array([[token]], np.int64), "position": np.array([len(prompt)], np.int64), **feeds}
-    ranges = model.manifest.summary.get("input_ranges", {})
+    ranges = model.manifest.input_ranges
     feeds = {}
     for spec in model.inputs:
         if spec.dtype.startswith("int"):

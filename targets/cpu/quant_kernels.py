@@ -430,13 +430,14 @@ def _quant_matmul_func(m: int, k: int, n: int, bits: int, symmetric: bool, group
     # inputs of int4 are 72 lines), and each task would otherwise start its streams cold.
     # The scales (and minimums) are a stream of their own, prefetched once per group.
     @T.macro
-    def prefetch_line(codes, p, line):
+    def prefetch_ahead(stream, p, i, distance, length):
+        # stream[p, i + distance], or stream[p + 2, i + distance - length] past the end.
         T.evaluate(
             _prefetch(
                 T.address_of(
-                    codes[
-                        p + T.if_then_else(line + ahead < lines, 0, 2),
-                        T.if_then_else(line + ahead < lines, line + ahead, line + ahead - lines),
+                    stream[
+                        p + T.if_then_else(i + distance < length, 0, 2),
+                        T.if_then_else(i + distance < length, i + distance, i + distance - length),
                         0,
                     ]
                 )
@@ -444,18 +445,12 @@ def _quant_matmul_func(m: int, k: int, n: int, bits: int, symmetric: bool, group
         )
 
     @T.macro
+    def prefetch_line(codes, p, line):
+        prefetch_ahead(codes, p, line, ahead, lines)
+
+    @T.macro
     def prefetch_group(params, p, g):
-        T.evaluate(
-            _prefetch(
-                T.address_of(
-                    params[
-                        p + T.if_then_else(g + ahead_groups < groups, 0, 2),
-                        T.if_then_else(g + ahead_groups < groups, g + ahead_groups, g + ahead_groups - groups),
-                        0,
-                    ]
-                )
-            )
-        )
+        prefetch_ahead(params, p, g, ahead_groups, groups)
 
     @T.macro
     def prefetch_parameters(scales, mins, p, g, pair):

@@ -1,5 +1,57 @@
 """Quantized dense matmul kernels for the CPU (int8 and int4 weights), in low-level TIR.
 
+The kernels compute ``y[M, N] = x[M, K] @ W[K, N]`` (``x`` and ``y`` float32, ``M`` 1 to 8
+at decode) from a ``W`` quantized in groups of ``group`` (32) consecutive inputs ``k`` of
+one column, the dimension the kernels stream, so that a kernel which skips an input row
+still reads whole groups. With ``g(k) = k // group`` and one float16 scale ``d`` per group
+and column:
+
+    int8 (llama.cpp's Q8_0):           W[k, j] = d[g(k), j] * q[k, j],        q in -127..127
+    int4 (Q4_1, with minimums ``m``):   W[k, j] = d[g(k), j] * q[k, j] + m[g(k), j], q in 0..15
+    int4 symmetric (Q4_0's format):    W[k, j] = d[g(k), j] * (q[k, j] - 8),  q in 0..15
+
+``quantize_int8`` / ``quantize_int4`` round to nearest with a step that is never rounded
+down to float16, so every weight is within half a step; ``dequantize_int8`` /
+``dequantize_int4`` give the float32 ``W`` the codes represent, and ``unpack`` the codes
+and scales as the inputs of ONNX ``DequantizeLinear(block_size=group)``.
+
+Layout. As in ``targets.cpu.kernels`` the columns are cut into panels of 16 (zero-padded
+at the end) and a panel is one contiguous stream, with ``K`` zero-padded to whole groups
+(``Kp``). A panel's codes are 64-byte lines, each one cache line and one AVX-512 register
+holding four inputs (int8) or eight (int4) of the panel's 16 columns::
+
+    int8  codes[p, r, 4 j + b] = q[4 r + b, 16 p + j] + 128                 [P, Kp / 4, 64]
+    int4  codes[p, r, 4 j + b] = q[8 r + b, 16 p + j] | q[8 r + 4 + b, 16 p + j] << 4
+                                                                            [P, Kp / 8, 64]
+    scales[p, g, j] = d[g, 16 p + j] (and mins likewise)                    [P, Kp / group, 16]
+
+so byte lane ``4 j + b`` of a line is what one 32-bit lane ``j`` of ``vpdpbusd`` needs.
+Bytes per weight: 1 + 2 / 32 = 1.0625 (int8), 0.5 + 4 / 32 = 0.625 (int4), 0.5 + 2 / 32 =
+0.5625 (symmetric int4), against 4 for float32. Float16 rather than float32 scales: those
+would read 1.125 / 0.75 / 0.625 bytes per weight, 6 % / 20 % / 11 % more at batch 1 where
+bytes are time, for a scale precision (11 bits) far finer than the 8- or 4-bit codes;
+``vcvtph2ps`` widens 16 of them in one instruction per group.
+
+The two paths (``path=``), over the same arrays:
+
+``vnni`` (AVX-512 VNNI, as llama.cpp does it): a serial prologue rounds each row of ``x``
+per group to int8, ``x ~ s xq`` with ``s = max |x| / 127``, into a workspace, with the
+sum of its codes. Per line and row, one ``vpdpbusd`` (int4: two, after a mask and a
+shift) adds 64 products ``u8 x s8`` into 16 int32 lanes, exactly; per group the int32
+lanes become float32 once: ``acc += float(sum q xq) * (d s)`` (``+ m s sum xq``), the
+zero points folded into the int32 start value ``-zero_point * sum xq``. Rounding ``x``
+is the only error beyond float32's: at most ``s / 2`` per input
+(``quantize_activations`` is the exact reference).
+
+``fma`` (portable TIR, no x86 intrinsics; used where the target lacks VNNI): each line
+is widened to 64 float32 lanes, scaled (and offset) per lane and multiplied by the four
+``x`` inputs it covers, repeated, into 64-lane accumulators whose four lanes per column
+are added at the end. ``x`` stays float32.
+
+Both paths give each parallel task a pair of panels (two streams, each prefetched
+``PREFETCH_BYTES`` ahead into L2) and walk ``x`` in tiles of ``VNNI_ROW_TILE`` /
+``FMA_ROW_TILE`` rows, as the fp32 kernel does.
+
 MEASUREMENTS_PLACEHOLDER
 """
 
@@ -350,6 +402,7 @@ def _quant_matmul_func(m: int, k: int, n: int, bits: int, symmetric: bool, group
     lines_per_group = group // inputs_per_line
     lines = groups * lines_per_group
     ahead = PREFETCH_BYTES // LINE_BYTES
+    ahead_groups = max(ahead // lines_per_group, 1)
     has_mins = bits == 4 and not symmetric
     # The integer path's code offset: int8 codes are stored + 128 (vpdpbusd's unsigned
     # operand), symmetric int4 codes carry their zero point 8.
@@ -371,9 +424,43 @@ def _quant_matmul_func(m: int, k: int, n: int, bits: int, symmetric: bool, group
     def high_nibbles(codes, p, line):
         return T.shift_right(line_bytes(codes, p, line), T.Broadcast(T.uint8(4), LINE_BYTES))
 
+    # Each stream is prefetched `ahead` lines on in its panel or, past the panel's end, in
+    # the panel two on: the same stream of the task this thread runs next (T.parallel
+    # gives each thread a contiguous range of tasks). Panels are short at decode (576
+    # inputs of int4 are 72 lines), and each task would otherwise start its streams cold.
+    # The scales (and minimums) are a stream of their own, prefetched once per group.
+    @T.macro
+    def prefetch_ahead(stream, p, i, distance, length):
+        # stream[p, i + distance], or stream[p + 2, i + distance - length] past the end.
+        T.evaluate(
+            _prefetch(
+                T.address_of(
+                    stream[
+                        p + T.if_then_else(i + distance < length, 0, 2),
+                        T.if_then_else(i + distance < length, i + distance, i + distance - length),
+                        0,
+                    ]
+                )
+            )
+        )
+
     @T.macro
     def prefetch_line(codes, p, line):
-        T.evaluate(_prefetch(T.address_of(codes[p, T.min(line + ahead, lines - 1), 0])))
+        prefetch_ahead(codes, p, line, ahead, lines)
+
+    @T.macro
+    def prefetch_group(params, p, g):
+        prefetch_ahead(params, p, g, ahead_groups, groups)
+
+    @T.macro
+    def prefetch_parameters(scales, mins, p, g, pair):
+        prefetch_group(scales, p, g)
+        if has_mins:
+            prefetch_group(mins, p, g)
+        if pair:
+            prefetch_group(scales, p + 1, g)
+            if has_mins:
+                prefetch_group(mins, p + 1, g)
 
     @T.macro
     def store(out, y, p, m0, rows):
@@ -512,6 +599,7 @@ def _quant_matmul_func(m: int, k: int, n: int, bits: int, symmetric: bool, group
             for t in T.vectorized(rows * width):
                 second[t] = T.float32(0)
         for g in range(groups):
+            prefetch_parameters(scales, mins, p, g, pair)
             start_group(ifirst, xsum, g, m0, rows)
             if pair:
                 start_group(isecond, xsum, g, m0, rows)
@@ -609,6 +697,7 @@ def _quant_matmul_func(m: int, k: int, n: int, bits: int, symmetric: bool, group
             for t in T.vectorized(rows * LINE_BYTES):
                 second[t] = T.float32(0)
         for g in range(groups):
+            prefetch_parameters(scales, mins, p, g, pair)
             for line in range(g * lines_per_group, (g + 1) * lines_per_group):
                 prefetch_line(codes, p, line)
                 fma_line(first, xf, codes, scales, mins, p, g, line, m0, rows)

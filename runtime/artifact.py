@@ -246,22 +246,117 @@ def check_named_files(path: Path, manifest: Manifest) -> None:
 
 def write_artifact(path: str | os.PathLike, manifest: Manifest, staged: Path) -> None:
     """Finishes an artifact staged in ``staged``: hashes its files, writes the manifest and
-    moves the folder to ``path`` in one rename, replacing an older artifact there."""
+    puts the folder at ``path``. An older artifact there is swapped out in one step
+    (``renameat2`` exchanging the two folders, where the system has it; else renamed aside,
+    the new one renamed in, and the old one's folder restored by the next run if killed
+    between) and only then removed, so ``path`` always holds a complete artifact."""
     path = Path(path)
     files = {
         entry.name: sha256_file(entry) for entry in sorted(staged.iterdir()) if entry.is_file() and entry.name != MANIFEST
     }
     final = Manifest(**{**manifest.__dict__, "files": files})
     write_manifest(staged, final.to_dict())
-    if path.exists():
-        if not (path / MANIFEST).exists() and any(path.iterdir()):
-            raise SparseccError(f"{path} exists and is not a sparsecc artifact; refusing to replace it.")
-        shutil.rmtree(path)
-    os.replace(staged, path)
+    check_replaceable(path)
+    if not path.exists():
+        os.replace(staged, path)
+    elif _exchange(staged, path):
+        shutil.rmtree(staged)  # the old artifact, now at the staging name
+    else:
+        aside = staged.with_name(staged.name + PREVIOUS)
+        os.replace(path, aside)
+        os.replace(staged, path)
+        shutil.rmtree(aside)
+
+
+def check_replaceable(path: Path) -> None:
+    """Refuses to let a compile replace ``path`` unless it is absent, an empty folder, or an
+    artifact folder holding only its manifest and the files it lists.
+
+    Raises:
+        SparseccError: for a symbolic link, a file, a folder that is not an artifact, or an
+            artifact folder holding other files (a user's notes must not vanish).
+    """
+    if path.is_symlink():
+        raise SparseccError(f"{path} is a symbolic link; give the artifact folder itself as -o.")
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise SparseccError(f"{path} exists and is not a folder; refusing to replace it.")
+    entries = {entry.name for entry in path.iterdir()}
+    if not entries:
+        return
+    if MANIFEST not in entries:
+        raise SparseccError(f"{path} exists and is not a sparsecc artifact; refusing to replace it.")
+    try:
+        listed = set(json.loads((path / MANIFEST).read_text()).get("files", {}))
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError, RecursionError):
+        raise SparseccError(f"{path} has a manifest that cannot be read, so its files cannot be told from others; "
+                            "remove it or choose another -o.") from None
+    others = sorted(entries - listed - {MANIFEST})
+    if others:
+        raise SparseccError(f"{path} holds files that are not part of its artifact ({', '.join(others[:5])}); move them "
+                            "away or choose another -o (nothing was replaced).")
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swaps two paths in one step (Linux ``renameat2`` with ``RENAME_EXCHANGE``); False,
+    with nothing changed, where the system or file system cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0
+
+
+# An old artifact renamed aside while the new one is renamed in (where no exchange exists).
+PREVIOUS = ".previous"
+# A staging folder without a process id (from sparsecc before it named them so) is taken
+# as abandoned after this long.
+UNNAMED_STAGING_SECONDS = 24 * 3600
 
 
 def staging_dir(path: str | os.PathLike) -> Path:
-    """A fresh folder beside ``path`` to build an artifact in before it is renamed."""
+    """A fresh folder ``.NAME.PID.XXXXXXXX`` beside ``path`` to build an artifact in before
+    it is swapped in. First refuses a ``path`` that may not be replaced
+    (``check_replaceable``) and clears what killed runs left (``clear_stale_staging``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    check_replaceable(path)
+    clear_stale_staging(path)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", dir=path.parent))
+
+
+def clear_stale_staging(path: Path) -> None:
+    """Removes staging folders ``.NAME.PID.*`` beside ``path`` whose process has ended
+    (others may be compiling to the same path right now); puts back an old artifact a
+    killed run had renamed aside when ``path`` has none."""
+    import time
+
+    prefix = f".{path.name}."
+    for entry in path.parent.iterdir():
+        if not entry.name.startswith(prefix) or entry.is_symlink() or not entry.is_dir():
+            continue
+        pid = entry.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit():
+            if _running(int(pid)):
+                continue
+        elif time.time() - entry.stat().st_mtime < UNNAMED_STAGING_SECONDS:
+            continue
+        if entry.name.endswith(PREVIOUS) and not path.exists():
+            os.replace(entry, path)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -10,6 +10,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+import types
 
 import numpy as np
 import pytest
@@ -383,3 +384,84 @@ def test_an_artifact_of_the_older_format_is_refused_with_what_to_do(artifact_cop
     with pytest.raises(SparseccError, match=f"uses artifact format {FORMAT_VERSION - 1}, older than the "
                                             f"{FORMAT_VERSION} this sparsecc reads; compile it again"):
         runtime.load(artifact_copy)
+
+
+# --- nothing lost: compiling over an existing artifact ----------------------------------------
+
+
+def test_compile_refuses_a_folder_holding_other_files(exported, compiled, tmp_path):
+    from compiler.driver import CompileOptions, compile_model
+
+    artifact = tmp_path / "mine.sccx"
+    shutil.copytree(compiled("tiny-llama", 0.0), artifact)
+    (artifact / "NOTES.txt").write_text("my notes")
+    before = (artifact / MANIFEST).read_text()
+    with pytest.raises(SparseccError, match=r"holds files that are not part of its artifact \(NOTES.txt\)"):
+        compile_model(CompileOptions(str(exported("tiny-llama", 0.5)), str(artifact)))
+    assert (artifact / "NOTES.txt").read_text() == "my notes" and (artifact / MANIFEST).read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.sccx"], "no staging folder left"
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "rename-aside"])
+def test_a_kill_while_the_old_artifact_is_removed_leaves_the_new_one(exported, compiled, tmp_path, monkeypatch,
+                                                                    token_ids, exchange):
+    """The old artifact is removed only after the new one is in place: a run killed right
+    after removing it (simulated) leaves a complete artifact."""
+    from compiler.driver import CompileOptions, compile_model
+    from runtime import artifact as artifact_module
+
+    if not exchange:  # a system without renameat2's exchange
+        monkeypatch.setattr(artifact_module, "_exchange", lambda first, second: False)
+    artifact = tmp_path / "swap.sccx"
+    shutil.copytree(compiled("tiny-llama", 0.0), artifact)
+    remove = shutil.rmtree
+
+    def killed_after_removing(path, *args, **kwargs):
+        remove(path, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    # Only the artifact writer's removals are killed (TVM's build removes folders of its own).
+    monkeypatch.setattr(artifact_module, "shutil", types.SimpleNamespace(rmtree=killed_after_removing))
+    with pytest.raises(KeyboardInterrupt):
+        compile_model(CompileOptions(str(exported("tiny-llama", 0.5)), str(artifact)))
+    monkeypatch.undo()
+    outputs = runtime.load(artifact).run({"input_ids": token_ids})["logits"]
+    reference = runtime.load(compiled("tiny-llama", 0.5)).run({"input_ids": token_ids})["logits"]
+    np.testing.assert_allclose(outputs, reference, atol=1e-5, rtol=0)
+
+
+def test_staging_folders_of_killed_runs_are_removed_on_the_next_run(exported, tmp_path):
+    """A folder staged by a process that no longer runs goes; one of a running process stays."""
+    import os
+
+    from compiler.driver import CompileOptions, compile_model
+
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    running = subprocess.Popen(["sleep", "600"])
+    try:
+        stale = tmp_path / f".out.sccx.{finished.pid}.a1b2c3d4"
+        busy = tmp_path / f".out.sccx.{running.pid}.e5f6a7b8"
+        for folder in (stale, busy):
+            folder.mkdir()
+            (folder / "weights.bin").write_bytes(b"partial")
+        compile_model(CompileOptions(str(exported("tiny-llama", 0.0)), str(tmp_path / "out.sccx")))
+        assert not stale.exists() and busy.exists()
+        assert os.path.isdir(tmp_path / "out.sccx")
+    finally:
+        running.kill()
+        running.wait()
+
+
+def test_an_old_artifact_a_killed_run_renamed_aside_is_put_back(compiled, tmp_path):
+    """Killed between renaming the old artifact aside and the new one in: the next run
+    restores the old one."""
+    from runtime.artifact import PREVIOUS, clear_stale_staging
+
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    path = tmp_path / "back.sccx"
+    shutil.copytree(compiled("tiny-llama", 0.0), tmp_path / f".back.sccx.{finished.pid}.a1b2c3d4{PREVIOUS}")
+    clear_stale_staging(path)
+    runtime.load(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["back.sccx"]

@@ -194,28 +194,6 @@ def npz_names(names) -> dict[str, str]:
     return chosen
 
 
-def npz_names(names) -> dict[str, str]:
-    """Each output name -> its entry in an ``.npz``: a plain file name (characters other
-    than letters, digits, ``_``, ``-`` and ``.`` become ``_``, a leading dot too), made
-    unique with ``_2``, ``_3``... An output named ``../../evil`` cannot become an entry
-    that unpacks outside a folder."""
-    import re
-
-    chosen: dict[str, str] = {}
-    taken = set(names)  # a name that is already safe keeps it; a renamed one avoids it
-    for name in names:
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-        safe = "_" + safe[1:] if safe.startswith(".") else safe or "_"
-        if safe != name:
-            base, count = safe, 1
-            while safe in taken or safe in chosen.values():
-                count += 1
-                safe = f"{base}_{count}"
-            taken.add(safe)
-        chosen[name] = safe
-    return chosen
-
-
 def save_outputs(outputs: dict[str, np.ndarray], path: str) -> dict[str, str]:
     """Writes outputs to an .npz file atomically; returns each output's entry name
     (``npz_names``). The zip is written here, not by ``np.savez``, whose own parameters

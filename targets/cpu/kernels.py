@@ -25,11 +25,14 @@ from __future__ import annotations
 
 import numpy as np
 
+import formats
+from formats import panels as panels_format
+
 from targets.cpu.simd import PREFETCH_BYTES, prefetch
-from targets.kernel_args import check_weight, func_attrs
+from targets.kernel_args import func_attrs
 
 #: Columns per panel: one 512-bit vector of fp32, so one row of a panel is one cache line.
-PANEL_WIDTH = 16
+PANEL_WIDTH = panels_format.WIDTH
 #: Rows of ``x`` per register tile. ``ROW_TILE`` rows times two panels is 16 accumulators,
 #: half of the 32 AVX-512 registers; and one panel's accumulators, ``ROW_TILE *
 #: PANEL_WIDTH`` floats (512 bytes), stay below TVM's 1024-byte stack-allocation limit.
@@ -65,12 +68,8 @@ def pack_dense_weight(weight: np.ndarray) -> np.ndarray:
     Raises:
         ValueError: if ``weight`` is not a 2-D float32 array.
     """
-    check_weight(weight)
-    k, n = weight.shape
-    panels, _, width = packed_dense_shape(k, n)
-    padded = np.zeros((k, panels * width), dtype=np.float32)
-    padded[:, :n] = weight
-    return np.ascontiguousarray(padded.reshape(k, panels, width).transpose(1, 0, 2))
+    (panels,) = formats.get("panels").encode(weight)
+    return panels
 
 
 def dense_matmul_func(m: int, k: int, n: int, dtype: str = "float32"):

@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from passes.sparse_formats import encode
+import formats
 from targets.cpu.simd import (
     LANES, PREFETCH_BYTES, all_lanes, bit_chunk, bit_lanes, expand, gather, lane_sum_macro, lanes_below,
     masked_load, prefetch,
@@ -556,17 +556,12 @@ def pack_dual_weight(weight: np.ndarray) -> list[np.ndarray]:
     Raises:
         ValueError: if ``weight`` is not a 2-D float32 array.
     """
-    check_weight(weight)
-    return encode(np.ascontiguousarray(weight.T), "bitmask")
+    return formats.get("bitmask_rows").encode(weight)
 
 
 def unpack_dual_weight(arrays: list[np.ndarray], k: int, n: int) -> np.ndarray:
     """Rebuilds the dense ``[k, n]`` weight from ``pack_dual_weight``'s arrays."""
-    bits, _, values = arrays
-    mask = np.unpackbits(bits, axis=1, count=n, bitorder="little").astype(bool)
-    weight = np.zeros((k, n), dtype=values.dtype)
-    weight[mask] = values
-    return weight
+    return formats.get("bitmask_rows").decode(arrays, (k, n))
 
 
 def dual_matmul_func(
@@ -829,36 +824,12 @@ def pack_segment_weight(weight: np.ndarray) -> list[np.ndarray]:
     Raises:
         ValueError: if ``weight`` is not a 2-D float32 array with at least 16 columns.
     """
-    if weight.ndim != 2 or weight.dtype != np.float32 or weight.shape[1] < LANES:
-        raise ValueError(f"expected a 2-D float32 weight of at least {LANES} columns, got {weight.ndim}-D {weight.dtype} {weight.shape}")
-    k, n = weight.shape
-    offsets, starts, owned = [0], [], []
-    for row in weight != 0:
-        columns = np.flatnonzero(row)
-        position, covered = 0, 0
-        while position < columns.size:
-            start = min(int(columns[position]), n - LANES)
-            starts.append(start)
-            owned.append(covered - start)  # lanes below this belong to the window before
-            covered = start + LANES
-            position = int(np.searchsorted(columns, covered))
-        offsets.append(len(starts))
-    starts_array = np.asarray(starts, np.int32)
-    lanes = np.arange(LANES, dtype=np.int32)
-    rows = np.repeat(np.arange(k), np.diff(offsets))
-    values = weight[rows[:, None], starts_array[:, None] + lanes]
-    values[lanes[None, :] < np.asarray(owned, np.int32)[:, None]] = 0
-    return [np.asarray(offsets, np.int32), starts_array, np.ascontiguousarray(values, np.float32).reshape(-1)]
+    return formats.get("segments").encode(weight)
 
 
 def unpack_segment_weight(arrays: list[np.ndarray], k: int, n: int) -> np.ndarray:
     """Rebuilds the dense ``[k, n]`` weight from ``pack_segment_weight``'s arrays."""
-    offsets, starts, values = arrays
-    weight = np.zeros((k, n), np.float32)
-    rows = np.repeat(np.arange(k), np.diff(offsets))
-    # A window moved left at the end of a row overlaps the one before it, with zeros there.
-    np.add.at(weight, (rows[:, None], starts[:, None] + np.arange(LANES)), values.reshape(-1, LANES))
-    return weight
+    return formats.get("segments").decode(arrays, (k, n))
 
 
 def segment_matmul_func(m: int, k: int, n: int, segments: int, per_channel: bool, k_parts: int = GATED_K_PARTS):

@@ -88,11 +88,12 @@ from __future__ import annotations
 
 import numpy as np
 
+import formats
 from targets.cuda.skeletons import (
     GATED_WARPS, MAX_ROWS, REDUCE_THREADS, WARP, ceil_div, check_rows, default_k_parts, parallel_rows, split_k,
 )
 from targets.kernel_args import (
-    bsr_kernel, check_bsr, check_count, check_csr, check_gate, check_sizes, check_weight, csr_kernel,
+    bsr_kernel, check_bsr, check_count, check_csr, check_gate, check_sizes, csr_kernel,
     func_attrs, gate_name, gated_kernel, kernel_table,
 )
 
@@ -242,32 +243,12 @@ def pack_dual_weight(weight: np.ndarray) -> list[np.ndarray]:
     Raises:
         ValueError: if ``weight`` is not a 2-D float32 array.
     """
-    check_weight(weight)
-    k, n = weight.shape
-    words = ceil_div(n, WARP)
-    mask = np.zeros((k, words * WARP), dtype=bool)
-    mask[:, :n] = weight != 0
-    lanes = mask.reshape(k, words, WARP)
-    bits = (lanes.astype(np.uint64) << np.arange(WARP, dtype=np.uint64)).sum(axis=2)
-    counts = lanes.sum(axis=2).reshape(-1)
-    offsets = np.zeros(k * words, dtype=np.int64)
-    np.cumsum(counts[:-1], out=offsets[1:])
-    return [
-        bits.astype(np.uint32),
-        offsets.reshape(k, words).astype(np.int32),
-        np.ascontiguousarray(weight[weight != 0]),
-    ]
+    return formats.get("bitmask_words").encode(weight)
 
 
 def unpack_dual_weight(arrays: list[np.ndarray], k: int, n: int) -> np.ndarray:
     """Rebuilds the dense ``[k, n]`` weight from ``pack_dual_weight``'s arrays."""
-    bits, _, values = arrays
-    words = bits.shape[1]
-    mask = ((bits[:, :, None].astype(np.uint64) >> np.arange(WARP, dtype=np.uint64)) & 1).astype(bool)
-    mask = mask.reshape(k, words * WARP)[:, :n]
-    weight = np.zeros((k, n), dtype=values.dtype)
-    weight[mask] = values
-    return weight
+    return formats.get("bitmask_words").decode(arrays, (k, n))
 
 
 def dual_matmul_func(

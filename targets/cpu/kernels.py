@@ -72,6 +72,35 @@ def pack_dense_weight(weight: np.ndarray) -> np.ndarray:
     return panels
 
 
+def panel_store(n: int):
+    """The TIR macro ``store(acc, y, p, m0, rows)`` that writes ``rows`` finished rows of
+    panel ``p`` (``acc[r * PANEL_WIDTH + j]``) to ``y[m0 + r, p * PANEL_WIDTH + j]`` for an
+    output of ``n`` columns: whole vectors, but only the real columns of the last panel, so
+    its zero padding is never written. The dense and the quantized kernels share it."""
+    from tvm.script import tirx as T
+
+    width = PANEL_WIDTH
+    full_panels, tail_cols = divmod(n, width)
+
+    @T.macro
+    def store(acc, y, p, m0, rows):
+        if tail_cols == 0:
+            for r in T.unroll(rows):
+                for j in T.vectorized(width):
+                    y[m0 + r, p * width + j] = acc[r * width + j]
+        else:
+            if p < full_panels:
+                for r in T.unroll(rows):
+                    for j in T.vectorized(width):
+                        y[m0 + r, p * width + j] = acc[r * width + j]
+            else:
+                for r in range(rows):
+                    for j in range(tail_cols):
+                        y[m0 + r, p * width + j] = acc[r * width + j]
+
+    return store
+
+
 def dense_matmul_func(m: int, k: int, n: int, dtype: str = "float32"):
     """A TIR PrimFunc computing ``y = x @ W`` from the packed ``W``, specialised to one shape.
 
@@ -102,8 +131,6 @@ def dense_matmul_func(m: int, k: int, n: int, dtype: str = "float32"):
 
     width = PANEL_WIDTH
     panels = packed_dense_shape(k, n)[0]
-    full_panels = n // width
-    tail_cols = n - full_panels * width
     pairs, lone_panel = divmod(panels, 2)
     row_tiles, tail_rows = divmod(m, ROW_TILE)
     prefetch_rows = PREFETCH_BYTES // (width * np.dtype(dtype).itemsize)
@@ -129,21 +156,7 @@ def dense_matmul_func(m: int, k: int, n: int, dtype: str = "float32"):
             for j in T.vectorized(width):
                 acc[r * width + j] = acc[r * width + j] + x[m0 + r, kk] * w[p, kk, j]
 
-    @T.macro
-    def store(acc, y, p, m0, rows):
-        if tail_cols == 0:
-            for r in T.unroll(rows):
-                for j in T.vectorized(width):
-                    y[m0 + r, p * width + j] = acc[r * width + j]
-        else:
-            if p < full_panels:
-                for r in T.unroll(rows):
-                    for j in T.vectorized(width):
-                        y[m0 + r, p * width + j] = acc[r * width + j]
-            else:
-                for r in range(rows):
-                    for j in range(tail_cols):
-                        y[m0 + r, p * width + j] = acc[r * width + j]
+    store = panel_store(n)
 
     @T.macro
     def row_tile(x, w, y, p, m0, rows, pair):

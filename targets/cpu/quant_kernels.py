@@ -81,7 +81,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from targets.cpu.kernels import PANEL_WIDTH
+from targets.cpu.kernels import PANEL_WIDTH, panel_store
 from targets.cpu.kernels import prefetch as _prefetch
 
 #: Inputs (rows of ``W``) per quantization group, the llama.cpp block.
@@ -416,7 +416,6 @@ def _quant_matmul_func(m: int, k: int, n: int, bits: int, symmetric: bool, group
     padded_k = groups * group
     full_groups = k // group
     panels = -(-n // width)
-    full_panels, tail_cols = divmod(n, width)
     pairs, lone_panel = divmod(panels, 2)
     inputs_per_line = QUAD * 8 // bits  # 4 for int8, 8 for int4
     lines_per_group = group // inputs_per_line
@@ -482,22 +481,8 @@ def _quant_matmul_func(m: int, k: int, n: int, bits: int, symmetric: bool, group
             if has_mins:
                 prefetch_group(mins, p + 1, g)
 
-    @T.macro
-    def store(out, y, p, m0, rows):
-        # out: `rows` rows of 16 finished columns of panel p.
-        if tail_cols == 0:
-            for r in T.unroll(rows):
-                for j in T.vectorized(width):
-                    y[m0 + r, p * width + j] = out[r * width + j]
-        else:
-            if p < full_panels:
-                for r in T.unroll(rows):
-                    for j in T.vectorized(width):
-                        y[m0 + r, p * width + j] = out[r * width + j]
-            else:
-                for r in range(rows):
-                    for j in range(tail_cols):
-                        y[m0 + r, p * width + j] = out[r * width + j]
+    # Writes `rows` rows of 16 finished columns of panel p.
+    store = panel_store(n)
 
     # --- The integer path: x quantized per group, vpdpbusd ----------------------------
 

@@ -48,3 +48,11 @@ def parse_symbol(name: str) -> KernelFacts | None:
         if facts is not None:
             return facts
     return None
+
+
+def symbol(format: str, target: str, role: str, m: int, k: int, n: int, **facts) -> str:
+    """The global symbol of ``format``'s ``role`` kernel on ``target`` (``KernelFacts``'
+    other fields as keywords: ``nnz``, ``block``, ``index_dtype``, ``id_dtype``,
+    ``per_channel``): the kernels name themselves with it, and ``parse_symbol`` reads it
+    back, so a name and its parser cannot drift apart."""
+    return get(format).symbol(KernelFacts(format, target, role, m, k, n, **facts))

@@ -199,7 +199,7 @@ def dense_matmul_func(m: int, k: int, n: int, dtype: str = "float32"):
         w: T.Buffer((panels, k, width), dtype),
         y: T.Buffer((m, n), dtype),
     ):
-        T.func_attr(func_attrs(f"dense_matmul_m{m}_k{k}_n{n}"))
+        T.func_attr(func_attrs(formats.symbol("panels", "cpu", "matmul", m, k, n)))
         for task in T.parallel(pairs + lone_panel):
             if lone_panel == 0:
                 column_task(x, w, y, task * 2, True)

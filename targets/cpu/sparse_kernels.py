@@ -80,7 +80,7 @@ from targets.cpu.skeletons import (
 )
 from targets.kernel_args import (
     bsr_kernel, check_bsr, check_count, check_csr, check_gate, check_gather, check_index_dtype, check_sizes,
-    check_weight, csr_kernel, func_attrs, gate_name, gated_kernel, kernel_table,
+    csr_kernel, func_attrs, gated_kernel, kernel_table,
 )
 
 #: Rows of ``x`` per pass in the bitmask kernel, which keeps four accumulator chains per
@@ -169,7 +169,7 @@ def csr_matmul_func(m: int, k: int, n: int, nnz: int, index_dtype: str = "int16"
             y[m0 + r, i] = acc[r * LANES]
 
     over_rows = parallel_rows(m, n, SPARSE_ROW_TILE, row_tile)
-    return csr_kernel(m, k, n, nnz, index_dtype, f"csr_matmul_m{m}_k{k}_n{n}_nnz{nnz}_{index_dtype}", over_rows)
+    return csr_kernel(m, k, n, nnz, index_dtype, formats.symbol("csr", "cpu", "matmul", m, k, n, nnz=nnz, index_dtype=index_dtype), over_rows)
 
 
 # --- BSR -------------------------------------------------------------------------------
@@ -319,7 +319,7 @@ def bsr_matmul_func(
             store(acc, y, ib, m0, tile_rows, p)
 
     over_rows = parallel_rows(m, block_rows, tile, row_tile)
-    symbol = f"bsr_matmul_m{m}_k{k}_n{n}_b{block_r}x{block_c}_nnzb{nnzb}_{index_dtype}"
+    symbol = formats.symbol("bsr", "cpu", "matmul", m, k, n, nnz=nnzb, block=(block_r, block_c), index_dtype=index_dtype)
     return bsr_kernel(m, k, n, (block_r, block_c), nnzb, index_dtype, symbol, over_rows)
 
 
@@ -443,7 +443,7 @@ def bitmask_matmul_func(m: int, k: int, n: int, nnz: int):
         values: T.Buffer((nnz,), "float32"),
         y: T.Buffer((m, n), "float32"),
     ):
-        T.func_attr(func_attrs(f"bitmask_matmul_m{m}_k{k}_n{n}_nnz{nnz}"))
+        T.func_attr(func_attrs(formats.symbol("bitmask", "cpu", "matmul", m, k, n, nnz=nnz)))
         over_rows(x, (bits, row_offsets, values), y)
 
     return bitmask_matmul
@@ -536,7 +536,7 @@ def gated_matmul_func(m: int, k: int, n: int, per_channel: bool, k_parts: int = 
         add_rows(partial, w, gated, p, rows_at, m0, tile_rows)
 
     matmul = split_k(m, k, n, per_channel, k_parts, pairs_of_rows(m, row_tile))
-    return gated_kernel(m, k, n, per_channel, f"gated_matmul_m{m}_k{k}_n{n}_{gate_name(per_channel)}", matmul)
+    return gated_kernel(m, k, n, per_channel, formats.symbol("dense", "cpu", "gated", m, k, n, per_channel=per_channel), matmul)
 
 
 def pack_dual_weight(weight: np.ndarray) -> list[np.ndarray]:
@@ -711,7 +711,7 @@ def dual_matmul_func(
         values: T.Buffer((nnz,), "float32"),
         y: T.Buffer((m, n), "float32"),
     ):
-        T.func_attr(func_attrs(f"dual_matmul_m{m}_k{k}_n{n}_nnz{nnz}_{gate_name(per_channel)}"))
+        T.func_attr(func_attrs(formats.symbol("bitmask_rows", "cpu", "gated", m, k, n, nnz=nnz, per_channel=per_channel)))
         matmul(x, threshold, (bits, row_offsets, values), y)
 
     return dual_matmul
@@ -753,7 +753,7 @@ def csr_gather_func(rows: int, k: int, n: int, nnz: int, index_dtype: str = "int
         values: T.Buffer((nnz,), "float32"),
         y: T.Buffer((rows, k), "float32"),
     ):
-        T.func_attr(func_attrs(f"csr_gather_r{rows}_k{k}_n{n}_nnz{nnz}_{index_dtype}_{id_dtype}"))
+        T.func_attr(func_attrs(formats.symbol("csr", "cpu", "gather", rows, k, n, nnz=nnz, index_dtype=index_dtype, id_dtype=id_dtype)))
         for r in range(rows):
             for c in range(k):
                 y[r, c] = T.float32(0)
@@ -789,7 +789,7 @@ def bitmask_gather_func(rows: int, k: int, n: int, nnz: int, id_dtype: str = "in
         values: T.Buffer((nnz,), "float32"),
         y: T.Buffer((rows, k), "float32"),
     ):
-        T.func_attr(func_attrs(f"bitmask_gather_r{rows}_k{k}_n{n}_nnz{nnz}_{id_dtype}"))
+        T.func_attr(func_attrs(formats.symbol("bitmask", "cpu", "gather", rows, k, n, nnz=nnz, id_dtype=id_dtype)))
         for r in range(rows):
             offset = T.alloc_buffer((1,), "int32")
             offset[0] = row_offsets[ids[r]]
@@ -915,7 +915,7 @@ def segment_matmul_func(m: int, k: int, n: int, segments: int, per_channel: bool
         y: T.Buffer((m, n), "float32"),
     ):
         T.func_attr(func_attrs(
-            f"dual_matmul_m{m}_k{k}_n{n}_nnz{segments * LANES}_{gate_name(per_channel)}_seg"))
+            formats.symbol("segments", "cpu", "gated", m, k, n, nnz=segments * LANES, per_channel=per_channel)))
         matmul(x, threshold, (row_offsets, starts, values), y)
 
     return segment_matmul

@@ -94,7 +94,7 @@ from targets.cuda.skeletons import (
 )
 from targets.kernel_args import (
     bsr_kernel, check_bsr, check_count, check_csr, check_gate, check_sizes, csr_kernel,
-    func_attrs, gate_name, gated_kernel, kernel_table,
+    func_attrs, gated_kernel, kernel_table,
 )
 
 __all__ = ["MAX_ROWS", "GATED_WARPS", "REDUCE_THREADS", "KERNELS", "csr_matmul_func", "bsr_matmul_func",
@@ -135,7 +135,7 @@ def csr_matmul_func(m: int, k: int, n: int, nnz: int, index_dtype: str = "int16"
 
     over_rows = parallel_rows(m, n, (1, 1), WARP, CSR_WARPS, accumulate)
 
-    return csr_kernel(m, k, n, nnz, index_dtype, f"cuda_csr_matmul_m{m}_k{k}_n{n}_nnz{nnz}_{index_dtype}", over_rows)
+    return csr_kernel(m, k, n, nnz, index_dtype, formats.symbol("csr", "cuda", "matmul", m, k, n, nnz=nnz, index_dtype=index_dtype), over_rows)
 
 
 # --- BSR -------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ def bsr_matmul_func(
             add_block_value(acc, x, values, b, e, col)
 
     over_rows = parallel_rows(m, n, (block_r, block_c), group, max(1, BSR_THREADS // group), accumulate)
-    symbol = f"cuda_bsr_matmul_m{m}_k{k}_n{n}_b{block_r}x{block_c}_nnzb{nnzb}_{index_dtype}"
+    symbol = formats.symbol("bsr", "cuda", "matmul", m, k, n, nnz=nnzb, block=(block_r, block_c), index_dtype=index_dtype)
     return bsr_kernel(m, k, n, (block_r, block_c), nnzb, index_dtype, symbol, over_rows)
 
 
@@ -225,7 +225,7 @@ def gated_matmul_func(m: int, k: int, n: int, per_channel: bool, k_parts: int | 
                 acc[r] = acc[r] + gated[r] * w[kk, bx * WARP + lane]
 
     matmul = split_k(m, k, n, per_channel, k_parts, add_dense_row)
-    return gated_kernel(m, k, n, per_channel, f"cuda_gated_matmul_m{m}_k{k}_n{n}_{gate_name(per_channel)}", matmul)
+    return gated_kernel(m, k, n, per_channel, formats.symbol("dense", "cuda", "gated", m, k, n, per_channel=per_channel), matmul)
 
 
 def pack_dual_weight(weight: np.ndarray) -> list[np.ndarray]:
@@ -309,7 +309,7 @@ def dual_matmul_func(
         values: T.Buffer((nnz,), "float32"),
         y: T.Buffer((m, n), "float32"),
     ):
-        T.func_attr(func_attrs(f"cuda_dual_matmul_m{m}_k{k}_n{n}_nnz{nnz}_{gate_name(per_channel)}"))
+        T.func_attr(func_attrs(formats.symbol("bitmask_words", "cuda", "gated", m, k, n, nnz=nnz, per_channel=per_channel)))
         matmul(x, threshold, (bits, offsets, values), y)
 
     return dual_matmul

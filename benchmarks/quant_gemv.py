@@ -21,6 +21,9 @@ speedup over the fp32 kernel, ``ideal`` the fp32 kernel's bytes over the kernel'
 (its speedup if both streamed at the same rate), and ``of ideal`` = ``x fp32 / ideal``,
 the kernel's bandwidth as a share of the fp32 kernel's in the same rounds; ``p10 ms``
 and its ``of ideal`` are the same from each kernel's 10th-percentile call (see ``_fast``).
+``hot GB/s`` is the rate of the fastest of ``HOT_CALLS`` calls on one copy, from L2 or L3
+where it fits: the kernel's compute ceiling, so a kernel whose hot rate is well above its
+cold one is bound by DRAM, and one whose hot rate is near its cold one by its own work.
 ``others``
 is the cores other processes used meanwhile (``/proc/stat``); on a shared machine read
 the ratios, not the times.
@@ -64,6 +67,10 @@ MAX_REL_ERROR = 1e-4
 # Pause before each kernel's turn, so the thread pool of the one before has gone idle.
 IDLE_SECONDS = 0.1
 
+#: Calls on one copy for the in-cache figure, at most, and the time they may take (see
+#: ``_hot_ms``); the fastest is kept, so on a loaded machine more is better.
+HOT_CALLS = 2000
+HOT_SECONDS = 0.5
 #: (label, bits, symmetric) of each quantized kind.
 KINDS = (("int8", 8, True), ("int4", 4, False), ("int4 sym", 4, True))
 
@@ -135,6 +142,17 @@ def _fast(times: list[float]) -> float:
     return float(np.percentile(times, 10))
 
 
+def _hot_ms(entry: dict) -> float:
+    """The fastest of ``HOT_CALLS`` calls (or of those in ``HOT_SECONDS``) on one copy,
+    from the caches where it fits."""
+    call = entry["calls"][0]
+    call()
+    times, end = [], time.perf_counter() + HOT_SECONDS
+    while len(times) < HOT_CALLS and (time.perf_counter() < end or len(times) < 3):
+        times += time_calls([call])
+    return min(times)
+
+
 def bench(k: int, n: int, m: int, paths, repeats: int, cold_bytes: float, rng) -> list[dict]:
     entries = kernels_for_shape(k, n, m, paths, cold_bytes, rng)
     times = [[] for _ in entries]
@@ -145,10 +163,11 @@ def bench(k: int, n: int, m: int, paths, repeats: int, cold_bytes: float, rng) -
             entry["calls"][-1]()  # wakes the thread pool
             spent += time_calls(entry["calls"])
     end_machine, end_own = busy_cpu_seconds()
+    hot = [_hot_ms(entry) for entry in entries]
     others = max(0.0, ((end_machine - start_machine) - (end_own - start_own)) / (time.perf_counter() - start_wall))
     fp32_ms, fp32_fast, fp32_bytes = statistics.median(times[0]), _fast(times[0]), entries[0]["bytes"]
     rows = []
-    for entry, spent in zip(entries, times):
+    for entry, spent, hot_ms in zip(entries, times, hot):
         ms = statistics.median(spent)
         speedup, ideal = fp32_ms / ms, fp32_bytes / entry["bytes"]
         rows.append({
@@ -157,6 +176,7 @@ def bench(k: int, n: int, m: int, paths, repeats: int, cold_bytes: float, rng) -
             "ideal_speedup": ideal, "share_of_ideal": speedup / ideal,
             "fast_ms": _fast(spent), "fast_share_of_ideal": fp32_fast / _fast(spent) / ideal, "calls": len(spent),
             "copies": len(entry["copies"]), "other_cores": others,
+            "hot_ms": hot_ms, "hot_gb_per_s": entry["bytes"] / hot_ms / 1e6,
         })
     return rows
 
@@ -180,7 +200,7 @@ def main(argv=None) -> int:
     print(f"load average at start {load_average()}: other processes share this machine, so compare the "
           "ratios of one shape's rows (measured in the same rounds), not absolute times")
     print(f"{'K x N':>11} {'M':>2} {'kernel':>8} {'path':>4} {'ms':>8} {'MB':>7} {'GB/s':>6} "
-          f"{'x fp32':>6} {'ideal':>5} {'of ideal':>8} {'p10 ms':>8} {'of ideal':>8} {'others':>6}")
+          f"{'x fp32':>6} {'ideal':>5} {'of ideal':>8} {'p10 ms':>8} {'of ideal':>8} {'hot GB/s':>8} {'others':>6}")
     rng = np.random.default_rng(0)
     results = []
     for k, n in shapes:
@@ -190,7 +210,7 @@ def main(argv=None) -> int:
                 print(f"{f'{k}x{n}':>11} {m:>2} {r['kernel']:>8} {r['path']:>4} {r['ms']:>8.4f} {r['mb']:>7.2f} "
                       f"{r['gb_per_s']:>6.1f} {r['speedup_vs_fp32']:>6.2f} {r['ideal_speedup']:>5.2f} "
                       f"{r['share_of_ideal']:>8.0%} {r['fast_ms']:>8.4f} {r['fast_share_of_ideal']:>8.0%} "
-                      f"{r['other_cores']:>6.2f}", flush=True)
+                      f"{r['hot_gb_per_s']:>8.0f} {r['other_cores']:>6.2f}", flush=True)
     print(f"load average at end {load_average()}")
     if args.json:
         report = {"cpu": cpu_model(), "llvm_cpu": host_cpu_name(), "target": str(host_target()),

@@ -238,3 +238,13 @@ def test_layout_and_bytes():
 def test_bad_arguments_raise(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_default_path():
+    """``path=None`` builds the path ``default_path`` names: fma for int8 at one row (the
+    faster there, measured), vnni elsewhere where the host has it."""
+    assert qk.default_path(8, 1) == "fma"
+    expected = "vnni" if qk.vnni_available() else "fma"
+    assert qk.default_path(8, 3) == qk.default_path(4, 1) == expected
+    assert str(qk.int4_matmul_func(1, 64, 16).attrs["global_symbol"]).endswith(f"_{expected}")
+    assert str(qk.int8_matmul_func(1, 64, 16).attrs["global_symbol"]).endswith("_fma")

@@ -43,36 +43,76 @@ zero points folded into the int32 start value ``-zero_point * sum xq``. Rounding
 is the only error beyond float32's: at most ``s / 2`` per input
 (``quantize_activations`` is the exact reference).
 
-``fma`` (portable TIR, no x86 intrinsics; used where the target lacks VNNI): each line
-is widened to 64 float32 lanes, scaled (and offset) per lane and multiplied by the four
-``x`` inputs it covers, repeated, into 64-lane accumulators whose four lanes per column
-are added at the end. ``x`` stays float32.
+``fma`` (portable TIR, no x86 intrinsics; used for int8 at one row, and wherever the
+target lacks VNNI): each line is widened to 64 float32 lanes, scaled (and offset) per
+lane and multiplied by the four ``x`` inputs it covers, repeated, into 64-lane
+accumulators whose four lanes per column are added at the end. ``x`` stays float32.
 
 Both paths give each parallel task a pair of panels (two streams, each prefetched
 ``PREFETCH_BYTES`` ahead into L2) and walk ``x`` in tiles of ``VNNI_ROW_TILE`` /
 ``FMA_ROW_TILE`` rows, as the fp32 kernel does.
 
-Measured (``python benchmarks/quant_gemv.py``, 14:57 UTC on 3 December, AMD EPYC,
-LLVM ``znver5``, ``TVM_NUM_THREADS=2``, batch 1, weights cold, median of 5; the machine
-was loaded by other jobs, about 1.6 cores busy, so only ratios in one round mean much)::
+Measured (``python benchmarks/quant_gemv.py``, then ``--rows 8``; AMD EPYC Zen 5, LLVM
+``znver5``, 2 cores, ``TVM_NUM_THREADS=2``, weights from DRAM, medians of 7 rounds in
+one process). The machine was shared with other sessions' test runs (load average 1-3,
+other processes taking 0.6-0.9 of the 2 cores while these ran; in quieter minutes the
+same fp32 call took anywhere from 0.6 to 1.5 ms), so only the ratios within one shape
+mean anything. "of ideal" is the speedup over the fp32 kernel divided by the byte ratio;
+"hot" the in-cache rate of the kernel on one copy (its compute ceiling, noisy here)::
 
-    shape      kernel     path  ms     GB/s  vs fp32  bytes-ideal  share of ideal
-    576x1536   fp32             0.108  33.0  1.00x    1.00x
-    576x1536   int8       vnni  0.039  24.1  2.74x    3.74x        73 %
-    576x1536   int8       fma   0.036  26.6  3.02x    3.74x        81 %
-    576x1536   int4       vnni  0.026  21.3  4.07x    6.32x        64 %
-    576x1536   int4 sym   vnni  0.026  19.8  4.21x    7.01x        60 %
-    1536x576   fp32             0.099  35.7  1.00x    1.00x
-    1536x576   int8       vnni  0.033  29.1  3.05x    3.74x        81 %
-    1536x576   int4       vnni  0.022  25.1  4.45x    6.32x        70 %
-    1536x576   int4 sym   vnni  0.025  20.1  3.94x    7.01x        56 %
+    K x N      M  kernel    path  ms     GB/s  x fp32  ideal  of ideal  hot GB/s
+    576x1536   1  fp32            0.103  34.5  1.00    1.00   100 %      75
+                  int8      vnni  0.037  25.5  2.76    3.74    74 %      74
+                  int8      fma   0.035  27.2  2.94    3.74    79 %      34
+                  int4      vnni  0.027  20.9  3.82    6.32    60 %      68
+                  int4 sym  vnni  0.024  21.1  4.28    7.01    61 %      67
+    1536x576   1  fp32            0.133  26.7  1.00    1.00   100 %      71
+                  int8      vnni  0.049  19.3  2.70    3.74    72 %      71
+                  int8      fma   0.039  24.1  3.37    3.74    90 %      32
+                  int4      vnni  0.031  18.3  4.32    6.32    68 %      52
+                  int4 sym  vnni  0.028  18.0  4.71    7.01    67 %      56
+    576x49152  1  fp32            3.054  37.2  1.00    1.00   100 %      41
+                  int8      vnni  1.004  30.2  3.04    3.75    81 %      81
+                  int8      fma   0.856  35.4  3.57    3.75    95 %      72
+                  int4      vnni  0.613  29.2  4.98    6.34    79 %     144
+                  int4 sym  vnni  0.542  29.8  5.64    7.04    80 %      84
+    2048x5632  1  fp32            1.521  30.3  1.00    1.00   100 %      52
+                  int8      vnni  0.560  21.9  2.72    3.76    72 %      81
+                  int8      fma   0.447  27.5  3.40    3.76    91 %      37
+                  int4      vnni  0.303  23.9  5.02    6.38    79 %      70
+                  int4      fma   0.430  16.8  3.54    6.38    56 %      20
+                  int4 sym  vnni  0.270  24.1  5.63    7.08    80 %     100
+                  int4 sym  fma   0.475  13.7  3.20    7.08    45 %      30
+    2048x5632  8  fp32            1.812  25.6  1.00    1.00   100 %      74
+                  int8      vnni  0.705  17.7  2.57    3.71    69 %      68
+                  int8      fma   1.601   7.8  1.13    3.71    31 %      14
+                  int4      vnni  0.331  22.5  5.47    6.22    88 %      42
+                  int4 sym  vnni  0.375  18.0  4.84    6.89    70 %      45
 
-The int4 kernels reach 56-70 % of their bytes-ideal, below the 75 % goal: at 0.56-0.63
-bytes per weight the unpacking (mask, shift, two ``vpdpbusd`` per line) and the per-group
-float conversion cost about as much time as the bytes, so they are partly compute-bound.
-The rows of the 576x49152 and 2048x5632 shapes in the same run are not shown: the fp32
-kernel ran there at 8.7-11 GB/s against its 33-38 GB/s in quiet runs, so their ratios
-(up to 19x) measure the load, not the kernels; they need a quiet re-run.
+(The fma rows of int4 at the other shapes are 39-56 % of ideal at M = 1 and 13-19 % at
+M = 8; ``benchmarks/quant_gemv.py`` prints them all.)
+
+What the figures say:
+
+- Which path. int4: ``vnni`` at every size (1.3-1.9x the ``fma`` path at M = 1, 3.7-7x at
+  M = 8: ``fma`` spends a widen, a convert and two FMAs per weight, and its in-cache rate,
+  15-30 GB/s, is below DRAM's). int8 at M = 1: ``fma`` was 7-29 % faster in 7 of 8
+  paired rounds and 7 % slower in the eighth, although in cache ``vnni`` runs at twice
+  its rate (70-80 against 32-37 GB/s); why ``vnni``'s stream from DRAM is slower was not
+  found (not the prefetch distance, 2-16 KB, nor the prefetch's cache level). So
+  ``default_path`` picks ``fma`` there, which also leaves ``x`` unrounded, and ``vnni``
+  for M > 1, where ``fma`` is compute-bound (1.1x fp32 at M = 8). On a faster memory
+  system ``fma``'s ceiling would show first: measure again there.
+- Goal (75 % of the bytes-ideal at batch 1): met on the two large shapes by every default
+  kernel (int8 fma 91-95 %, int4 79 %, int4 sym 80 %; the issue expected about 3.5x and
+  6x over fp32, measured 3.4-3.6x and 5.0-5.6x). On SmolLM2's small layers (576x1536,
+  1536x576) int8 meets it (79-90 %) and int4 does not (60-68 %). Those are not compute-bound in their loop (from cache
+  the whole call takes 4-5 us, 50-70 GB/s, against an ideal of 16 us from DRAM); the gap
+  is per call: its fixed costs (the call, the thread-pool launch, the activation
+  prologue) and each thread's streams starting cold, which the fp32 kernel's 100 us call
+  amortises. Not resolved here.
+- At M = 8 the ``vnni`` kernels do 64 multiply-adds per instruction (``vpdpbusd``) and
+  are compute-bound (int8 69 %, int4 70-88 %), still 2.6-5.5x faster than fp32.
 """
 
 from __future__ import annotations
@@ -348,9 +388,18 @@ def vnni_available(target=None) -> bool:
     return bool(tvm.target.codegen.target_has_features(list(VNNI_FEATURES), target or host_target()))
 
 
-def _choose_path(path: str | None) -> str:
+def default_path(bits: int, m: int) -> str:
+    """The faster path where both were measured (see the module docstring): ``fma`` for
+    int8 at one row (as fast or faster, and ``x`` is not rounded), else ``vnni`` where the
+    host has it."""
+    if bits == 8 and m == 1:
+        return "fma"
+    return "vnni" if vnni_available() else "fma"
+
+
+def _choose_path(path: str | None, bits: int, m: int) -> str:
     if path is None:
-        return "vnni" if vnni_available() else "fma"
+        return default_path(bits, m)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS} or None, got {path!r}")
     return path
@@ -383,7 +432,7 @@ def int8_matmul_func(m: int, k: int, n: int, group: int = GROUP, path: str | Non
         group: inputs per quantization group, as the weight was quantized.
         path: ``"vnni"`` (x quantized to int8, integer dot products), ``"fma"`` (the
             weight dequantized to float32, fp32 FMAs; no x86 intrinsics), or None for
-            ``"vnni"`` where ``vnni_available()``.
+            ``default_path(8, m)``.
 
     Returns:
         A ``tvm.tirx.PrimFunc``.
@@ -400,7 +449,7 @@ def int4_matmul_func(m: int, k: int, n: int, group: int = GROUP, symmetric: bool
     Parameters, in order: ``x`` float32 [m, k], ``codes`` uint8, ``scales`` float16 and
     (asymmetric only) ``mins`` float16 of the ``QuantizedWeight``, ``y`` float32 [m, n].
     Global symbol ``int4{s}_matmul_m{m}_k{k}_n{n}_g{group}_{path}`` (``s`` for symmetric).
-    Arguments as ``int8_matmul_func``'s.
+    Arguments as ``int8_matmul_func``'s; ``path`` None is ``default_path(4, m)``.
     """
     return _quant_matmul_func(m, k, n, 4, symmetric, group, path)
 
@@ -410,7 +459,7 @@ def _quant_matmul_func(m: int, k: int, n: int, bits: int, symmetric: bool, group
 
     _check_sizes(m, k, n)
     _check_group(group)
-    path = _choose_path(path)
+    path = _choose_path(path, bits, m)
     width = PANEL_WIDTH
     groups = -(-k // group)
     padded_k = groups * group

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from compiler.pipeline import Gating, run_onnx_phases
+from compiler.pipeline import Gating, Quantization, run_onnx_phases
 from compiler.progress import Progress
 from runtime.artifact import TensorSpec
 from runtime.errors import SparseccError
@@ -43,6 +43,8 @@ class CompileOptions:
         calib_tokens: tokens of text to calibrate on.
         thresholds: a JSON file ``{tensor name: threshold}`` giving the gates directly.
         chips: how many chips a ``neuro:<chip>`` target joins.
+        weight_dtype: the linear layers' weight values (``formats.quant.WEIGHT_DTYPES``).
+        weight_dtype_for: per-layer overrides, weight or node name -> dtype.
     """
 
     model: str
@@ -56,6 +58,12 @@ class CompileOptions:
     calib_tokens: int = 2048
     thresholds: str | None = None
     chips: int = 1
+    weight_dtype: str = "fp32"
+    weight_dtype_for: dict = field(default_factory=dict)
+
+    @property
+    def quantization(self) -> Quantization:
+        return Quantization(self.weight_dtype, dict(self.weight_dtype_for))
 
 
 def gating_for(options: CompileOptions, input_shapes: dict[str, list[int]], progress: Progress):
@@ -166,7 +174,8 @@ def build_graph(options: CompileOptions, model: onnx.ModelProto, inputs: list[Te
     if dump_dir is not None:
         dump_dir.mkdir(parents=True, exist_ok=True)
     shapes = {spec.name: list(spec.shape) for spec in inputs}
-    legalized = run_onnx_phases(model, shapes, target, progress, dump_dir, explanations, gating)
+    legalized = run_onnx_phases(model, shapes, target, progress, dump_dir, explanations, gating,
+                                options.quantization)
 
     def dump(name: str, text: str) -> None:
         if dump_dir is not None:

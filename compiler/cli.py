@@ -12,6 +12,7 @@ os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 import click
 
 from compiler import __version__
+from formats.quant import WEIGHT_DTYPES
 from runtime.errors import SparseccError
 from sparsify.methods import method_help
 
@@ -124,6 +125,17 @@ def inspect(model, as_json):
                f"{_human_bytes(totals['best_bytes'])} in the best formats ({ratio:.2f}x)")
 
 
+def _dtype_overrides(texts) -> dict[str, str]:
+    """``NAME=DTYPE`` pairs (``--weight-dtype-for``) as a dict."""
+    overrides = {}
+    for text in texts:
+        name, sep, dtype = text.rpartition("=")
+        if not sep or not name or dtype not in WEIGHT_DTYPES:
+            raise SparseccError(f"--weight-dtype-for {text!r} is not NAME=DTYPE with DTYPE one of {', '.join(WEIGHT_DTYPES)}.")
+        overrides[name] = dtype
+    return overrides
+
+
 @cli.command(name="compile")
 @click.argument("model", type=click.Path())
 @click.option("-t", "--target", default="cpu", show_default=True,
@@ -139,17 +151,26 @@ def inspect(model, as_json):
 @click.option("--calib-tokens", default=2048, show_default=True, type=int, help="Tokens of text to calibrate on.")
 @click.option("--thresholds", type=click.Path(dir_okay=False), help="JSON file {tensor name: threshold} giving the gates directly.")
 @click.option("--chips", default=1, show_default=True, type=int, help="Chips joined into one mesh (a near-square grid of chips) for a neuro:<chip> target.")
-def compile_command(model, target, output, shapes, dump_dir, explain, activation_sparsity, calib, calib_tokens, thresholds, chips):
+@click.option("--weight-dtype", default="fp32", show_default=True, type=click.Choice(list(WEIGHT_DTYPES)),
+              help="Weight values of the linear layers: " + "; ".join(f"{k}: {v}" for k, v in WEIGHT_DTYPES.items()) + ".")
+@click.option("--weight-dtype-for", "weight_dtype_for", multiple=True, metavar="NAME=DTYPE",
+              help="A different dtype for one layer (its weight or node name, e.g. lm_head.weight=int8); repeat for several.")
+def compile_command(model, target, output, shapes, dump_dir, explain, activation_sparsity, calib, calib_tokens, thresholds, chips,
+                    weight_dtype, weight_dtype_for):
     """Compile MODEL (ONNX) into an artifact folder for a target.
 
     Linear layers whose weights are sparse enough become sparse operators (--explain says
-    which and why); with --activation-sparsity their inputs are gated too.
+    which and why); with --activation-sparsity their inputs are gated too; with
+    --weight-dtype int8 or int4 their weights are quantized in groups of 32. A model
+    already quantized (DequantizeLinear with block_size, onnxruntime's MatMulNBits) keeps
+    its quantization.
     """
     from compiler import driver
     from compiler.progress import Progress
 
     options = driver.CompileOptions(model, output, target, dict(driver.parse_shape(s) for s in shapes), dump_dir, explain,
-                                    activation_sparsity, calib, calib_tokens, thresholds, chips)
+                                    activation_sparsity, calib, calib_tokens, thresholds, chips, weight_dtype,
+                                    _dtype_overrides(weight_dtype_for))
     summary = driver.compile_model(options, Progress())
     for line in summary["explanations"]:
         click.echo(line)

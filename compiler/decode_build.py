@@ -238,6 +238,7 @@ def compile_decoder(options, model: onnx.ModelProto, target, progress: Progress)
                 "linear_layers": len(report.layers),
                 "weight_sparsity": report.sparsity,
                 "activation_sparsity_target": options.activation_sparsity,
+                "weight_dtype": options.weight_dtype, "weight_dtype_for": dict(options.weight_dtype_for),
                 "compile_seconds": time.perf_counter() - start,
                 **weight_size((staging / built["weights_file"]).stat().st_size, dense_bytes),
             },

@@ -77,6 +77,7 @@ def compile_model(options: CompileOptions, progress: Progress = SILENT) -> dict:
                 "linear_layers": len(graph["report"].layers),
                 "weight_sparsity": graph["report"].sparsity,
                 "activation_sparsity_target": options.activation_sparsity,
+                "weight_dtype": options.weight_dtype, "weight_dtype_for": dict(options.weight_dtype_for),
                 "compile_seconds": time.perf_counter() - start,
                 **weight_size(sum(entry["nbytes"] for entry in graph["built"]["weights"]), dense_bytes),
             },

@@ -25,6 +25,7 @@ from passes.fold_pruning_masks import fold_pruning_masks
 from passes.fuse_gated_matmul import fuse_gated_matmul
 from passes.guard_gather_indices import guard_gather_indices, index_ranges
 from passes.insert_activation_gates import insert_activation_gates
+from passes.quantize_weights import quantize_weights
 from passes.simplify_shapes import simplify_shapes
 
 # The target's phase; its dump holds the target's private ops, which onnxruntime cannot run.
@@ -92,7 +93,21 @@ def _gate_phase(gating: Gating) -> Callable[[onnx.ModelProto], PassResult]:
     return run
 
 
-def onnx_phases(input_shapes: dict[str, list[int]], target, gating: Gating | None = None) -> list[Phase]:
+@dataclass(frozen=True)
+class Quantization:
+    """The weights' value dtype (``formats.quant.WEIGHT_DTYPES``) and per-layer overrides
+    (weight or node name -> dtype)."""
+
+    dtype: str = "fp32"
+    overrides: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return self.dtype != "fp32" or any(value != "fp32" for value in self.overrides.values())
+
+
+def onnx_phases(input_shapes: dict[str, list[int]], target, gating: Gating | None = None,
+                quantization: Quantization | None = None) -> list[Phase]:
     """The phases, in order: the graph passes every target gets, then ``target``'s
     legalisation; ``target`` (``targets.base.Target``) also gives the kernel costs that
     weight formats are chosen with."""
@@ -108,6 +123,11 @@ def onnx_phases(input_shapes: dict[str, list[int]], target, gating: Gating | Non
     if gating is not None:
         # Activation sparsity: a calibrated magnitude gate on every linear input.
         phases.append(Phase("insert_activation_gates", _gate_phase(gating)))
+    if quantization is not None and quantization.active:
+        # Weight values in int8 / int4 groups, as standard DequantizeLinear; the layers
+        # quantized stay dense (their kernels read fewer bytes than any float32 format).
+        phases.append(Phase("quantize_weights",
+                            lambda model: quantize_weights(model, quantization.dtype, quantization.overrides)))
     phases += [
         # Sparse weights become SparseMatMul where the target's sparse kernel is predicted
         # faster, in a format that kernel takes.
@@ -127,14 +147,14 @@ def onnx_phases(input_shapes: dict[str, list[int]], target, gating: Gating | Non
 
 def run_onnx_phases(model: onnx.ModelProto, input_shapes: dict[str, list[int]], target, progress: Progress,
                     dump_dir: Path | None = None, explanations: list[str] | None = None,
-                    gating: Gating | None = None) -> Legalized:
+                    gating: Gating | None = None, quantization: Quantization | None = None) -> Legalized:
     """Runs the phases for ``target``; returns the last one's (legalize's) result."""
     from compiler.onnx_io import save_model
 
     if explanations is not None:
         explanations.append(f"weight formats: chosen with the {target.costs.target} target's kernel costs "
                             f"({target.costs.source}).")
-    for index, phase in enumerate(onnx_phases(input_shapes, target, gating), start=1):
+    for index, phase in enumerate(onnx_phases(input_shapes, target, gating, quantization), start=1):
         with progress.step(phase.name):
             result = phase.run(model)
         model = result.model

@@ -34,6 +34,7 @@ from passes.analyze_sparsity import constant_weight
 from targets.attention import fuse_decode_attention
 from passes import sparse_ops
 from passes.base import Graph, attribute, gemm_refusal, node_label, remove_unused_initializers
+from passes.quantize_weights import matmul_nbits_weight, quantized_weight
 from runtime.errors import SparseccError
 
 # The most rows of x a sparse or gated kernel takes (decode, small batches).
@@ -87,6 +88,12 @@ class Backend:
     pack_segments: Callable[[np.ndarray], list[np.ndarray]] | None = None
     #: whether the target has a ``DecodeAttention`` kernel (``targets.attention``).
     decode_attention: bool = False
+    #: ``(x, stored, quantized, output, name) -> nodes`` for ``y = x @ W`` with ``W`` a
+    #: ``formats.quant.Quantized`` weight whose arrays ``store_quantized`` gave and
+    #: ``stored`` names; None when the target has no quantized kernels (such weights
+    #: are then dequantized to float32 for the dense kernel).
+    quant_dense: Callable[[str, list[str], object, str, str], list[onnx.NodeProto]] | None = None
+    store_quantized: Callable[[object], list[np.ndarray]] | None = None
 
 
 def _gemm_weight(node: onnx.NodeProto, graph: Graph) -> tuple[np.ndarray, str] | str:
@@ -370,7 +377,44 @@ def legalize(model: onnx.ModelProto, backend: Backend) -> tuple[onnx.ModelProto,
         k, n = weight.shape
         return backend.dense(x, stored_names[key], int(k), int(n), output, name)
 
+    def quantized_matmul(node: onnx.NodeProto, found, key: str, x: str, output: str) -> list[onnx.NodeProto]:
+        """The target's quantized kernel for ``y = x @ W`` (``found``: ``quantized_weight``'s
+        answer), or the dense kernel on the dequantized weight where it has none."""
+        quantized, exact = found
+        k, n = quantized.shape
+        label = node_label(node)
+        if backend.quant_dense is None:
+            weight = quantized.dequantize()
+            explanations.append(f"{backend.name}: {label} [{k}x{n}] {quantized.dtype} -> dense kernel on the dequantized "
+                                f"weight (the {backend.name} target has no quantized kernels).")
+            return dense_matmul(x, weight, (key, False), key, output, node.name or output)
+        if key not in stored_names:
+            names = [lift(array, f"{key}:{part}") for array, part in
+                     zip(backend.store_quantized(quantized), ("codes", "scales", "mins"))]
+            stored_names[key] = names
+        note = "" if exact else " (its scales rounded to float16, as the kernel stores them)"
+        explanations.append(f"{backend.name}: {label} [{k}x{n}] -> {quantized.dtype} kernel, groups of {quantized.group}"
+                            f"{note}.")
+        return backend.quant_dense(x, stored_names[key], quantized, output, node.name or output)
+
     for node in model.graph.node:
+        if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+            found = matmul_nbits_weight(node, graph)
+            if isinstance(found, str):
+                raise SparseccError(f"{node_label(node)} (com.microsoft.MatMulNBits) cannot be compiled: {found}.")
+            bias = node.input[5] if len(node.input) > 5 and node.input[5] else None
+            product = node.output[0] + "_product" if bias else node.output[0]
+            new_nodes.extend(quantized_matmul(node, found, node.input[1], node.input[0], product))
+            if bias:
+                new_nodes.append(helper.make_node("Add", [product, bias], [node.output[0]], name=node_label(node) + "_bias"))
+            continue
+        if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and len(node.input) == 2:
+            found = quantized_weight(node.input[1], graph)
+            if isinstance(found, str):
+                raise SparseccError(f"{node_label(node)}: its quantized weight cannot be compiled: {found}.")
+            if found is not None:
+                new_nodes.extend(quantized_matmul(node, found, node.input[1], node.input[0], node.output[0]))
+                continue
         if node.output and node.output[0] in tied:
             # The table's only copy: the sparse kernel serves prompts too (where the dense
             # kernel on a decoded copy would be faster but store the table dense).

@@ -8,6 +8,8 @@ The private ops (domain ``ai.sparsecc.cpu``):
 - ``CpuSparseMatMul``, ``CpuGatedMatMul``: ``targets.cpu.sparse_kernels``, on csr, bsr
   and bitmask weights and, behind a gate, the dense weight or the ``bitmask_rows`` or
   ``segments`` layout;
+- ``CpuQuantMatMul(x, codes, scales[, mins])`` (attributes ``dtype, group, k, n``): ``y =
+  x @ W`` with ``W`` a ``formats.quant`` weight in ``targets.cpu.quant_kernels``' layout;
 - ``PackedGather(pack(E^T), ids)``: rows of an embedding table ``E`` read from the packed
   tied output projection. Row ``v`` of ``E`` is column ``v`` of ``W = E^T``, which the
   panel layout ``[N / width, K, width]`` stores at ``[v // width, :, v % width]``.
@@ -36,10 +38,11 @@ DOMAIN = "ai.sparsecc.cpu"
 PANEL_MATMUL = "PanelMatMul"
 SPARSE_MATMUL = "CpuSparseMatMul"
 GATED_MATMUL = "CpuGatedMatMul"
+QUANT_MATMUL = "CpuQuantMatMul"
 PACKED_GATHER = "PackedGather"
 SPARSE_GATHER = "SparseGather"
 
-__all__ = ["DOMAIN", "PANEL_MATMUL", "SPARSE_MATMUL", "GATED_MATMUL", "PACKED_GATHER", "SPARSE_GATHER", "SPARSE_MAX_ROWS",
+__all__ = ["DOMAIN", "PANEL_MATMUL", "QUANT_MATMUL", "SPARSE_MATMUL", "GATED_MATMUL", "PACKED_GATHER", "SPARSE_GATHER", "SPARSE_MAX_ROWS",
            "LIFT_MIN_BYTES", "ROW_PRESERVING", "BACKEND", "COSTS", "legalize"]
 
 # Bytes per second each kernel streams relative to the dense kernel (1.0 = as fast per
@@ -54,6 +57,18 @@ COSTS = KernelCosts(target="cpu", efficiency={"dense": 1.0, "csr": 0.9, "bsr": 0
 
 def _panel_matmul(x: str, packed: str, k: int, n: int, output: str, name: str) -> list[onnx.NodeProto]:
     return [helper.make_node(PANEL_MATMUL, [x, packed], [output], name=name + "_panel", domain=DOMAIN, k=k, n=n)]
+
+
+def _quant_matmul(x: str, stored: list[str], quantized, output: str, name: str) -> list[onnx.NodeProto]:
+    k, n = quantized.shape
+    return [helper.make_node(QUANT_MATMUL, [x, *stored], [output], name=name + "_quant", domain=DOMAIN, k=k, n=n,
+                             dtype=quantized.dtype, group=quantized.group)]
+
+
+def _store_quantized(quantized) -> list[np.ndarray]:
+    from targets.cpu import quant_kernels
+
+    return quant_kernels.pack(quantized).arrays()
 
 
 def _packed_gather(node: onnx.NodeProto, packed: str, table: np.ndarray) -> onnx.NodeProto:
@@ -71,7 +86,8 @@ BACKEND = Backend(name="cpu", domain=DOMAIN, sparse_op=SPARSE_MATMUL, gated_op=G
                   pack_dual=formats.get(COSTS.gated_layout).encode, gather=_packed_gather, sparse_gather=_sparse_gather,
                   sparse_formats=COSTS.sparse_formats,
                   sparse_gather_formats=formats.formats_with_kernel("cpu", "gather", COSTS.sparse_formats),
-                  pack_segments=formats.get("segments").encode, decode_attention=True)
+                  pack_segments=formats.get("segments").encode, decode_attention=True,
+                  quant_dense=_quant_matmul, store_quantized=_store_quantized)
 
 
 def legalize(model: onnx.ModelProto):

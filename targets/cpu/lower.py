@@ -11,7 +11,7 @@ from runtime.errors import SparseccError
 from targets import tvm_import
 from targets.attention import DECODE_ATTENTION
 from targets.cpu import attention, kernels, sparse_kernels
-from targets.cpu.legalize import GATED_MATMUL, PACKED_GATHER, PANEL_MATMUL, SPARSE_GATHER, SPARSE_MATMUL
+from targets.cpu.legalize import GATED_MATMUL, PACKED_GATHER, PANEL_MATMUL, QUANT_MATMUL, SPARSE_GATHER, SPARSE_MATMUL
 
 
 def _panel_matmul_converter(function_cache: dict):
@@ -37,6 +37,39 @@ def _panel_matmul_converter(function_cache: dict):
             return relax.op.reshape(y, shape[:-1] + [n])
 
     return PanelMatMul
+
+
+def _quant_matmul_converter(function_cache: dict):
+    from tvm import relax
+    import tvm.relax.frontend.onnx.onnx_frontend as onnx_frontend
+
+    from targets.cpu import quant_kernels
+
+    class QuantMatMul(onnx_frontend.OnnxOpConverter):
+        """``y = x @ W`` with W quantized (``quant_kernels.pack``), on
+        ``quant_kernels``' int8 / int4 kernels (each at its ``default_path`` for the rows)."""
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            x, *arrays = inputs
+            k, n, group = int(attr["k"]), int(attr["n"]), int(attr["group"])
+            dtype = tvm_import.text_attribute(attr["dtype"])
+            shape = [int(d) for d in x.ty.shape]
+            if shape[-1] != k:
+                raise SparseccError(f"a matmul expects {k} input features but gets {shape[-1]}.")
+            m = math.prod(shape[:-1])
+            key = ("quant", dtype, m, k, n, group)
+            if key not in function_cache:
+                if dtype == "int8":
+                    function = quant_kernels.int8_matmul_func(m, k, n, group)
+                else:
+                    function = quant_kernels.int4_matmul_func(m, k, n, group, symmetric=dtype == "int4sym")
+                function_cache[key] = bb.add_func(function, str(function.attrs["global_symbol"]))
+            flat = bb.emit(relax.op.reshape(x, (m, k)))
+            y = bb.emit(relax.call_tir(function_cache[key], [flat, *arrays], relax.TensorType((m, n), "float32")))
+            return relax.op.reshape(y, shape[:-1] + [n])
+
+    return QuantMatMul
 
 
 def _packed_gather_converter():
@@ -128,12 +161,13 @@ def _decode_attention_converter(function_cache: dict):
 
 def _converters() -> dict:
     cache: dict = {}
-    return {PANEL_MATMUL: _panel_matmul_converter(cache), PACKED_GATHER: _packed_gather_converter(),
+    return {PANEL_MATMUL: _panel_matmul_converter(cache), QUANT_MATMUL: _quant_matmul_converter(cache),
+            PACKED_GATHER: _packed_gather_converter(),
             SPARSE_GATHER: _sparse_gather_converter(cache), DECODE_ATTENTION: _decode_attention_converter(cache),
             **tvm_import.sparse_converters(cache, sparse_kernels.KERNELS, SPARSE_MATMUL, GATED_MATMUL)}
 
 
-OURS = {PANEL_MATMUL, SPARSE_MATMUL, GATED_MATMUL, PACKED_GATHER, SPARSE_GATHER, DECODE_ATTENTION}
+OURS = {PANEL_MATMUL, QUANT_MATMUL, SPARSE_MATMUL, GATED_MATMUL, PACKED_GATHER, SPARSE_GATHER, DECODE_ATTENTION}
 
 
 def unsupported_ops(model: onnx.ModelProto) -> list[str]:

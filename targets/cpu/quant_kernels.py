@@ -121,6 +121,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from formats import quant
 from targets.cpu.kernels import PANEL_WIDTH, panel_store
 from targets.cpu.kernels import prefetch as _prefetch
 
@@ -178,48 +179,8 @@ class QuantizedWeight:
         return int(sum(a.nbytes for a in self.arrays()))
 
 
-def _check_weight(weight: np.ndarray, group: int) -> None:
-    if weight.ndim != 2 or weight.dtype != np.float32 or 0 in weight.shape:
-        raise ValueError(f"expected a non-empty 2-D float32 weight, got {weight.ndim}-D {weight.dtype}")
-    if not np.isfinite(weight).all():
-        raise ValueError("the weight has infinite or NaN values")
-    _check_group(group)
-
-
 def _check_group(group: int) -> None:
-    if not isinstance(group, (int, np.integer)) or group <= 0 or group % 16:
-        raise ValueError(f"group must be a positive multiple of 16, got {group!r}")
-
-
-def _grouped(weight: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
-    """``W`` zero-padded to ``[G, group, P * 16]`` (float64), and a mask of its real entries."""
-    k, n = weight.shape
-    groups, panels = -(-k // group), -(-n // PANEL_WIDTH)
-    padded = np.zeros((groups * group, panels * PANEL_WIDTH))
-    padded[:k, :n] = weight
-    real = np.zeros(padded.shape, dtype=bool)
-    real[:k, :n] = True
-    shape = (groups, group, panels * PANEL_WIDTH)
-    return padded.reshape(shape), real.reshape(shape)
-
-
-def _fp16_at_least(values: np.ndarray) -> np.ndarray:
-    """The smallest float16 at or above each value (so a step never shrinks in rounding)."""
-    return _fp16_rounded(values, np.inf)
-
-
-def _fp16_at_most(values: np.ndarray) -> np.ndarray:
-    """The largest float16 at or below each value."""
-    return _fp16_rounded(values, -np.inf)
-
-
-def _fp16_rounded(values: np.ndarray, direction: float) -> np.ndarray:
-    if np.abs(values).max(initial=0) > _FP16_MAX:
-        raise ValueError("the weight's range is too large for float16 scales")
-    rounded = values.astype(np.float16)
-    off = (rounded.astype(np.float64) < values) if direction > 0 else (rounded.astype(np.float64) > values)
-    rounded[off] = np.nextafter(rounded[off], np.float16(direction))
-    return rounded
+    quant.check_group(group)
 
 
 def _panel_major(per_group: np.ndarray) -> np.ndarray:
@@ -248,78 +209,80 @@ def _pack_int4_codes(codes: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(bytes_.transpose(2, 0, 3, 1)).reshape(columns // PANEL_WIDTH, rows // 8, LINE_BYTES)
 
 
+def _packed(dtype: str, k: int, n: int, group: int, codes: np.ndarray, scales: np.ndarray,
+            mins: np.ndarray | None) -> QuantizedWeight:
+    """The kernels' layout of panel-padded codes ``[Kp, P * 16]`` (signed for int8 and
+    int4sym, 0..15 for int4) and float16 parameters ``[Kp / group, P * 16]``."""
+    if dtype == "int8":
+        lines = _pack_int8_codes(codes)
+    else:
+        lines = _pack_int4_codes(codes if dtype == "int4" else codes.astype(np.int16) + 8)
+    return QuantizedWeight(8 if dtype == "int8" else 4, dtype != "int4", k, n, group, lines,
+                           _panel_major(scales.astype(np.float16)), None if mins is None else _panel_major(mins.astype(np.float16)))
+
+
+def _quantize(weight: np.ndarray, dtype: str, group: int) -> QuantizedWeight:
+    if weight.ndim != 2 or weight.dtype != np.float32 or 0 in weight.shape:
+        raise ValueError(f"expected a non-empty 2-D float32 weight, got {weight.ndim}-D {weight.dtype}")
+    if not np.isfinite(weight).all():
+        raise ValueError("the weight has infinite or NaN values")
+    _check_group(group)
+    k, n = weight.shape
+    blocks, real = quant.grouped(weight, group, -(-n // PANEL_WIDTH) * PANEL_WIDTH)
+    codes, scales, mins = quant.quantize_grouped(blocks, real, dtype)
+    return _packed(dtype, k, n, group, codes.reshape(-1, blocks.shape[2]), scales, mins)
+
+
+def pack(quantized: quant.Quantized) -> QuantizedWeight:
+    """The kernels' layout of a ``formats.quant.Quantized`` weight (the inverse of
+    ``unpack``): columns zero-padded to whole panels and inputs to whole groups, with the
+    codes of zero (the padding multiplies zeros of ``x`` or writes no output).
+
+    Raises:
+        ValueError: for parameters beyond float16's range.
+    """
+    k, n = quantized.shape
+    group = quantized.group
+    _check_group(group)
+    for values in (quantized.scales, quantized.mins):
+        if values is not None and (not np.isfinite(values).all() or np.abs(values).max(initial=0) > _FP16_MAX):
+            raise ValueError("the weight's scales are not finite float16 values")
+    groups, columns = -(-k // group), -(-n // PANEL_WIDTH) * PANEL_WIDTH
+    codes = np.zeros((groups * group, columns), np.uint8 if quantized.dtype == "int4" else np.int8)
+    codes[:k, :n] = quantized.codes
+    parameters = []
+    for values in (quantized.scales, quantized.mins):
+        padded = None
+        if values is not None:
+            padded = np.zeros((groups, columns), np.float32)
+            padded[:, :n] = values
+        parameters.append(padded)
+    return _packed(quantized.dtype, k, n, group, codes, *parameters)
+
+
 def quantize_int8(weight: np.ndarray, group: int = GROUP) -> QuantizedWeight:
     """Quantizes ``W`` [K, N] to int8 with one float16 scale per group of ``group`` inputs
-    (llama.cpp's Q8_0 when ``group`` is 32).
-
-    Per group and column, ``d`` is the smallest float16 at or above ``max |w| / 127`` and
-    ``q = round(w / d)`` (so ``|q| <= 127`` and ``|w - d q| <= d / 2``).
-
-    Args:
-        weight: the float32 weight (``y = x @ weight``).
-        group: inputs per group, a positive multiple of 16.
-
-    Returns:
-        The ``QuantizedWeight`` (``bits`` 8) in the layout ``int8_matmul_func`` reads.
+    (llama.cpp's Q8_0 when ``group`` is 32; ``formats.quant.quantize_grouped``), in the
+    layout ``int8_matmul_func`` reads.
 
     Raises:
         ValueError: for a weight that is not finite 2-D float32, a bad ``group``, or a
             range too large for float16 scales.
     """
-    _check_weight(weight, group)
-    grouped, _ = _grouped(weight, group)
-    scales = _fp16_at_least(np.abs(grouped).max(axis=1) / 127)
-    step = scales.astype(np.float64)[:, None, :]
-    codes = np.rint(np.divide(grouped, step, out=np.zeros_like(grouped), where=step > 0))
-    codes = np.clip(codes, -127, 127).astype(np.int8).reshape(-1, grouped.shape[2])
-    k, n = weight.shape
-    return QuantizedWeight(8, True, k, n, group, _pack_int8_codes(codes), _panel_major(scales))
+    return _quantize(weight, "int8", group)
 
 
 def quantize_int4(weight: np.ndarray, group: int = GROUP, symmetric: bool = False) -> QuantizedWeight:
-    """Quantizes ``W`` [K, N] to int4 per group of ``group`` inputs, two codes per byte.
-
-    Asymmetric (llama.cpp's Q4_1): ``w ~ d q + m`` with ``q`` in 0..15, ``m`` the largest
-    float16 at or below the group's minimum and ``d`` the smallest float16 at or above
-    ``(max - m) / 15``. Symmetric (Q4_0's format): ``w ~ d (q - 8)`` with ``d`` the
-    smallest float16 at or above ``max |w| / 7``, so ``q - 8`` is in -7..7. (llama.cpp's
-    own Q4_0 rounding takes ``d = max / -8`` and clamps the opposite extreme to +7, up to
-    a whole step off; the kernel reads codes from either rule.) Either way ``|w - w'| <= d
-    / 2`` for every weight, up to the float32 rounding of ``d q + m``.
-
-    Args:
-        weight: the float32 weight (``y = x @ weight``).
-        group: inputs per group, a positive multiple of 16.
-        symmetric: scale only, zero point 8 (no minimum).
-
-    Returns:
-        The ``QuantizedWeight`` (``bits`` 4) in the layout ``int4_matmul_func`` reads.
+    """Quantizes ``W`` [K, N] to int4 per group of ``group`` inputs, two codes per byte:
+    asymmetric (llama.cpp's Q4_1), ``w ~ d q + m``, or symmetric (Q4_0's format), ``w ~
+    d (q - 8)`` (``formats.quant.quantize_grouped``; llama.cpp's own Q4_0 rounding takes
+    ``d = max / -8`` and clamps the opposite extreme to +7, and the kernel reads codes
+    from either rule), in the layout ``int4_matmul_func`` reads.
 
     Raises:
         ValueError: as ``quantize_int8``.
     """
-    _check_weight(weight, group)
-    grouped, real = _grouped(weight, group)
-    if symmetric:
-        scales = _fp16_at_least(np.abs(grouped).max(axis=1) / 7)
-        mins = None
-    else:
-        # Over the real entries only: zero padding would widen a group's range.
-        lowest = np.where(real, grouped, np.inf).min(axis=1)
-        highest = np.where(real, grouped, -np.inf).max(axis=1)
-        padding = ~real.any(axis=1)
-        lowest[padding], highest[padding] = 0, 0
-        mins = _fp16_at_most(lowest)
-        scales = _fp16_at_least((highest - mins.astype(np.float64)) / 15)
-    step = scales.astype(np.float64)[:, None, :]
-    offset = grouped - (0 if symmetric else mins.astype(np.float64)[:, None, :])
-    codes = np.rint(np.divide(offset, step, out=np.zeros_like(offset), where=step > 0))
-    codes = np.clip(codes + (8 if symmetric else 0), 0, 15).astype(np.uint8)
-    k, n = weight.shape
-    return QuantizedWeight(
-        4, symmetric, k, n, group, _pack_int4_codes(codes.reshape(-1, grouped.shape[2])),
-        _panel_major(scales), None if mins is None else _panel_major(mins),
-    )
+    return _quantize(weight, "int4sym" if symmetric else "int4", group)
 
 
 def _group_major(per_panel: np.ndarray, n: int) -> np.ndarray:

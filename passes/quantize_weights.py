@@ -1,0 +1,261 @@
+"""Quantize the weights of linear layers, and read quantized weights back from a graph.
+
+Math (``formats.quant``: groups of 32 inputs along K, float16 scales)::
+
+    y = x @ W            ->   y = x @ DequantizeLinear(q, d, axis=0, block_size=32)
+    y = x @ op(B) + C    ->   the same, then + C                                   (Gemm)
+
+and for ``int4``, whose minimum no integer zero point represents,
+``W = DequantizeLinear(q, d) + DequantizeLinear(ones, m)``. The graph stays standard ONNX
+(opset 21), so onnxruntime runs the quantized model the compiled one is checked against.
+
+``quantized_weight`` is the inverse: it recognises a weight computed from constant codes
+in those forms, and in the forms other tools write (``DequantizeLinear`` with integer
+zero points, ``uint8`` codes around 128, per-column scales), as the ``formats.quant``
+description the kernels take. ``matmul_nbits_weight`` does the same for onnxruntime's
+``com.microsoft.MatMulNBits``.
+
+Precondition: weights are initializers (after ``simplify_shapes``). Postcondition: each
+quantized layer computes ``x @ W'`` with ``|W - W'| <= d / 2`` elementwise; pruned zeros
+stay exact zeros for ``int8`` and ``int4sym``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from formats import quant
+from passes.analyze_sparsity import linear_weight
+from passes.base import Graph, PassResult, attribute, gemm_refusal, node_label, remove_unused_initializers
+
+#: The opset whose DequantizeLinear takes ``block_size`` and int4 codes; the IR version
+#: that has int4 types.
+OPSET = 21
+IR_VERSION = 10
+
+
+def quantize_weights(model: onnx.ModelProto, dtype: str, overrides: dict[str, str] | None = None,
+                     group: int = quant.GROUP) -> PassResult:
+    """Quantizes every linear layer with a constant float32 weight to ``dtype``.
+
+    Args:
+        dtype: a ``formats.quant.WEIGHT_DTYPES`` name; ``fp32`` changes nothing.
+        overrides: weight (initializer) or node name -> dtype, for layers that differ.
+        group: inputs per group.
+    """
+    overrides = overrides or {}
+    graph = Graph(model.graph)
+    explanations: list[str] = []
+    new_nodes: list[onnx.NodeProto] = []
+    done: dict[tuple[str, bool], str] = {}
+    existing = set(graph.initializers)
+    used_overrides: set[str] = set()
+    before = after = 0
+    for node in model.graph.node:
+        found = linear_weight(node, graph) if node.domain in ("", "ai.onnx") else None
+        wanted = overrides.get(node.name) or (overrides.get(found[1]) if found else None) or dtype
+        used_overrides.update(name for name in (node.name, found[1] if found else None) if name in overrides)
+        if found is None or wanted == "fp32" or found[0].dtype != np.float32:
+            new_nodes.append(node)
+            continue
+        refusal = gemm_refusal(node) if node.op_type == "Gemm" else None
+        if refusal:
+            explanations.append(f"quantize_weights: {node_label(node)} kept in fp32: {refusal}.")
+            new_nodes.append(node)
+            continue
+        weight, source = found
+        key = (node.input[1], node.op_type == "Gemm" and bool(attribute(node, "transB", 0)))
+        if key not in done:
+            try:
+                quantized = quant.quantize(weight, wanted, group)
+            except ValueError as exc:
+                explanations.append(f"quantize_weights: {node_label(node)} kept in fp32: {exc}.")
+                new_nodes.append(node)
+                continue
+            name = f"{source}_{wanted}"
+            prefix = name
+            while prefix in existing:
+                prefix = "_" + prefix
+            nodes, inits = quant.onnx_nodes(quantized, prefix, prefix, existing)
+            existing.update(init.name for init in inits)
+            new_nodes.extend(nodes)
+            model.graph.initializer.extend(inits)
+            done[key] = prefix
+            k, n = weight.shape
+            before += weight.nbytes
+            after += quantized.nbytes()
+            error = float(np.abs(quantized.dequantize() - weight).max())
+            explanations.append(f"quantize_weights: {source} [{k}x{n}] -> {wanted} in groups of {group} "
+                                f"({quantized.nbytes() / weight.size:.3f} bytes per weight; largest error {error:.3g}).")
+        output = node.output[0]
+        has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
+        product = output + "_product" if has_bias else output
+        new_nodes.append(helper.make_node("MatMul", [node.input[0], done[key]], [product], name=node.name or output))
+        if has_bias:
+            new_nodes.append(helper.make_node("Add", [product, node.input[2]], [output], name=(node.name or output) + "_bias"))
+    unknown = sorted(set(overrides) - used_overrides)
+    if unknown:
+        from runtime.errors import SparseccError
+
+        raise SparseccError(f"--weight-dtype-for names no linear layer or weight of the model: {', '.join(unknown)}.")
+    if not done:
+        return PassResult(model, False, explanations or [f"quantize_weights: no float32 linear weight to quantize to {dtype}."])
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    remove_unused_initializers(model.graph)
+    _require_opset(model)
+    explanations.append(f"quantize_weights: {len(done)} weights, {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB.")
+    return PassResult(model, True, explanations)
+
+
+def _require_opset(model: onnx.ModelProto) -> None:
+    """Raises the default domain to ``OPSET`` (the ops a decoder uses mean the same from
+    opset 18 on) and the IR version to one with int4 types."""
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version < OPSET:
+            opset.version = OPSET
+    model.ir_version = max(model.ir_version, IR_VERSION)
+
+
+# --- Reading quantized weights back -------------------------------------------------
+
+
+def _integers(graph: Graph, name: str) -> tuple[np.ndarray, int] | None:
+    """A constant integer tensor as int16 values, with its ONNX type."""
+    init = graph.initializers.get(name)
+    if init is None:
+        return None
+    return numpy_helper.to_array(init).astype(np.int16), init.data_type
+
+
+def _dequantize_parts(node: onnx.NodeProto, graph: Graph) -> tuple | str:
+    """The constant codes, scales per (group, column), zero points and group of a
+    ``DequantizeLinear`` producing a [K, N] weight along K, or why not."""
+    if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
+        return f"it is computed by a {node.op_type} node"
+    found = _integers(graph, node.input[0])
+    scale = graph.constant(node.input[1]) if len(node.input) > 1 else None
+    if found is None or scale is None:
+        return "its DequantizeLinear does not read constants"
+    codes, code_type = found
+    if codes.ndim != 2:
+        return f"its codes are {codes.ndim}-D"
+    k, n = codes.shape
+    zero = _integers(graph, node.input[2]) if len(node.input) > 2 and node.input[2] else (np.zeros((), np.int16), code_type)
+    if zero is None:
+        return "its zero point is not a constant"
+    axis, block = attribute(node, "axis", 1), attribute(node, "block_size", 0)
+    axis = axis + 2 if axis < 0 else axis
+    scale = scale.astype(np.float64)
+    zero_point = zero[0]
+    if scale.ndim == 0 or scale.size == 1:  # per tensor: one group of the whole of K
+        group, scale, zero_point = -(-k // 16) * 16, np.full((1, n), scale.item()), np.full((1, n), zero_point.item())
+    elif block and axis == 0 and scale.shape == (-(-k // block), n):
+        group = int(block)
+    elif not block and axis == 1 and scale.shape == (n,):  # per output column
+        group, scale, zero_point = -(-k // 16) * 16, scale[None, :], np.broadcast_to(zero_point, (n,))[None, :]
+    else:
+        return f"its scales ({list(scale.shape)}, axis {axis}, block_size {block}) are not per group of inputs"
+    if group % 16:
+        return f"its groups of {group} inputs are not a multiple of 16"
+    return codes, code_type, scale, np.broadcast_to(zero_point, scale.shape).astype(np.float64), group
+
+
+def _as_fp16(values: np.ndarray) -> tuple[np.ndarray, bool] | None:
+    """``values`` rounded to float16 (as float32), and whether that was exact; None when
+    float16 cannot hold them."""
+    if not np.isfinite(values).all() or np.abs(values).max(initial=0) > float(np.finfo(np.float16).max):
+        return None
+    rounded = values.astype(np.float16).astype(np.float32)
+    return rounded, bool(np.array_equal(rounded.astype(np.float64), values))
+
+
+def _described(codes: np.ndarray, code_type: int, scale: np.ndarray, zero: np.ndarray, group: int,
+               minimum: np.ndarray | None = None) -> tuple[quant.Quantized, bool] | str:
+    """The ``formats.quant`` description of ``W = (q - zero) * scale [+ minimum]``, and
+    whether it is exact (float16 scales), or why no kernel dtype holds it."""
+    eight = code_type in (TensorProto.INT8, TensorProto.UINT8)
+    signed = code_type in (TensorProto.INT8, TensorProto.INT4)
+    shift = np.unique(zero)
+    if eight:
+        if minimum is not None or shift.size != 1 or shift[0] != (0 if signed else 128):
+            return "its int8 zero points are not the symmetric 0 (or 128 for uint8)"
+        dtype, values, mins = "int8", codes - int(shift[0]), None
+        if np.abs(values).max(initial=0) > 127:
+            return "its int8 codes use -128, which the int8 kernel does not take"
+    elif minimum is None and shift.size == 1 and shift[0] == (0 if signed else 8):
+        dtype, values, mins = "int4sym", codes - int(shift[0]), None
+    else:
+        dtype, values = "int4", codes + (8 if signed else 0)
+        mins = (minimum if minimum is not None else 0) - scale * (zero + (8 if signed else 0))
+    fp16_scale = _as_fp16(scale)
+    fp16_mins = _as_fp16(np.asarray(mins, np.float64)) if mins is not None else (None, True)
+    if fp16_scale is None or fp16_mins is None:
+        return "its scales are beyond float16's range"
+    exact = fp16_scale[1] and fp16_mins[1]
+    values = values.astype(np.uint8 if dtype == "int4" else np.int8)
+    return quant.Quantized(dtype, group, values, fp16_scale[0], fp16_mins[0]), exact
+
+
+def quantized_weight(name: str, graph: Graph) -> tuple[quant.Quantized, bool] | str | None:
+    """The quantized weight that computes ``name`` (a [K, N] MatMul weight), whether its
+    description is exact, or why it cannot be read; None when ``name`` is no
+    ``DequantizeLinear`` output at all."""
+    producer = graph.producers.get(name)
+    if producer is None:
+        return None
+    if producer.op_type == "Add" and producer.domain in ("", "ai.onnx"):
+        parts = [graph.producers.get(operand) for operand in producer.input]
+        if not all(part is not None and part.op_type == "DequantizeLinear" for part in parts):
+            return None
+        scaled, offsets = (_dequantize_parts(part, graph) for part in parts)
+        if isinstance(scaled, str) or isinstance(offsets, str):
+            return scaled if isinstance(scaled, str) else offsets
+        ones, _, minimum, offset_zero, offset_group = offsets
+        if ones.shape != scaled[0].shape or np.any(ones != 1) or np.any(offset_zero != 0) or offset_group != scaled[4]:
+            return "its Add of two DequantizeLinear is not codes plus per-group minimums"
+        return _described(*scaled[:4], scaled[4], minimum=minimum)
+    if producer.op_type != "DequantizeLinear":
+        return None
+    parts = _dequantize_parts(producer, graph)
+    return parts if isinstance(parts, str) else _described(*parts)
+
+
+def matmul_nbits_weight(node: onnx.NodeProto, graph: Graph) -> tuple[quant.Quantized, bool] | str:
+    """The [K, N] weight of a ``com.microsoft.MatMulNBits`` node (``y = x @ W``; B holds
+    ``W^T`` in blocks along K, two 4-bit codes per byte, low nibble first; default zero
+    point 8, or 128 at 8 bits), or why it cannot be read."""
+    k, n = int(attribute(node, "K")), int(attribute(node, "N"))
+    bits, block = int(attribute(node, "bits", 4)), int(attribute(node, "block_size"))
+    if bits not in (4, 8):
+        return f"its weights have {bits} bits; the kernels take 4 and 8"
+    if len(node.input) > 4 and node.input[4]:
+        return "it has a g_idx input (reordered groups)"
+    packed, scales = graph.constant(node.input[1]), graph.constant(node.input[2])
+    if packed is None or scales is None:
+        return "its weight or scales are not constants"
+    blocks = -(-k // block)
+    if block % 16 or packed.size != n * blocks * block * bits // 8 or scales.size != n * blocks:
+        return f"its arrays do not match K={k}, N={n}, block_size={block}"
+    raw = packed.reshape(n, blocks * block * bits // 8).astype(np.uint8)
+    if bits == 4:
+        raw = np.stack([raw & 15, raw >> 4], axis=-1).reshape(n, blocks * block)
+    codes = raw[:, :k].T.astype(np.int16)
+    scale = scales.astype(np.float64).reshape(n, blocks).T
+    zero = np.full(scale.shape, 8.0 if bits == 4 else 128.0)
+    if len(node.input) > 3 and node.input[3]:
+        zeros = graph.constant(node.input[3])
+        if zeros is None:
+            return "its zero points are not constants"
+        if np.issubdtype(zeros.dtype, np.floating):
+            zero = zeros.astype(np.float64).reshape(n, blocks).T
+            # A float zero point: W = (q - z) d = d q + m with the minimum m = -z d.
+            return _described(codes, TensorProto.UINT4 if bits == 4 else TensorProto.UINT8, scale, np.zeros_like(scale),
+                              block, minimum=-zero * scale) if bits == 4 else "its 8-bit zero points are floats"
+        zeros = zeros.astype(np.uint8).reshape(n, -1)
+        if bits == 4:
+            zeros = np.stack([zeros & 15, zeros >> 4], axis=-1).reshape(n, -1)
+        zero = zeros[:, :blocks].T.astype(np.float64)
+    return _described(codes, TensorProto.UINT4 if bits == 4 else TensorProto.UINT8, scale, zero, block)

@@ -41,14 +41,26 @@ from runtime.errors import SparseccError
 PROMPT = "The history of the Python programming language"
 SETTLE_SECONDS = 0.2
 MAX_CONTEXT = 256
-#: (variant, pruning, activation sparsity); pruning is None, ("magnitude", level) or
-#: ("block", level) with 16x1 blocks (16 outputs that read one input).
+#: (variant, pruning, activation sparsity, weight dtype); pruning is None,
+#: ("magnitude", level) or ("block", level) with 16x1 blocks (16 outputs that read one
+#: input); the dtype is a ``formats.quant.WEIGHT_DTYPES`` name.
 OURS = (
-    ("ours dense", None, None),
-    ("ours 50% unstructured + 40% activations", ("magnitude", 0.5), 0.4),
-    ("ours 70% 16x1 blocks + 50% activations", ("block", 0.7), 0.5),
+    ("ours dense", None, None, "fp32"),
+    ("ours 50% unstructured + 40% activations", ("magnitude", 0.5), 0.4, "fp32"),
+    ("ours 70% 16x1 blocks + 50% activations", ("block", 0.7), 0.5, "fp32"),
+    ("ours int8 (Q8_0-like)", None, None, "int8"),
+    ("ours int4 (Q4_1-like)", None, None, "int4"),
+    ("ours int4sym (Q4_0-like)", None, None, "int4sym"),
 )
 GOALS = {"ours dense": 1.0, "ours 50% unstructured + 40% activations": 1.4, "ours 70% 16x1 blocks + 50% activations": 2.2}
+#: Bytes a quantized weight reads per value (codes and float16 parameters per group of 32).
+QUANT_BYTES = {"fp32": 4.0, "int8": 1 + 2 / 32, "int4": 0.5 + 4 / 32, "int4sym": 0.5 + 2 / 32}
+
+
+def _stem(pruning, dtype: str) -> str:
+    """The file stem of a variant in the work folder; quantized ones share the dense export."""
+    stem = {None: "dense", "magnitude": "unstructured50", "block": "block70"}[pruning[0] if pruning else None]
+    return stem if dtype == "fp32" else f"{stem}-{dtype}"
 BLOCK = 16
 LOCK_FILE = "/tmp/sparsecc-bench.lock"
 
@@ -76,14 +88,14 @@ def prune_blocks(model, level: float, block: int = BLOCK) -> int:
     return count
 
 
-def build_variant(work: str, stem: str, pruning, activation: float | None) -> None:
+def build_variant(work: str, stem: str, pruning, activation: float | None, dtype: str = "fp32") -> None:
     """Exports and compiles one variant into ``work`` (skipping what exists)."""
     from compiler.decode_export import export_decoder
     from compiler.driver import CompileOptions, compile_model
     from compiler.export import load_torch_model, prune_magnitude, resolve_source
 
     progress = Progress()
-    path = Path(work) / f"{stem}.onnx"
+    path = Path(work) / f"{_stem(pruning, 'fp32')}.onnx"
     if not path.exists():
         model = load_torch_model("smollm2-135m", progress=progress)
         if pruning and pruning[0] == "magnitude":
@@ -96,14 +108,14 @@ def build_variant(work: str, stem: str, pruning, activation: float | None) -> No
     artifact = Path(work) / f"{stem}.sccx"
     if not artifact.exists():
         compile_model(CompileOptions(str(path), str(artifact), activation_sparsity=activation,
-                                     calib="pydoc" if activation else None, calib_tokens=1024), progress)
+                                     calib="pydoc" if activation else None, calib_tokens=1024, weight_dtype=dtype), progress)
 
 
-def _build_in_subprocess(work: Path, stem: str, pruning, activation) -> None:
+def _build_in_subprocess(work: Path, stem: str, pruning, activation, dtype: str) -> None:
     """Builds a variant in a fresh process, so the export's and compiler's memory (several
     GB for SmolLM2) is returned before the next one and before the timing."""
     code = (f"from benchmarks.bench_decode import build_variant; "
-            f"build_variant({str(work)!r}, {stem!r}, {pruning!r}, {activation!r})")
+            f"build_variant({str(work)!r}, {stem!r}, {pruning!r}, {activation!r}, {dtype!r})")
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root)
@@ -111,14 +123,18 @@ def _build_in_subprocess(work: Path, stem: str, pruning, activation) -> None:
         raise SparseccError(f"building the {stem} variant failed (exit code {result.returncode}; its output is above).")
 
 
-def _ideal_bytes(onnx_path: Path, activation_sparsity: float | None, vocab_size: int) -> tuple[float, float]:
-    """(dense bytes, this variant's bytes) of linear weights read per token."""
+def _ideal_bytes(onnx_path: Path, activation_sparsity: float | None, vocab_size: int,
+                 dtype: str = "fp32") -> tuple[float, float]:
+    """(dense bytes, this variant's bytes) of linear weights read per token; a quantized
+    variant's layers are dense in its dtype."""
     from compiler.driver import inspect
 
     dense = variant = 0.0
     for layer in inspect(str(onnx_path))["layers"]:
         dense += layer["dense_bytes"]
-        if layer["shape"][1] == vocab_size:
+        if dtype != "fp32":
+            variant += layer["dense_bytes"] * QUANT_BYTES[dtype] / 4
+        elif layer["shape"][1] == vocab_size:
             variant += layer["dense_bytes"]  # the tied output projection: dense, ungated
         else:
             variant += min(layer["best_bytes"], layer["dense_bytes"]) * (1 - (activation_sparsity or 0.0))
@@ -235,14 +251,14 @@ def run_decode_bench(workdir: str, rounds: int, new_tokens: int, json_path: str 
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     models, ideal = {}, {}
-    for name, pruning, activation in OURS:
-        stem = {None: "dense", "magnitude": "unstructured50", "block": "block70"}[pruning[0] if pruning else None]
-        onnx_path, artifact = work / f"{stem}.onnx", work / f"{stem}.sccx"
+    for name, pruning, activation, dtype in OURS:
+        stem = _stem(pruning, dtype)
+        onnx_path, artifact = work / f"{_stem(pruning, 'fp32')}.onnx", work / f"{stem}.sccx"
         if not artifact.exists():
             with progress.step(f"building {name} (export and compile, in a subprocess)"):
-                _build_in_subprocess(work, stem, pruning, activation)
+                _build_in_subprocess(work, stem, pruning, activation, dtype)
         models[name] = runtime.load(artifact)
-        ideal[name] = _ideal_bytes(onnx_path, activation, models[name].vocab_size)
+        ideal[name] = _ideal_bytes(onnx_path, activation, models[name].vocab_size, dtype)
     dense_onnx = work / "dense.onnx"
     spec = decoding_metadata(load_model(dense_onnx))
     onnxruntime = OnnxRuntimeDecoder(dense_onnx, spec)
@@ -265,11 +281,12 @@ def run_decode_bench(workdir: str, rounds: int, new_tokens: int, json_path: str 
         if name in ideal:
             item["weight_mb_read_per_token"] = ideal[name][1] / 1e6
             item["fraction_of_ideal"] = item["speedup_vs_onnxruntime"] / item["ideal_speedup"]
-            item["goal_speedup_vs_onnxruntime"] = GOALS[name]
+            if name in GOALS:
+                item["goal_speedup_vs_onnxruntime"] = GOALS[name]
         items.append(item)
     # The CPU the artifacts were compiled for, which the runtime checked is this one.
     cpu = models["ours dense"].manifest.target.get("mcpu")
-    report = {"model": "smollm2-135m", "batch": 1, "dtype": "float32", "prompt": PROMPT, "new_tokens": new_tokens,
+    report = {"model": "smollm2-135m", "batch": 1, "activations": "float32", "weight_dtypes": {name: dtype for name, _, _, dtype in OURS}, "prompt": PROMPT, "new_tokens": new_tokens,
               "rounds": rounds, "threads": os.cpu_count(), "cpu": cpu, "max_context": MAX_CONTEXT,
               "results": items,
               "texts": {name: load_tokenizer("smollm2-135m").decode(t) for name, t in tokens.items()}}

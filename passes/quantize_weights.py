@@ -22,6 +22,8 @@ stay exact zeros for ``int8`` and ``int4sym``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -172,19 +174,35 @@ def _as_fp16(values: np.ndarray) -> tuple[np.ndarray, bool] | None:
     return rounded, bool(np.array_equal(rounded.astype(np.float64), values))
 
 
+@dataclass(frozen=True)
+class Dequantized:
+    """A quantized weight no kernel dtype holds, as float32 [K, N], and why."""
+
+    weight: np.ndarray
+    reason: str
+
+
+def _dequantized(codes, scale, zero, group, minimum, reason: str) -> Dequantized:
+    k = codes.shape[0]
+    expand = lambda per_group: np.repeat(per_group, group, axis=0)[:k]  # noqa: E731
+    weight = (codes - expand(zero)) * expand(scale) + (0 if minimum is None else expand(minimum))
+    return Dequantized(weight.astype(np.float32), reason)
+
+
 def _described(codes: np.ndarray, code_type: int, scale: np.ndarray, zero: np.ndarray, group: int,
-               minimum: np.ndarray | None = None) -> tuple[quant.Quantized, bool] | str:
-    """The ``formats.quant`` description of ``W = (q - zero) * scale [+ minimum]``, and
-    whether it is exact (float16 scales), or why no kernel dtype holds it."""
+               minimum: np.ndarray | None = None) -> tuple[quant.Quantized, bool] | Dequantized:
+    """The ``formats.quant`` description of ``W = (q - zero) * scale [+ minimum]`` and
+    whether it is exact (float16 scales), or the float32 weight where no kernel dtype
+    holds it."""
     eight = code_type in (TensorProto.INT8, TensorProto.UINT8)
     signed = code_type in (TensorProto.INT8, TensorProto.INT4)
     shift = np.unique(zero)
     if eight:
         if minimum is not None or shift.size != 1 or shift[0] != (0 if signed else 128):
-            return "its int8 zero points are not the symmetric 0 (or 128 for uint8)"
+            return _dequantized(codes, scale, zero, group, minimum,
+                                "its 8-bit zero points are not the symmetric 0 (or 128 for uint8)")
+        # The kernel stores code + 128 in a byte, so -128 fits as well.
         dtype, values, mins = "int8", codes - int(shift[0]), None
-        if np.abs(values).max(initial=0) > 127:
-            return "its int8 codes use -128, which the int8 kernel does not take"
     elif minimum is None and shift.size == 1 and shift[0] == (0 if signed else 8):
         dtype, values, mins = "int4sym", codes - int(shift[0]), None
     else:
@@ -193,16 +211,16 @@ def _described(codes: np.ndarray, code_type: int, scale: np.ndarray, zero: np.nd
     fp16_scale = _as_fp16(scale)
     fp16_mins = _as_fp16(np.asarray(mins, np.float64)) if mins is not None else (None, True)
     if fp16_scale is None or fp16_mins is None:
-        return "its scales are beyond float16's range"
+        return _dequantized(codes, scale, zero, group, minimum, "its scales are beyond float16's range")
     exact = fp16_scale[1] and fp16_mins[1]
     values = values.astype(np.uint8 if dtype == "int4" else np.int8)
     return quant.Quantized(dtype, group, values, fp16_scale[0], fp16_mins[0]), exact
 
 
-def quantized_weight(name: str, graph: Graph) -> tuple[quant.Quantized, bool] | str | None:
-    """The quantized weight that computes ``name`` (a [K, N] MatMul weight), whether its
-    description is exact, or why it cannot be read; None when ``name`` is no
-    ``DequantizeLinear`` output at all."""
+def quantized_weight(name: str, graph: Graph) -> tuple[quant.Quantized, bool] | Dequantized | str | None:
+    """The quantized weight that computes ``name`` (a [K, N] MatMul weight) and whether
+    its description is exact; a ``Dequantized`` weight where no kernel dtype holds it; why
+    it cannot be read (a string); None when ``name`` is no ``DequantizeLinear`` output."""
     producer = graph.producers.get(name)
     if producer is None:
         return None
@@ -223,7 +241,7 @@ def quantized_weight(name: str, graph: Graph) -> tuple[quant.Quantized, bool] | 
     return parts if isinstance(parts, str) else _described(*parts)
 
 
-def matmul_nbits_weight(node: onnx.NodeProto, graph: Graph) -> tuple[quant.Quantized, bool] | str:
+def matmul_nbits_weight(node: onnx.NodeProto, graph: Graph) -> tuple[quant.Quantized, bool] | Dequantized | str:
     """The [K, N] weight of a ``com.microsoft.MatMulNBits`` node (``y = x @ W``; B holds
     ``W^T`` in blocks along K, two 4-bit codes per byte, low nibble first; default zero
     point 8, or 128 at 8 bits), or why it cannot be read."""
@@ -253,7 +271,7 @@ def matmul_nbits_weight(node: onnx.NodeProto, graph: Graph) -> tuple[quant.Quant
             zero = zeros.astype(np.float64).reshape(n, blocks).T
             # A float zero point: W = (q - z) d = d q + m with the minimum m = -z d.
             return _described(codes, TensorProto.UINT4 if bits == 4 else TensorProto.UINT8, scale, np.zeros_like(scale),
-                              block, minimum=-zero * scale) if bits == 4 else "its 8-bit zero points are floats"
+                              block, minimum=-zero * scale)
         zeros = zeros.astype(np.uint8).reshape(n, -1)
         if bits == 4:
             zeros = np.stack([zeros & 15, zeros >> 4], axis=-1).reshape(n, -1)

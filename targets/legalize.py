@@ -34,7 +34,7 @@ from passes.analyze_sparsity import constant_weight
 from targets.attention import fuse_decode_attention
 from passes import sparse_ops
 from passes.base import Graph, attribute, gemm_refusal, node_label, remove_unused_initializers
-from passes.quantize_weights import matmul_nbits_weight, quantized_weight
+from passes.quantize_weights import Dequantized, matmul_nbits_weight, quantized_weight
 from runtime.errors import SparseccError
 
 # The most rows of x a sparse or gated kernel takes (decode, small batches).
@@ -380,9 +380,13 @@ def legalize(model: onnx.ModelProto, backend: Backend) -> tuple[onnx.ModelProto,
     def quantized_matmul(node: onnx.NodeProto, found, key: str, x: str, output: str) -> list[onnx.NodeProto]:
         """The target's quantized kernel for ``y = x @ W`` (``found``: ``quantized_weight``'s
         answer), or the dense kernel on the dequantized weight where it has none."""
+        label = node_label(node)
+        if isinstance(found, Dequantized):
+            k, n = found.weight.shape
+            explanations.append(f"{backend.name}: {label} [{k}x{n}] -> dense kernel on the dequantized weight: {found.reason}.")
+            return dense_matmul(x, found.weight, (key, False), key, output, node.name or output)
         quantized, exact = found
         k, n = quantized.shape
-        label = node_label(node)
         if backend.quant_dense is None:
             weight = quantized.dequantize()
             explanations.append(f"{backend.name}: {label} [{k}x{n}] {quantized.dtype} -> dense kernel on the dequantized "

@@ -122,9 +122,11 @@ def unsupported_ops(model: onnx.ModelProto, ours: set[str]) -> list[str]:
 
     known = set(onnx_frontend._get_convert_map()) | ours
     public = {"SparseMatMul", "ActivationGate", "GatedMatMul"}
+    # Ops that ``targets.legalize`` rewrites for every TVM target, by domain.
+    legalized = {sparse_ops.DOMAIN: public, "com.microsoft": {"MatMulNBits"}}
     return sorted({
         node.op_type for node in model.graph.node
-        if not (node.domain == sparse_ops.DOMAIN and node.op_type in public) and node.op_type not in known
+        if node.op_type not in legalized.get(node.domain, ()) and node.op_type not in known
     })
 
 

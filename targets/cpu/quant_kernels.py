@@ -250,6 +250,12 @@ def pack(quantized: quant.Quantized) -> QuantizedWeight:
     groups, columns = -(-k // group), -(-n // PANEL_WIDTH) * PANEL_WIDTH
     codes = np.zeros((groups * group, columns), np.uint8 if quantized.dtype == "int4" else np.int8)
     codes[:k, :n] = quantized.codes
+    if quantized.mins is not None and k % group:
+        # The padded inputs of the last group get the code nearest zero, as quantizing
+        # zeros would give them.
+        last_scale, last_min = quantized.scales[-1].astype(np.float64), quantized.mins[-1].astype(np.float64)
+        zero = np.rint(np.divide(-last_min, last_scale, out=np.zeros_like(last_scale), where=last_scale > 0))
+        codes[k:, :n] = np.clip(zero, 0, 15).astype(np.uint8)
     parameters = []
     for values in (quantized.scales, quantized.mins):
         padded = None

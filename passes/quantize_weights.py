@@ -6,7 +6,8 @@ Math (``formats.quant``: groups of 32 inputs along K, float16 scales)::
     y = x @ op(B) + C    ->   the same, then + C                                   (Gemm)
 
 and for ``int4``, whose minimum no integer zero point represents,
-``W = DequantizeLinear(q, d) + DequantizeLinear(ones, m)``. The graph stays standard ONNX
+``W = DequantizeLinear(q, d) + DequantizeLinear(ones, m)``. An embedding lookup whose table
+``E`` is tied to a quantized output projection (``W = E^T``) reads ``Transpose(W')``. The graph stays standard ONNX
 (opset 21), so onnxruntime runs the quantized model the compiled one is checked against.
 
 ``quantized_weight`` is the inverse: it recognises a weight computed from constant codes
@@ -50,8 +51,12 @@ def quantize_weights(model: onnx.ModelProto, dtype: str, overrides: dict[str, st
     overrides = overrides or {}
     graph = Graph(model.graph)
     explanations: list[str] = []
+    # The dequantizing nodes read only initializers; they go first, so that an embedding
+    # lookup early in the graph can read a table tied to the output projection at its end.
+    weight_nodes: list[onnx.NodeProto] = []
     new_nodes: list[onnx.NodeProto] = []
     done: dict[tuple[str, bool], str] = {}
+    originals: dict[str, np.ndarray] = {}
     existing = set(graph.initializers)
     used_overrides: set[str] = set()
     before = after = 0
@@ -76,15 +81,14 @@ def quantize_weights(model: onnx.ModelProto, dtype: str, overrides: dict[str, st
                 explanations.append(f"quantize_weights: {node_label(node)} kept in fp32: {exc}.")
                 new_nodes.append(node)
                 continue
-            name = f"{source}_{wanted}"
-            prefix = name
+            prefix = f"{source}_{wanted}"
             while prefix in existing:
                 prefix = "_" + prefix
             nodes, inits = quant.onnx_nodes(quantized, prefix, prefix, existing)
             existing.update(init.name for init in inits)
-            new_nodes.extend(nodes)
+            weight_nodes.extend(nodes)
             model.graph.initializer.extend(inits)
-            done[key] = prefix
+            done[key], originals[prefix] = prefix, weight
             k, n = weight.shape
             before += weight.nbytes
             after += quantized.nbytes()
@@ -104,12 +108,40 @@ def quantize_weights(model: onnx.ModelProto, dtype: str, overrides: dict[str, st
         raise SparseccError(f"--weight-dtype-for names no linear layer or weight of the model: {', '.join(unknown)}.")
     if not done:
         return PassResult(model, False, explanations or [f"quantize_weights: no float32 linear weight to quantize to {dtype}."])
+    weight_nodes.extend(_tie_tables(new_nodes, graph, originals, explanations))
     del model.graph.node[:]
-    model.graph.node.extend(new_nodes)
+    model.graph.node.extend(weight_nodes + new_nodes)
     remove_unused_initializers(model.graph)
     _require_opset(model)
     explanations.append(f"quantize_weights: {len(done)} weights, {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB.")
     return PassResult(model, True, explanations)
+
+
+def _tie_tables(nodes: list[onnx.NodeProto], graph: Graph, originals: dict[str, np.ndarray],
+                explanations: list[str]) -> list[onnx.NodeProto]:
+    """Embedding lookups ``Gather(E, ids)`` whose table is tied to a quantized output
+    projection (``W = E^T``) read the quantized table instead, ``Transpose(W')``, as a
+    quantized model does (llama.cpp's too): one copy of the table, and the lookup and
+    the projection agree. Rewrites ``nodes`` in place; returns the Transposes."""
+    transposes = []
+    tied: dict[str, str] = {}
+    for node in nodes:
+        if node.op_type != "Gather" or attribute(node, "axis", 0) != 0:
+            continue
+        table = graph.constant(node.input[0])
+        if table is None or table.ndim != 2 or table.dtype != np.float32:
+            continue
+        match = next((name for name, weight in originals.items()
+                      if weight.shape == table.shape[::-1] and np.array_equal(weight.T, table)), None)
+        if match is None:
+            continue
+        if match not in tied:
+            tied[match] = f"{match}_table"
+            transposes.append(helper.make_node("Transpose", [match], [tied[match]], perm=[1, 0], name=f"{match}_table"))
+        explanations.append(f"quantize_weights: {node_label(node)} looks up its rows in the quantized {match} "
+                            f"(the embedding table is tied to that projection).")
+        node.input[0] = tied[match]
+    return transposes
 
 
 def _require_opset(model: onnx.ModelProto) -> None:

@@ -94,6 +94,9 @@ class Backend:
     #: are then dequantized to float32 for the dense kernel).
     quant_dense: Callable[[str, list[str], object, str, str], list[onnx.NodeProto]] | None = None
     store_quantized: Callable[[object], list[np.ndarray]] | None = None
+    #: ``(node, stored, quantized) -> node`` reading rows of ``W'^T`` (an embedding table
+    #: tied to a quantized output projection) from its stored arrays, or None.
+    quant_gather: Callable[[onnx.NodeProto, list[str], object], onnx.NodeProto] | None = None
 
 
 def _gemm_weight(node: onnx.NodeProto, graph: Graph) -> tuple[np.ndarray, str] | str:
@@ -392,16 +395,40 @@ def legalize(model: onnx.ModelProto, backend: Backend) -> tuple[onnx.ModelProto,
             explanations.append(f"{backend.name}: {label} [{k}x{n}] {quantized.dtype} -> dense kernel on the dequantized "
                                 f"weight (the {backend.name} target has no quantized kernels).")
             return dense_matmul(x, weight, (key, False), key, output, node.name or output)
-        if key not in stored_names:
-            names = [lift(array, f"{key}:{part}") for array, part in
-                     zip(backend.store_quantized(quantized), ("codes", "scales", "mins"))]
-            stored_names[key] = names
         note = "" if exact else " (its scales rounded to float16, as the kernel stores them)"
         explanations.append(f"{backend.name}: {label} [{k}x{n}] -> {quantized.dtype} kernel, groups of {quantized.group}"
                             f"{note}.")
-        return backend.quant_dense(x, stored_names[key], quantized, output, node.name or output)
+        return backend.quant_dense(x, stored_quantized(key, quantized), quantized, output, node.name or output)
+
+    def stored_quantized(key: str, quantized) -> list[str]:
+        """The lifted names of a quantized weight's arrays, stored once per weight."""
+        if key not in stored_names:
+            stored_names[key] = [lift(array, f"{key}:{part}") for array, part in
+                                 zip(backend.store_quantized(quantized), ("codes", "scales", "mins"))]
+        return stored_names[key]
+
+    def quantized_table(node: onnx.NodeProto) -> onnx.NodeProto | None:
+        """An embedding lookup in the quantized table of a tied output projection
+        (``Gather(Transpose(W'), ids)``, ``passes.quantize_weights``) on the stored
+        projection, or None for any other node."""
+        if not _row_gather(node) or backend.quant_gather is None:
+            return None
+        transpose = graph.producers.get(node.input[0])
+        if transpose is None or transpose.op_type != "Transpose" or list(attribute(transpose, "perm", [])) != [1, 0]:
+            return None
+        found = quantized_weight(transpose.input[0], graph)
+        if not isinstance(found, tuple):
+            return None
+        quantized = found[0]
+        explanations.append(f"{backend.name}: {node_label(node)} reads the embedding rows from the stored {quantized.dtype} "
+                            f"output projection ({transpose.input[0]}); the table is stored once.")
+        return backend.quant_gather(node, stored_quantized(transpose.input[0], quantized), quantized)
 
     for node in model.graph.node:
+        gather = quantized_table(node)
+        if gather is not None:
+            new_nodes.append(gather)
+            continue
         if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
             found = matmul_nbits_weight(node, graph)
             if isinstance(found, str):

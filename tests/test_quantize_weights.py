@@ -265,3 +265,36 @@ def test_bad_weight_dtype_options_are_refused(tmp_path, capsys):
         captured = capsys.readouterr()
         assert exit_.value.code != 0 and message in captured.err and "Traceback" not in captured.err
         assert not (tmp_path / "a.sccx").exists()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_tied_table_is_stored_once_quantized(tmp_path, dtype):
+    """Before: ``h = Gather(E, ids)``, ``logits = h @ Transpose(E)``. The quantized model
+    looks up rows of the quantized projection (``Gather(Transpose(W'), ids)``), and the
+    artifact stores only the projection's codes and parameters, which the lookup reads."""
+    rng = np.random.default_rng(8)
+    table = (rng.standard_normal((80, 64)) * 0.1).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["h"], name="embed"),
+             helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0], name="project_t"),
+             helper.make_node("MatMul", ["h", "table_t"], ["logits"], name="project")]
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4, 80])],
+                              [numpy_helper.from_array(table, "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, tmp_path / "tied.onnx")
+    dump = tmp_path / "dump"
+    summary = compile_model(CompileOptions(str(tmp_path / "tied.onnx"), str(tmp_path / "t.sccx"), weight_dtype=dtype,
+                                           explain=True, dump_dir=str(dump)))
+    assert any("embed reads the embedding rows from the stored" in line for line in summary["explanations"])
+    artifact = runtime.load(tmp_path / "t.sccx")
+    assert artifact.manifest.summary["weight_bytes"] == qk.pack(quant.quantize(np.ascontiguousarray(table.T), dtype)).nbytes
+    feeds = {"ids": rng.integers(0, 80, (1, 4)).astype(np.int64)}
+    reference_graph = sorted(dump.glob("*-guard_gather_indices.onnx"))[0]
+    reference = onnxruntime_reference(reference_graph, feeds)[0]
+    quantized = quant.quantize(np.ascontiguousarray(table.T), dtype).dequantize()
+    h = quantized.T[feeds["ids"][0]]
+    # the lookup is exact; the projection rounds h per group of 32 on the vnni path
+    rounding = (np.abs(h).max() / 254) * np.abs(quantized).sum(axis=0) if qk.default_path(
+        8 if dtype == "int8" else 4, 4) == "vnni" else 0
+    assert np.all(np.abs(artifact.run(feeds)["logits"] - reference) <= _bound(h, quantized) + rounding)

@@ -10,6 +10,9 @@ The private ops (domain ``ai.sparsecc.cpu``):
   ``segments`` layout;
 - ``CpuQuantMatMul(x, codes, scales[, mins])`` (attributes ``dtype, group, k, n``): ``y =
   x @ W`` with ``W`` a ``formats.quant`` weight in ``targets.cpu.quant_kernels``' layout;
+- ``QuantGather(ids, codes, scales[, mins])`` (attributes as ``CpuQuantMatMul``'s): rows of
+  an embedding table tied to a quantized output projection ``W' = E'^T``, dequantized from
+  its stored arrays (``targets.cpu.quant_kernels.gather_rows``);
 - ``PackedGather(pack(E^T), ids)``: rows of an embedding table ``E`` read from the packed
   tied output projection. Row ``v`` of ``E`` is column ``v`` of ``W = E^T``, which the
   panel layout ``[N / width, K, width]`` stores at ``[v // width, :, v % width]``.
@@ -40,9 +43,10 @@ SPARSE_MATMUL = "CpuSparseMatMul"
 GATED_MATMUL = "CpuGatedMatMul"
 QUANT_MATMUL = "CpuQuantMatMul"
 PACKED_GATHER = "PackedGather"
+QUANT_GATHER = "QuantGather"
 SPARSE_GATHER = "SparseGather"
 
-__all__ = ["DOMAIN", "PANEL_MATMUL", "QUANT_MATMUL", "SPARSE_MATMUL", "GATED_MATMUL", "PACKED_GATHER", "SPARSE_GATHER", "SPARSE_MAX_ROWS",
+__all__ = ["DOMAIN", "PANEL_MATMUL", "QUANT_MATMUL", "SPARSE_MATMUL", "GATED_MATMUL", "PACKED_GATHER", "QUANT_GATHER", "SPARSE_GATHER", "SPARSE_MAX_ROWS",
            "LIFT_MIN_BYTES", "ROW_PRESERVING", "BACKEND", "COSTS", "legalize"]
 
 # Bytes per second each kernel streams relative to the dense kernel (1.0 = as fast per
@@ -71,6 +75,12 @@ def _store_quantized(quantized) -> list[np.ndarray]:
     return quant_kernels.pack(quantized).arrays()
 
 
+def _quant_gather(node: onnx.NodeProto, stored: list[str], quantized) -> onnx.NodeProto:
+    k, n = quantized.shape
+    return helper.make_node(QUANT_GATHER, [node.input[1], *stored], [node.output[0]], name=node.name, domain=DOMAIN,
+                            k=k, n=n, dtype=quantized.dtype, group=quantized.group)
+
+
 def _packed_gather(node: onnx.NodeProto, packed: str, table: np.ndarray) -> onnx.NodeProto:
     return helper.make_node(PACKED_GATHER, [packed, node.input[1]], [node.output[0]], name=node.name,
                             domain=DOMAIN, k=int(table.shape[1]), n=int(table.shape[0]))
@@ -87,7 +97,7 @@ BACKEND = Backend(name="cpu", domain=DOMAIN, sparse_op=SPARSE_MATMUL, gated_op=G
                   sparse_formats=COSTS.sparse_formats,
                   sparse_gather_formats=formats.formats_with_kernel("cpu", "gather", COSTS.sparse_formats),
                   pack_segments=formats.get("segments").encode, decode_attention=True,
-                  quant_dense=_quant_matmul, store_quantized=_store_quantized)
+                  quant_dense=_quant_matmul, store_quantized=_store_quantized, quant_gather=_quant_gather)
 
 
 def legalize(model: onnx.ModelProto):

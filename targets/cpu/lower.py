@@ -11,7 +11,8 @@ from runtime.errors import SparseccError
 from targets import tvm_import
 from targets.attention import DECODE_ATTENTION
 from targets.cpu import attention, kernels, sparse_kernels
-from targets.cpu.legalize import GATED_MATMUL, PACKED_GATHER, PANEL_MATMUL, QUANT_MATMUL, SPARSE_GATHER, SPARSE_MATMUL
+from targets.cpu.legalize import (GATED_MATMUL, PACKED_GATHER, PANEL_MATMUL, QUANT_GATHER, QUANT_MATMUL, SPARSE_GATHER,
+                                  SPARSE_MATMUL)
 
 
 def _panel_matmul_converter(function_cache: dict):
@@ -70,6 +71,30 @@ def _quant_matmul_converter(function_cache: dict):
             return relax.op.reshape(y, shape[:-1] + [n])
 
     return QuantMatMul
+
+
+def _quant_gather_converter():
+    import tvm.relax.frontend.onnx.onnx_frontend as onnx_frontend
+
+    from targets.cpu import quant_kernels
+
+    class QuantGather(onnx_frontend.OnnxOpConverter):
+        """Rows ``ids`` of an embedding table tied to a quantized output projection, from
+        its stored arrays (``quant_kernels.gather_rows``)."""
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            ids, codes, scales, *mins = inputs
+            dtype, k, group = tvm_import.text_attribute(attr["dtype"]), int(attr["k"]), int(attr["group"])
+
+            def gather(ids, codes, scales, *mins):
+                return quant_kernels.gather_rows(ids, codes, scales, mins[0] if mins else None, dtype, k, group)
+
+            # One row of a few hundred values: a serial loop, as PackedGather's.
+            return bb.emit_te(gather, ids, codes, scales, *mins, primfunc_name_hint="quant_gather",
+                              primfunc_attrs={"tirx.is_scheduled": True})
+
+    return QuantGather
 
 
 def _packed_gather_converter():
@@ -162,12 +187,12 @@ def _decode_attention_converter(function_cache: dict):
 def _converters() -> dict:
     cache: dict = {}
     return {PANEL_MATMUL: _panel_matmul_converter(cache), QUANT_MATMUL: _quant_matmul_converter(cache),
-            PACKED_GATHER: _packed_gather_converter(),
+            QUANT_GATHER: _quant_gather_converter(), PACKED_GATHER: _packed_gather_converter(),
             SPARSE_GATHER: _sparse_gather_converter(cache), DECODE_ATTENTION: _decode_attention_converter(cache),
             **tvm_import.sparse_converters(cache, sparse_kernels.KERNELS, SPARSE_MATMUL, GATED_MATMUL)}
 
 
-OURS = {PANEL_MATMUL, QUANT_MATMUL, SPARSE_MATMUL, GATED_MATMUL, PACKED_GATHER, SPARSE_GATHER, DECODE_ATTENTION}
+OURS = {PANEL_MATMUL, QUANT_MATMUL, QUANT_GATHER, SPARSE_MATMUL, GATED_MATMUL, PACKED_GATHER, SPARSE_GATHER, DECODE_ATTENTION}
 
 
 def unsupported_ops(model: onnx.ModelProto) -> list[str]:

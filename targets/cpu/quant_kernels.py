@@ -803,6 +803,32 @@ def _quant_matmul_func(m: int, k: int, n: int, bits: int, symmetric: bool, group
     return quant_matmul
 
 
+def gather_rows(ids, codes, scales, mins, dtype: str, k: int, group: int):
+    """A TE compute of rows ``ids`` of ``W^T`` (``[*ids.shape, k]`` float32) read from a
+    packed quantized ``W`` [k, n] (``codes``, ``scales``, ``mins`` te tensors, ``mins`` None
+    when symmetric): row ``v`` is column ``v`` of ``W``, at panel ``v // 16``, lane ``v %
+    16`` of every line (the layout in the module docstring). For an embedding table tied
+    to a quantized output projection."""
+    from tvm import te, tirx
+
+    shape = [int(d) for d in ids.shape]
+
+    def row(*index):
+        v, i = ids[index[:-1]].astype("int32"), index[-1]
+        panel, lane = v // PANEL_WIDTH, v % PANEL_WIDTH
+        scale = scales[panel, i // group, lane].astype("float32")
+        if dtype == "int8":
+            code = codes[panel, i // QUAD, QUAD * lane + i % QUAD].astype("int32") - 128
+            return code.astype("float32") * scale
+        byte = codes[panel, i // 8, QUAD * lane + i % QUAD].astype("int32")
+        nibble = tirx.bitwise_and(tirx.shift_right(byte, (i % 8) // QUAD * 4), 15)
+        if mins is None:
+            return (nibble - 8).astype("float32") * scale
+        return nibble.astype("float32") * scale + mins[panel, i // group, lane].astype("float32")
+
+    return te.compute((*shape, k), row, name="quant_gather")
+
+
 def quantize_activations(x: np.ndarray, group: int = GROUP) -> np.ndarray:
     """The ``x`` the ``vnni`` path multiplies by: ``x`` [M, K] float32 rounded as the kernel
     rounds it, per row and group of ``group`` inputs, to ``s q`` with ``s = max |x| / 127``

@@ -48,10 +48,16 @@ OURS = (
     ("ours dense", None, None, "fp32"),
     ("ours 50% unstructured + 40% activations", ("magnitude", 0.5), 0.4, "fp32"),
     ("ours 70% 16x1 blocks + 50% activations", ("block", 0.7), 0.5, "fp32"),
-    ("ours int8 (Q8_0-like)", None, None, "int8"),
-    ("ours int4 (Q4_1-like)", None, None, "int4"),
-    ("ours int4sym (Q4_0-like)", None, None, "int4sym"),
+    ("ours int8 (as Q8_0)", None, None, "int8"),
+    ("ours int4 + int8 table (the Q4_1 GGUF's own weights)", None, None, "int4"),
+    ("ours int4sym + int8 table (as Q4_0)", None, None, "int4sym"),
 )
+#: The embedding table tied to the output projection: int8 beside int4 layers, as in
+#: SmolLM2's shipped Q4_1 GGUF (whose token_embd is Q8_0). Re-quantizing the model that
+#: transformers reads from that GGUF gives its weights back exactly (every layer's int4
+#: codes and the table's int8 codes; ``tests/test_smollm2.py``).
+TABLE = "lm_head.weight"
+TABLE_DTYPE = {"int4": "int8", "int4sym": "int8"}
 GOALS = {"ours dense": 1.0, "ours 50% unstructured + 40% activations": 1.4, "ours 70% 16x1 blocks + 50% activations": 2.2}
 #: Bytes a quantized weight reads per value (codes and float16 parameters per group of 32).
 QUANT_BYTES = {"fp32": 4.0, "int8": 1 + 2 / 32, "int4": 0.5 + 4 / 32, "int4sym": 0.5 + 2 / 32}
@@ -108,7 +114,9 @@ def build_variant(work: str, stem: str, pruning, activation: float | None, dtype
     artifact = Path(work) / f"{stem}.sccx"
     if not artifact.exists():
         compile_model(CompileOptions(str(path), str(artifact), activation_sparsity=activation,
-                                     calib="pydoc" if activation else None, calib_tokens=1024, weight_dtype=dtype), progress)
+                                     calib="pydoc" if activation else None, calib_tokens=1024, weight_dtype=dtype,
+                                     weight_dtype_for={TABLE: TABLE_DTYPE[dtype]} if dtype in TABLE_DTYPE else {}),
+                      progress)
 
 
 def _build_in_subprocess(work: Path, stem: str, pruning, activation, dtype: str) -> None:
@@ -133,7 +141,8 @@ def _ideal_bytes(onnx_path: Path, activation_sparsity: float | None, vocab_size:
     for layer in inspect(str(onnx_path))["layers"]:
         dense += layer["dense_bytes"]
         if dtype != "fp32":
-            variant += layer["dense_bytes"] * QUANT_BYTES[dtype] / 4
+            stored = TABLE_DTYPE.get(dtype, dtype) if layer["shape"][1] == vocab_size else dtype
+            variant += layer["dense_bytes"] * QUANT_BYTES[stored] / 4
         elif layer["shape"][1] == vocab_size:
             variant += layer["dense_bytes"]  # the tied output projection: dense, ungated
         else:

@@ -195,7 +195,11 @@ def compile_command(model, target, output, shapes, dump_dir, explain, activation
               help="With --weights magnitude:L or wanda:L: prune the output projection (lm_head) the same way; it is "
                    "left dense otherwise (wanda scores it by the final hidden states' norms). An embedding table tied "
                    "to it is the same weight and is pruned with it.")
-def sparsify(model, output, weights, activations, mask, like, calib, calib_tokens, seed, prune_output_projection):
+@click.option("--quantize", type=click.Choice([d for d in WEIGHT_DTYPES if d != "fp32"]),
+              help="Quantize the weights after pruning (round to nearest, groups of 32), written as standard "
+                   "DequantizeLinear that onnxruntime runs and 'sparsecc compile' keeps; pruned zeros stay zeros in "
+                   "int8 and int4sym.")
+def sparsify(model, output, weights, activations, mask, like, calib, calib_tokens, seed, prune_output_projection, quantize):
     """Prune the weights and gate the activations of MODEL (ONNX); write the result as ONNX.
 
     Zeros stay in the weights and gates become ai.sparsecc ActivationGate ops, so
@@ -207,12 +211,14 @@ def sparsify(model, output, weights, activations, mask, like, calib, calib_token
     from sparsify.run import SparsifyOptions, sparsify as run_sparsify
 
     summary = run_sparsify(SparsifyOptions(model, output, weights, activations, calib, calib_tokens, seed, mask, like,
-                                           prune_output_projection), Progress())
+                                           prune_output_projection, quantize), Progress())
     if like:
         click.echo(f"wrote {summary['output']} ({summary['weight_sparsity']['sparsity']:.1%} weight sparsity, "
                    f"{summary['gates']} activation gates, {summary['routers']} expert routers, as {like}) in {summary['seconds']:.1f} s")
         return
     parts = []
+    if "quantized" in summary:
+        parts.append(f"weights in {summary['quantized']['dtype']}")
     if "weight_sparsity" in summary:
         parts.append(f"{summary['weight_sparsity']['sparsity']:.1%} weight sparsity")
     act = summary.get("activation_sparsity")

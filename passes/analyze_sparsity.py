@@ -11,7 +11,7 @@ It changes nothing; ``sparsecc inspect`` prints it, and later passes use it to d
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import onnx
@@ -34,6 +34,9 @@ class LayerSparsity:
     dense_bytes: int
     best_format: str
     best_bytes: int
+    #: the weight's value dtype (``formats.quant.WEIGHT_DTYPES``); a quantized weight's
+    #: sparsity is that of its dequantized values, and its best bytes are its codes'.
+    dtype: str = "fp32"
 
     def to_dict(self) -> dict:
         return {**asdict(self), "shape": list(self.shape)}
@@ -126,11 +129,17 @@ def analyze_sparsity(model: onnx.ModelProto) -> SparsityReport:
     layers = []
     for node in model.graph.node:
         found = linear_weight(node, graph)
+        quantized = None
         if found is None:
-            continue
+            quantized = _quantized(node, graph)
+            if quantized is None:
+                continue
+            found = quantized.dequantize(), node.input[1]
         weight, name = found
         k, n = weight.shape
         choice = choose_format(weight)
+        if quantized is not None:
+            choice = replace(choice, format=quantized.dtype, block=None, bytes=quantized.nbytes())
         block, _ = block_structure(weight.T)
         layers.append(
             LayerSparsity(
@@ -143,6 +152,21 @@ def analyze_sparsity(model: onnx.ModelProto) -> SparsityReport:
                 dense_bytes=choice.dense_bytes,
                 best_format=f"bsr{choice.block[0]}x{choice.block[1]}" if choice.block else choice.format,
                 best_bytes=choice.bytes,
+                dtype=quantized.dtype if quantized is not None else "fp32",
             )
         )
     return SparsityReport(layers)
+
+
+def _quantized(node: onnx.NodeProto, graph: Graph):
+    """The ``formats.quant`` weight of a MatMul reading a quantized weight
+    (``passes.quantize_weights``), or None."""
+    from passes.quantize_weights import matmul_nbits_weight, quantized_weight
+
+    if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+        found = matmul_nbits_weight(node, graph)
+    elif node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and len(node.input) == 2:
+        found = quantized_weight(node.input[1], graph)
+    else:
+        return None
+    return found[0] if isinstance(found, tuple) else None

@@ -152,3 +152,6 @@ class SparsifyOptions:
     mask: str | None = None
     like: str | None = None
     prune_output_projection: bool = False
+    #: quantize the weights last (``formats.quant.WEIGHT_DTYPES``, round to nearest), as
+    #: standard DequantizeLinear; None keeps them float32.
+    quantize: str | None = None

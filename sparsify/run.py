@@ -52,6 +52,22 @@ def gate_activations(model: onnx.ModelProto, method: Method, options: SparsifyOp
     return importlib.import_module(METHODS[method.name].module).gate(model, method, options, progress)
 
 
+def quantize(model: onnx.ModelProto, options: SparsifyOptions) -> dict:
+    """Quantizes the (pruned) weights in place, after pruning so pruned zeros stay exact
+    zeros (``int8``, ``int4sym``); returns the explanation lines."""
+    from compiler.decode_export import decoding_metadata
+    from passes.quantize_weights import quantize_weights
+
+    if decoding_metadata(model) is not None:
+        raise SparseccError("--quantize writes one graph, and a --decode export has two: compile it with "
+                            "--weight-dtype instead, which quantizes both alike.")
+    result = quantize_weights(model, options.quantize)
+    if not result.modified:
+        raise SparseccError(f"{options.model} has no float32 linear weights to quantize.")
+    model.CopyFrom(result.model)
+    return {"dtype": options.quantize, "explanations": result.explanations}
+
+
 def sparsify(options: SparsifyOptions, progress: Progress = SILENT) -> dict:
     """Applies the weight and activation methods; writes ``options.output``; returns a summary."""
     weight_method = METHODS.get(options.weights.partition(":")[0]) if options.weights else None
@@ -63,8 +79,9 @@ def sparsify(options: SparsifyOptions, progress: Progress = SILENT) -> dict:
         return sparsify_like(options, progress)
     weights = parse_method(options.weights, "weights") if options.weights else None
     activations = parse_method(options.activations, "activations") if options.activations else None
-    if weights is None and activations is None and not options.mask:
-        raise SparseccError("nothing to do: give --weights METHOD:LEVEL, --activations METHOD:LEVEL or --mask FILE.")
+    if weights is None and activations is None and not options.mask and not options.quantize:
+        raise SparseccError("nothing to do: give --weights METHOD:LEVEL, --activations METHOD:LEVEL, --mask FILE "
+                            "or --quantize DTYPE.")
     if weights is not None and options.mask:
         raise SparseccError("give either --weights or --mask, not both.")
     if options.calib_tokens < 1:
@@ -87,6 +104,8 @@ def sparsify(options: SparsifyOptions, progress: Progress = SILENT) -> dict:
         if options.calib:
             with progress.step("measuring the gates' sparsity on the calibration data"):
                 summary["activation_sparsity"]["measured"] = measure_gate_sparsity(model, calibration(model, options, progress))
+    if options.quantize:
+        summary["quantized"] = quantize(model, options)
     with progress.step(f"writing {options.output}"):
         save_model(model, options.output)
     summary["seconds"] = time.perf_counter() - start

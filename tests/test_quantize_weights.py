@@ -298,3 +298,27 @@ def test_a_tied_table_is_stored_once_quantized(tmp_path, dtype):
     rounding = (np.abs(h).max() / 254) * np.abs(quantized).sum(axis=0) if qk.default_path(
         8 if dtype == "int8" else 4, 4) == "vnni" else 0
     assert np.all(np.abs(artifact.run(feeds)["logits"] - reference) <= _bound(h, quantized) + rounding)
+
+
+def test_sparsify_quantize_writes_standard_onnx_that_compile_keeps(tmp_path, exported):
+    """``sparsify --weights magnitude:0.5 --quantize int8``: onnxruntime runs the result,
+    whose pruned zeros stay exact zeros, and ``inspect`` reports its layers as int8."""
+    from compiler.driver import inspect, random_inputs
+    from compiler.onnx_io import load_model
+    from sparsify.run import SparsifyOptions, sparsify
+
+    source = exported("tiny-llama", seq_len=8)
+    output = tmp_path / "q.onnx"
+    sparsify(SparsifyOptions(str(source), str(output), weights="magnitude:0.5", quantize="int8"))
+    report = inspect(str(output))
+    assert report["layers"] and all(layer["dtype"] == "int8" for layer in report["layers"])
+    # every layer but the output projection (to the vocabulary of 512), which stays dense
+    assert min(layer["sparsity"] for layer in report["layers"] if layer["shape"][1] != 512) >= 0.45
+    feeds = random_inputs(load_model(source))
+    assert np.isfinite(onnxruntime_reference(output, feeds)[0]).all()
+    with pytest.raises(SparseccError, match="decode"):
+        from compiler.export import ExportOptions, export
+
+        decode = tmp_path / "dec.onnx"
+        export(ExportOptions("tiny-llama", str(decode), decode=True, max_context=16), progress=lambda *_: None)
+        sparsify(SparsifyOptions(str(decode), str(tmp_path / "x.onnx"), quantize="int4"))

@@ -58,3 +58,27 @@ def test_smollm2_sparse_and_gated_decode_step_matches_onnxruntime(tmp_path):
     ours = runtime.load(tmp_path / "step.sccx").run({"input_ids": ids})["logits"]
     np.testing.assert_allclose(ours, reference, atol=2e-3, rtol=0)
     assert ours.argmax() == reference.argmax()
+
+
+@pytest.mark.model
+def test_smollm2_requantizes_to_its_ggufs_own_weights_exactly():
+    """The model transformers reads from the shipped Q4_1 GGUF holds its Q4_1 layers and
+    its Q8_0 token table in float32; ``formats.quant`` quantizes them back with no error
+    in any weight (int4 along each layer's inputs, int8 for the tied table), so
+    ``--weight-dtype int4 --weight-dtype-for lm_head.weight=int8`` computes with the
+    GGUF's own weights."""
+    import torch
+
+    from compiler.export import load_torch_model
+    from formats import quant
+
+    model = load_torch_model("smollm2-135m", progress=lambda *_: None)
+    checked = 0
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                weight = np.ascontiguousarray(module.weight.numpy().T)  # [K, N]: y = x @ W
+                dtype = "int8" if name == "lm_head" else "int4"
+                assert np.array_equal(quant.quantize(weight, dtype).dequantize(), weight), name
+                checked += 1
+    assert checked == 30 * 7 + 1

@@ -232,7 +232,7 @@ def test_onnxruntime_matmul_nbits_models_compile(tmp_path, symmetric, bits):
     assert np.all(np.abs(ours - reference) <= tolerance)
 
 
-def test_tiny_llama_int4_decoder_matches_onnxruntime_on_its_quantized_graph(tmp_path, exported):
+def test_tiny_llama_int4_matches_onnxruntime_on_its_quantized_graph(tmp_path, exported):
     """A whole quantized model: logits within 3 % of their range of onnxruntime on the
     quantized graph (the vnni path's rounding of x, compounded over the layers), and
     clearly closer to it than to the float32 model."""

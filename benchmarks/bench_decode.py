@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.peers import decode_peer_runs, describe_peers, peer_rows
 from compiler.progress import Progress
 from runtime.decoder import write_cache
 from runtime.errors import SparseccError
@@ -254,7 +255,13 @@ def run_decode_bench(workdir: str, rounds: int, new_tokens: int, json_path: str 
     runs = {"transformers eager": lambda: _transformers_generate(eager, prompt, new_tokens),
             "onnxruntime dense": lambda: onnxruntime.generate(prompt, new_tokens)}
     runs.update({name: (lambda m=model: generate_compiled(m, prompt, new_tokens)) for name, model in models.items()})
-    tokens, medians = time_decoding(runs, rounds, new_tokens, progress)
+    peer_runs, peer_note = decode_peer_runs(new_tokens - 1, os.cpu_count() or 1)
+    if peer_note:
+        progress(peer_note)
+    tokens, medians = time_decoding({**runs, **peer_runs}, rounds, new_tokens, progress)
+    peers = {name: medians.pop(name) for name in peer_runs}
+    for name in peer_runs:
+        tokens.pop(name)
     base = medians["onnxruntime dense"]
     dense_bytes = ideal["ours dense"][0]
     items = []
@@ -271,7 +278,7 @@ def run_decode_bench(workdir: str, rounds: int, new_tokens: int, json_path: str 
     cpu = models["ours dense"].manifest.target.get("mcpu")
     report = {"model": "smollm2-135m", "batch": 1, "dtype": "float32", "prompt": PROMPT, "new_tokens": new_tokens,
               "rounds": rounds, "threads": os.cpu_count(), "cpu": cpu, "max_context": MAX_CONTEXT,
-              "results": items,
+              "results": items, "peers": peer_rows(peers, medians), **({"peers_note": peer_note} if peer_note else {}),
               "texts": {name: load_tokenizer("smollm2-135m").decode(t) for name, t in tokens.items()}}
     if json_path:
         path = Path(json_path)
@@ -288,4 +295,4 @@ def describe(report: dict) -> list[str]:
         share = f"{item['fraction_of_ideal']:.0%}" if "fraction_of_ideal" in item else ""
         lines.append(f"{item['variant']:42} {item['tokens_per_s']:9.1f} {item['speedup_vs_onnxruntime']:6.2f}x "
                      f"{item['ideal_speedup']:5.2f}x {share:>9} {goal:>6}")
-    return lines
+    return lines + describe_peers(report)

@@ -10,6 +10,10 @@ Five variants, measured in one process and one run:
 - ours with 70 % 16x1-block magnitude pruning and 50 % activation sparsity
   (gates calibrated on pydoc text).
 
+Where ``make bench-peers`` has built llama.cpp, its ``llama-bench`` on SmolLM2's F16, Q8_0,
+Q4_1 and Q4_0 GGUFs (and the same without AMX on CPUs that list it) runs in the same
+rounds, and every row's speed over each of them is reported (``benchmarks/peers.py``).
+
 Every variant generates the same number of tokens greedily after the same prompt; only
 the decode steps are timed. Rounds alternate between the variants, with a pause before
 each so the previous runtime's spinning worker threads are idle, and the median of the

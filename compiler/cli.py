@@ -353,7 +353,8 @@ def bench_kernels(quick, json_path, plot_path, target):
 @click.option("--tokens", default=32, show_default=True, type=int, help="Tokens generated per round.")
 def bench_decode(json_path, workdir, rounds, tokens):
     """SmolLM2-135M decode tokens per second: transformers, onnxruntime and ours dense and
-    sparse, batch 1, fp32, in one run."""
+    sparse, batch 1, fp32, in one run; and llama.cpp on SmolLM2's F16, Q8_0, Q4_1 and Q4_0
+    GGUFs in the same rounds once `make bench-peers` has built it."""
     from benchmarks.bench_decode import describe, run_decode_bench
     from compiler.progress import Progress
 

@@ -38,15 +38,15 @@ def points_of(report: dict) -> list[dict]:
         return [dict(point) for point in report["points"]]
     if "peers" in report and "results" in report:  # sparsecc bench decode
         return [{"name": row["variant"], "kind": "peer", "tokens_per_s": row["tokens_per_s"]} for row in report["peers"]]
-    if "results" in report and all("row" in row for row in report["results"]):  # the accuracy table
+    if "rows" in report:  # the accuracy table
         points = [{"name": f"sparsecc {row['row']}", "kind": "sparsecc", "tokens_per_s": row["ours_tokens_per_s"],
-                   "perplexity": row["perplexity"]} for row in report["results"] if row.get("ours_tokens_per_s")]
-        dense = next((row for row in report["results"] if row["row"] == "dense"), None)
+                   "perplexity": row["perplexity"]} for row in report["rows"] if row.get("ours_tokens_per_s")]
+        dense = next((row for row in report["rows"] if row["row"] == "dense"), None)
         if dense and dense.get("onnxruntime_dense_tokens_per_s"):
             points.append({"name": "onnxruntime dense fp32", "kind": "peer",
                            "tokens_per_s": dense["onnxruntime_dense_tokens_per_s"], "perplexity": dense["perplexity"]})
         return points
-    raise SparseccError("a frontier input must hold 'points', an accuracy table's 'results', "
+    raise SparseccError("a frontier input must hold 'points', an accuracy table's 'rows', "
                         "or a bench decode report with 'peers'.")
 
 
@@ -78,15 +78,18 @@ def draw(points: list[dict], output: str, caption: str = "") -> None:
         chosen = [p for p in points if p.get("kind", "sparsecc") == kind]
         if chosen:
             axes.scatter([p["tokens_per_s"] for p in chosen], [p["perplexity"] for p in chosen], s=40, **style[kind])
-        for point in chosen:
-            axes.annotate(point["name"], (point["tokens_per_s"], point["perplexity"]), fontsize=7,
-                          xytext=(4, 3), textcoords="offset points")
+        # Labels alternate above and below their points in order of speed, so neighbours
+        # of nearly equal speed and quality (Q8_0 and Q4_1) stay readable. The marker says
+        # which kind a point is; the label need not repeat it.
+        for index, point in enumerate(sorted(chosen, key=lambda p: p["tokens_per_s"])):
+            axes.annotate(point["name"].removeprefix("sparsecc "), (point["tokens_per_s"], point["perplexity"]),
+                          fontsize=7, xytext=(4, 3 if index % 2 == 0 else -10), textcoords="offset points")
     axes.set_yscale("log")
     axes.set_xlabel("decode tokens/s (batch 1; faster is right)")
     axes.set_ylabel("perplexity (log scale; better is down)")
     axes.set_title("SmolLM2-135M: quality against decode speed")
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(loc="upper left")
+    axes.legend(loc="upper right")
     if caption:
         figure.text(0.01, 0.01, caption, fontsize=7, va="bottom", wrap=True)
         figure.subplots_adjust(bottom=0.18)
@@ -98,7 +101,9 @@ def caption_of(paths: list[str], reports: list[dict]) -> str:
     """One line per input: its file and, where it says, when, where and how it measured."""
     lines = []
     for path, report in zip(paths, reports):
-        facts = [str(report[key]) for key in ("cpu", "date", "perplexity_convention", "corpus") if report.get(key)]
+        timed = sorted({row["timed_at"] for row in report.get("rows", []) if row.get("timed_at")})
+        facts = [str(report[key]) for key in ("cpu", "date", "note", "corpus") if report.get(key)]
+        facts += [f"timed {', '.join(timed)}"] if timed else []
         lines.append(f"{path}" + (f": {'; '.join(facts)}" if facts else ""))
     return "\n".join(lines)
 

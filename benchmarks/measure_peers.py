@@ -88,6 +88,9 @@ def measure(text_file: str, onnx_path: str | None, rounds: int, tokens: int, thr
             print(f"sparsecc eval {onnx_path}, {scored} scored")
             report = perplexity(onnx_path, text_file, window * windows, scored=scored)
             reference[scored] = {key: report[key] for key in ("perplexity", "tokens", "windows", "window", "engine")}
+    root = Path(__file__).resolve().parent.parent
+    shown = Path(text_file).resolve()
+    text_file = str(shown.relative_to(root)) if shown.is_relative_to(root) else str(shown)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "cpu": _cpu_model(), "cpu_has_amx": cpu_has_amx(), "threads": threads,
@@ -96,6 +99,8 @@ def measure(text_file: str, onnx_path: str | None, rounds: int, tokens: int, thr
         "speed": f"llama-bench -t {threads} -p 0 -n {tokens} -r 3 -o json, {rounds} rounds alternating between "
                  f"the variants; median of all samples (batch 1, from an empty context)",
         "corpus": text_file,
+        "note": (f"llama.cpp {LLAMA_CPP_PYTHON_VERSION} native build, llama-bench tg{tokens}; perplexity of "
+                 f"{windows} x {window} tokens of {text_file}, every token scored"),
         "perplexity_convention": (f"first {windows} windows of {window} tokens of {text_file}, no BOS (SmolLM2 asks for none); "
                                   f"'all' scores every token but each window's first (sparsecc eval's convention; "
                                   f"llama.cpp's windows start {window - 1} apart, sparsecc's {window}), "

@@ -206,7 +206,7 @@ def test_frontier_writes_a_png_from_points_merged_across_files(tmp_path):
     quality = {"points": [{"name": "llama.cpp Q4_1", "kind": "peer", "perplexity": 22.5},
                           {"name": "sparsecc int4", "kind": "sparsecc", "tokens_per_s": 190.0, "perplexity": 23.0},
                           {"name": "llama.cpp Q8_0", "kind": "peer", "perplexity": 22.4}]}
-    accuracy = {"results": [{"row": "dense", "perplexity": 22.37, "ours_tokens_per_s": 53.0,
+    accuracy = {"rows": [{"row": "dense", "perplexity": 22.37, "ours_tokens_per_s": 53.0,
                              "onnxruntime_dense_tokens_per_s": 39.0},
                             {"row": "teal 25 %", "perplexity": 22.9, "ours_tokens_per_s": None}]}
     paths = []

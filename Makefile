@@ -7,7 +7,7 @@ NPROC := $(shell nproc 2>/dev/null || echo 2)
 
 export TVM_NUM_THREADS ?= $(NPROC)
 
-.PHONY: demo test test-fast bench install clean
+.PHONY: demo test test-fast bench bench-peers install clean
 
 install: $(STAMP)
 
@@ -36,6 +36,12 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/dense_matmul.py
+
+# Optional, never part of test or demo: llama.cpp (from the llama-cpp-python sdist on PyPI)
+# and SmolLM2's GGUF variants in peers/, which `sparsecc bench decode` then measures beside
+# sparsecc. Several CPU-minutes; reruns skip what exists.
+bench-peers: $(STAMP)
+	$(PY) -m benchmarks.build_peers
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -10,6 +10,10 @@ Five variants, measured in one process and one run:
 - ours with 70 % 16x1-block magnitude pruning and 50 % activation sparsity
   (gates calibrated on pydoc text).
 
+Where ``make bench-peers`` has built llama.cpp, its ``llama-bench`` on SmolLM2's F16, Q8_0,
+Q4_1 and Q4_0 GGUFs (and the same without AMX on CPUs that list it) runs in the same
+rounds, and every row's speed over each of them is reported (``benchmarks/peers.py``).
+
 Every variant generates the same number of tokens greedily after the same prompt; only
 the decode steps are timed. Rounds alternate between the variants, with a pause before
 each so the previous runtime's spinning worker threads are idle, and the median of the
@@ -34,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.peers import decode_peer_runs, describe_peers, peer_rows
 from compiler.progress import Progress
 from runtime.decoder import write_cache
 from runtime.errors import SparseccError
@@ -279,7 +284,13 @@ def run_decode_bench(workdir: str, rounds: int, new_tokens: int, json_path: str 
     runs = {"transformers eager": lambda: _transformers_generate(eager, prompt, new_tokens),
             "onnxruntime dense": lambda: onnxruntime.generate(prompt, new_tokens)}
     runs.update({name: (lambda m=model: generate_compiled(m, prompt, new_tokens)) for name, model in models.items()})
-    tokens, medians = time_decoding(runs, rounds, new_tokens, progress)
+    peer_runs, peer_note = decode_peer_runs(new_tokens - 1, os.cpu_count() or 1)
+    if peer_note:
+        progress(peer_note)
+    tokens, medians = time_decoding({**runs, **peer_runs}, rounds, new_tokens, progress)
+    peers = {name: medians.pop(name) for name in peer_runs}
+    for name in peer_runs:
+        tokens.pop(name)
     base = medians["onnxruntime dense"]
     dense_bytes = ideal["ours dense"][0]
     items = []
@@ -297,7 +308,7 @@ def run_decode_bench(workdir: str, rounds: int, new_tokens: int, json_path: str 
     cpu = models["ours dense"].manifest.target.get("mcpu")
     report = {"model": "smollm2-135m", "batch": 1, "activations": "float32", "weight_dtypes": {name: dtype for name, _, _, dtype in OURS}, "prompt": PROMPT, "new_tokens": new_tokens,
               "rounds": rounds, "threads": os.cpu_count(), "cpu": cpu, "max_context": MAX_CONTEXT,
-              "results": items,
+              "results": items, "peers": peer_rows(peers, medians), **({"peers_note": peer_note} if peer_note else {}),
               "texts": {name: load_tokenizer("smollm2-135m").decode(t) for name, t in tokens.items()}}
     if json_path:
         path = Path(json_path)
@@ -314,4 +325,4 @@ def describe(report: dict) -> list[str]:
         share = f"{item['fraction_of_ideal']:.0%}" if "fraction_of_ideal" in item else ""
         lines.append(f"{item['variant']:42} {item['tokens_per_s']:9.1f} {item['speedup_vs_onnxruntime']:6.2f}x "
                      f"{item['ideal_speedup']:5.2f}x {share:>9} {goal:>6}")
-    return lines
+    return lines + describe_peers(report)

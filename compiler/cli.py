@@ -241,19 +241,22 @@ def sparsify(model, output, weights, activations, mask, like, calib, calib_token
 @click.argument("model", type=click.Path())
 @click.option("--corpus", required=True, metavar="FILE|pydoc", help="Text to measure perplexity on.")
 @click.option("--tokens", default=4096, show_default=True, type=int, help="Tokens of text to use (whole windows of the model's length).")
+@click.option("--score", "scored", type=click.Choice(["all", "second-half"]), default="all", show_default=True,
+              help="Score every token of each window, or only its second half, as llama.cpp's llama-perplexity does "
+                   "(its figure for a GGUF of the model is then comparable).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def eval_command(model, corpus, tokens, as_json):
+def eval_command(model, corpus, tokens, scored, as_json):
     """Perplexity of MODEL (ONNX, run in onnxruntime, or a compiled artifact) on a corpus,
     over non-overlapping windows of the model's sequence length."""
     from compiler.evaluate import perplexity
     from compiler.progress import Progress
 
-    report = perplexity(model, corpus, tokens, Progress())
+    report = perplexity(model, corpus, tokens, Progress(), scored)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
         click.echo(f"{model}: perplexity {report['perplexity']:.3f} over {report['tokens']} predicted tokens "
-                   f"({report['windows']} windows of {report['window']}) via {report['engine']} in {report['seconds']:.1f} s")
+                   f"({report['windows']} windows of {report['window']}, {scored} scored) via {report['engine']} in {report['seconds']:.1f} s")
 
 
 @cli.command()
@@ -377,7 +380,8 @@ def bench_kernels(quick, json_path, plot_path, target):
 @click.option("--tokens", default=32, show_default=True, type=int, help="Tokens generated per round.")
 def bench_decode(json_path, workdir, rounds, tokens):
     """SmolLM2-135M decode tokens per second: transformers, onnxruntime and ours dense and
-    sparse, batch 1, fp32, in one run."""
+    sparse, batch 1, fp32, in one run; and llama.cpp on SmolLM2's F16, Q8_0, Q4_1 and Q4_0
+    GGUFs in the same rounds once `make bench-peers` has built it."""
     from benchmarks.bench_decode import describe, run_decode_bench
     from compiler.progress import Progress
 

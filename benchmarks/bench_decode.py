@@ -1,6 +1,6 @@
-"""``sparsecc bench decode``: SmolLM2-135M decode tokens per second, batch 1, fp32.
+"""``sparsecc bench decode``: SmolLM2-135M decode tokens per second, batch 1.
 
-Five variants, measured in one process and one run:
+Eight variants, measured in one process and one run:
 
 - transformers eager (what a user runs by default; its own KV cache),
 - onnxruntime on our dense decode graph (the same loop as ours: prefill graph, then the
@@ -8,7 +8,15 @@ Five variants, measured in one process and one run:
 - ours dense,
 - ours with 50 % unstructured magnitude pruning and 40 % activation sparsity,
 - ours with 70 % 16x1-block magnitude pruning and 50 % activation sparsity
-  (gates calibrated on pydoc text).
+  (gates calibrated on pydoc text),
+- ours with int8 weights (``--weight-dtype int8``, as llama.cpp's Q8_0),
+- ours with int4 layers and the int8 tied table (``--weight-dtype int4
+  --weight-dtype-for lm_head.weight=int8``: exactly the weights of SmolLM2's shipped
+  Q4_1 GGUF, whose table is Q8_0),
+- ours with symmetric int4 layers and the int8 table (as llama.cpp's Q4_0).
+
+Activations are float32 in every variant (the vnni path rounds them to int8 per group of
+32 inside the int4 kernels and the int8 kernels above one row).
 
 Where ``make bench-peers`` has built llama.cpp, its ``llama-bench`` on SmolLM2's F16, Q8_0,
 Q4_1 and Q4_0 GGUFs (and the same without AMX on CPUs that list it) runs in the same
@@ -23,7 +31,8 @@ so every step reads them from DRAM.
 ``ideal_speedup`` is the bytes of weights a token reads, dense over this variant: each
 linear layer's bytes in its cheapest format (``sparsecc inspect``) times the fraction of
 its inputs the gate keeps; the tied 576 x 49152 output projection stays dense and ungated
-and bounds it. The embedding lookup reads one row and is left out of both.
+and bounds it; a quantized variant's layers read ``QUANT_BYTES`` per weight of its dtype.
+The embedding lookup reads one row and is left out of both.
 """
 
 from __future__ import annotations

@@ -78,6 +78,9 @@ DEFAULT_BLOCK = {8: LINE_BYTES, 4: 2 * LINE_BYTES}
 #: of 2 rows at int8 (4 vectors a row) and 1 row at int4 (8 vectors); the widened codes
 #: take as many again.
 ACC_VECTORS = 8
+#: Columns per chunk: the kernel walks an input's codes of a block in chunks whose
+#: ``ACC_VECTORS`` vectors of sums stay in registers (128 bytes of int8, 64 of int4).
+CHUNK_COLUMNS = ACC_VECTORS * 16
 #: Active inputs ahead of the current one whose codes are prefetched.
 PREFETCH_ROWS = 48
 
@@ -116,10 +119,13 @@ class GatedQuantizedWeight:
 
 
 def _check_block(bits: int, block: int | None) -> int:
+    """``block``, or the default for ``bits``: a multiple of 16 (int8) or 32 (int4) up to
+    ``CHUNK_COLUMNS``, and a multiple of it beyond (the kernel walks a block in chunks)."""
     block = DEFAULT_BLOCK[bits] if block is None else block
     step = LANES if bits == 8 else 2 * LANES
-    if not isinstance(block, (int, np.integer)) or block <= 0 or block % step:
-        raise ValueError(f"block must be a positive multiple of {step} for int{bits}, got {block!r}")
+    if not isinstance(block, (int, np.integer)) or block <= 0 or block % (step if block <= CHUNK_COLUMNS else CHUNK_COLUMNS):
+        raise ValueError(f"block must be a positive multiple of {step} up to {CHUNK_COLUMNS} for int{bits}, "
+                         f"and a multiple of {CHUNK_COLUMNS} beyond; got {block!r}")
     return int(block)
 
 
@@ -156,7 +162,9 @@ def pack_gated(weight: qk.QuantizedWeight, block: int | None = None) -> GatedQua
     else:
         nibbles = _blocked((codes.astype(np.int16) + (8 if weight.symmetric else 0)).astype(np.uint8), block)
         half = block // 2
-        packed = np.ascontiguousarray(nibbles[:, :, :half] | (nibbles[:, :, half:] << 4))
+        packed = nibbles[:, :, :half] | (nibbles[:, :, half:] << 4)
+    # [B, K, bytes] -> [K, B, bytes]: each input's codes are one row over all N.
+    packed = np.ascontiguousarray(packed.transpose(1, 0, 2))
     as_fp16 = lambda per_group: _blocked(per_group.astype(np.float16), block)  # noqa: E731 (exact: from float16)
     return GatedQuantizedWeight(
         weight.bits, weight.symmetric, weight.k, weight.n, weight.group, block, packed, as_fp16(scales),
@@ -180,10 +188,11 @@ def quantize_gated_int4(
 def unpack_gated(weight: GatedQuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """``(codes [K, N], scales [G, N], mins [G, N] or None)`` as ``quant_kernels.unpack``
     gives them: the inputs of ONNX ``DequantizeLinear(block_size=group, axis=0)``."""
+    per_block = weight.codes.transpose(1, 0, 2)
     if weight.bits == 8:
-        codes = _unblocked(weight.codes, weight.n)
+        codes = _unblocked(per_block, weight.n)
     else:
-        both = np.concatenate([weight.codes & 15, weight.codes >> 4], axis=2)
+        both = np.concatenate([per_block & 15, per_block >> 4], axis=2)
         codes = _unblocked(both, weight.n)
         if weight.symmetric:
             codes = (codes.astype(np.int8) - 8).astype(np.int8)
@@ -267,13 +276,17 @@ def _gated_quant_func(m, k, n, bits, symmetric, group, per_channel, block):
     qk._check_group(group)
     check_gate(per_channel, 1)
     block = _check_block(bits, block)
-    vectors = block // LANES
     code_bytes = block if bits == 8 else block // 2
     blocks = -(-n // block)
     groups = -(-k // group)
     has_mins = bits == 4 and not symmetric
     has_offset = bits == 4
-    rows_per_tile = min(m, max(1, ACC_VECTORS // vectors))
+    # Each input's codes of a block are walked in chunks of at most ACC_VECTORS vectors
+    # (`slots`) of sums: 128 bytes of int8, 64 of int4.
+    chunk_bytes = min(block, CHUNK_COLUMNS) * bits // 8
+    chunks = code_bytes // chunk_bytes
+    slots = chunk_bytes // LANES * (8 // bits)
+    rows_per_tile = min(m, max(1, ACC_VECTORS // slots))
     full_tiles, tail_rows = divmod(m, rows_per_tile)
     full_blocks, tail_cols = divmod(n, block)
     code_dtype = "int8" if bits == 8 else "uint8"
@@ -313,31 +326,21 @@ def _gated_quant_func(m, k, n, bits, symmetric, group, per_channel, block):
 
     # --- Step 2: per block, group and row tile ------------------------------------------
 
-    def code_vector(codes, b, kk, u):
-        # Bytes 16 u .. 16 u + 15 of input kk's codes in block b.
-        return codes[b, kk, T.Ramp(u * LANES, 1, LANES)]
+    per_half = chunk_bytes // LANES  # byte vectors per chunk
 
-    @T.macro
-    def add_vector(sums, xa, i, column, codes_f32, m0, rows):
-        for r in T.unroll(rows):
-            sums[T.Ramp(r * block + column, 1, LANES)] = (
-                sums[T.Ramp(r * block + column, 1, LANES)] + T.Broadcast(xa[m0 + r, i], LANES) * codes_f32
-            )
+    def code_vector(codes, b, kk, ch, u):
+        # Bytes 16 u .. 16 u + 15 of chunk ch of input kk's codes in block b: int8 codes of
+        # columns ch * chunk_bytes + 16 u.., or int4 codes of those (low nibbles) and of
+        # block / 2 + the same (high nibbles).
+        return codes[kk, b, T.Ramp(ch * chunk_bytes + u * LANES, 1, LANES)]
 
-    @T.macro
-    def add_input(sums, codes, xa, b, kk, i, m0, rows):
-        # sums[r, :] += gate(x)[m0 + r, kk] * q[kk, block b]; an int4 byte vector holds
-        # columns 16 u.. (low nibbles) and block / 2 + 16 u.. (high nibbles).
-        for u in T.unroll(code_bytes // LANES):
-            if bits == 8:
-                add_vector(sums, xa, i, u * LANES, T.Cast("float32x16", code_vector(codes, b, kk, u)), m0, rows)
-            else:
-                add_vector(sums, xa, i, u * LANES, T.Cast(
-                    "float32x16", T.bitwise_and(code_vector(codes, b, kk, u), T.Broadcast(T.uint8(15), LANES))
-                ), m0, rows)
-                add_vector(sums, xa, i, block // 2 + u * LANES, T.Cast(
-                    "float32x16", T.shift_right(code_vector(codes, b, kk, u), T.Broadcast(T.uint8(4), LANES))
-                ), m0, rows)
+    def low_codes(codes, b, kk, ch, u):
+        if bits == 8:
+            return T.Cast("float32x16", code_vector(codes, b, kk, ch, u))
+        return T.Cast("float32x16", T.bitwise_and(code_vector(codes, b, kk, ch, u), T.Broadcast(T.uint8(15), LANES)))
+
+    def high_codes(codes, b, kk, ch, u):
+        return T.Cast("float32x16", T.shift_right(code_vector(codes, b, kk, ch, u), T.Broadcast(T.uint8(4), LANES)))
 
     @T.macro
     def prefetch_ahead(codes, active, count, b, i):
@@ -350,8 +353,8 @@ def _gated_quant_func(m, k, n, bits, symmetric, group, per_channel, block):
                 prefetch(
                     T.address_of(
                         codes[
-                            b + T.if_then_else(ahead < count, 0, 1),
                             active[T.if_then_else(ahead < count, ahead, T.min(ahead - count, count - 1))],
+                            b + T.if_then_else(ahead < count, 0, 1),
                             line * LINE_BYTES,
                         ]
                     )
@@ -359,30 +362,53 @@ def _gated_quant_func(m, k, n, bits, symmetric, group, per_channel, block):
             )
 
     @T.macro
-    def group_tile(codes, scales, mins, active, xa, xsum, totals, bounds, b, g, m0, rows):
-        sums = T.alloc_buffer((rows * block,), "float32")
-        for t in T.vectorized(rows * block):
-            sums[t] = T.float32(0)
-        for i in range(bounds[0], bounds[1]):
-            if m0 == 0:
-                prefetch_ahead(codes, active, bounds[2], b, i)
-            add_input(sums, codes, xa, b, active[i], i, m0, rows)
+    def add_slot(sums, xa, i, slot, vector, m0, rows):
         for r in T.unroll(rows):
-            for c in T.vectorized(block):
-                if has_mins:
-                    totals[m0 + r, b * block + c] = (
-                        totals[m0 + r, b * block + c]
-                        + T.Cast("float32", scales[b, g, c]) * sums[r * block + c]
-                        + T.Cast("float32", mins[b, g, c]) * xsum[m0 + r, g]
-                    )
-                elif has_offset:
-                    totals[m0 + r, b * block + c] = totals[m0 + r, b * block + c] + T.Cast(
-                        "float32", scales[b, g, c]
-                    ) * (sums[r * block + c] - T.float32(8) * xsum[m0 + r, g])
-                else:
-                    totals[m0 + r, b * block + c] = (
-                        totals[m0 + r, b * block + c] + T.Cast("float32", scales[b, g, c]) * sums[r * block + c]
-                    )
+            sums[T.Ramp((r * slots + slot) * LANES, 1, LANES)] = (
+                sums[T.Ramp((r * slots + slot) * LANES, 1, LANES)] + T.Broadcast(xa[m0 + r, i], LANES) * vector
+            )
+
+    @T.macro
+    def add_input(sums, codes, xa, b, kk, i, ch, m0, rows):
+        # sums[r, slot] += gate(x)[m0 + r, kk] * q[kk, the slot's 16 columns]: slot u the
+        # low codes of byte vector u, slot per_half + u its high nibbles (int4).
+        for u in T.unroll(per_half):
+            add_slot(sums, xa, i, u, low_codes(codes, b, kk, ch, u), m0, rows)
+            if bits == 4:
+                add_slot(sums, xa, i, per_half + u, high_codes(codes, b, kk, ch, u), m0, rows)
+
+    def finished(total, scales, mins, xsum, sums, b, g, r, slot, column, m0):
+        at = T.Ramp(column, 1, LANES)
+        group_sum = sums[T.Ramp((r * slots + slot) * LANES, 1, LANES)]
+        scale = T.Cast("float32x16", scales[b, g, at])
+        if has_mins:
+            return total + scale * group_sum + T.Cast("float32x16", mins[b, g, at]) * T.Broadcast(xsum[m0 + r, g], LANES)
+        if has_offset:
+            return total + scale * (group_sum - T.Broadcast(T.float32(8) * xsum[m0 + r, g], LANES))
+        return total + scale * group_sum
+
+    @T.macro
+    def finish_slot(totals, scales, mins, xsum, sums, b, g, slot, column, m0, rows):
+        for r in T.unroll(rows):
+            totals[m0 + r, T.Ramp(b * block + column, 1, LANES)] = finished(
+                totals[m0 + r, T.Ramp(b * block + column, 1, LANES)], scales, mins, xsum, sums, b, g, r, slot, column, m0
+            )
+
+    @T.macro
+    def group_tile(codes, scales, mins, active, xa, xsum, totals, bounds, b, g, m0, rows):
+        for ch in range(chunks):
+            sums = T.alloc_buffer((rows * slots * LANES,), "float32")
+            for t in T.vectorized(rows * slots * LANES):
+                sums[t] = T.float32(0)
+            for i in range(bounds[0], bounds[1]):
+                if ch == 0 and m0 == 0:
+                    prefetch_ahead(codes, active, bounds[2], b, i)
+                add_input(sums, codes, xa, b, active[i], i, ch, m0, rows)
+            for u in T.unroll(per_half):
+                finish_slot(totals, scales, mins, xsum, sums, b, g, u, ch * chunk_bytes + u * LANES, m0, rows)
+                if bits == 4:
+                    finish_slot(totals, scales, mins, xsum, sums, b, g, per_half + u,
+                                block // 2 + ch * chunk_bytes + u * LANES, m0, rows)
 
     @T.macro
     def store(totals, y, b):
@@ -433,7 +459,7 @@ def _gated_quant_func(m, k, n, bits, symmetric, group, per_channel, block):
             block_task(codes, scales, mins, y, active, starts, xa, xsum, totals, b)
 
     threshold_size = k if per_channel else 1
-    code_shape = (blocks, k, code_bytes)
+    code_shape = (k, blocks, code_bytes)
     param_shape = (blocks, groups, block)
     if has_mins:
 

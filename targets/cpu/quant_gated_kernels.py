@@ -60,13 +60,18 @@ import numpy as np
 
 from targets.cpu import quant_kernels as qk
 from targets.cpu.simd import LANES, PREFETCH_BYTES, prefetch
-from targets.cpu.skeletons import GATED_K_PARTS, gate_tile_macro, pairs_of_rows, split_k
+from targets.cpu.skeletons import GATED_K_PARTS, SPARSE_ROW_TILE, gate_tile_macro, row_tiles, split_k
+from targets.kernel_args import check_gate, check_sizes, func_attrs
 
 GROUP = qk.GROUP
 #: Bytes of one cache line, the unit of the prefetches.
 LINE_BYTES = 64
 #: Columns one padded row of codes comes in: 16 (one int8 vector) or 32 (16 int4 bytes).
 ROW_ALIGN = {8: LANES, 4: 2 * LANES}
+#: Active rows of codes walked at once: as many streams in flight, and one scaling and
+#: one read-modify-write of the partial sums for all of them (2 rows, as the fp32 gated
+#: kernel walks them, measured no faster; 8 no faster than 4).
+ROWS_PER_STEP = 4
 
 _SYMBOL = re.compile(
     r"gated_int(?P<bits>8|4)(?P<sym>s?)_matmul_m(?P<m>\d+)_k(?P<k>\d+)_n(?P<n>\d+)_g(?P<group>\d+)"
@@ -232,9 +237,7 @@ def gated_int4_matmul_func(
 def _gated_quant_func(m, k, n, bits, symmetric, group, per_channel, k_parts):
     from tvm.script import tirx as T
 
-    from targets.kernel_args import check_gate, func_attrs
-
-    qk._check_sizes(m, k, n)
+    check_sizes(m=m, k=k, n=n)
     qk._check_group(group)
     check_gate(per_channel, k_parts)
     align = ROW_ALIGN[bits]
@@ -254,79 +257,145 @@ def _gated_quant_func(m, k, n, bits, symmetric, group, per_channel, k_parts):
         full_lines, tail_vectors = full_lines - 1, per_line
     ahead = min(PREFETCH_BYTES // LINE_BYTES, full_lines)
     in_row = full_lines - ahead
+    line_columns = LINE_BYTES * 8 // bits  # columns of one line of codes
+    param_lines = line_columns * 2 // LINE_BYTES  # lines of float16 parameters under it
     gate_tile = gate_tile_macro(per_channel)
     symbol = kernel_symbol(bits, symmetric, m, k, n, group, per_channel)
 
-    def weights_at(weights, row, byte, column, half):
-        # 16 weights of row `row` from column `column`, float32: codes widened, then
-        # d q (int8), d q + m (int4) or d (q - 8) (symmetric int4).
-        codes, scales = weights[0], weights[1]
-        g = row // group
-        scale = T.Cast("float32x16", scales[g, T.Ramp(column, 1, LANES)])
-        line = codes[row, T.Ramp(byte, 1, LANES)]
+    def codes_at(weights, row, byte, half):
+        # 16 codes of row `row` as float32: int8 bytes, or the low (half 0) or high
+        # (half 1) nibbles of int4 bytes.
+        line = weights[0][row, T.Ramp(byte, 1, LANES)]
         if bits == 8:
-            return T.Cast("float32x16", line) * scale
-        nibbles = T.Cast("float32x16", T.bitwise_and(line, T.Broadcast(T.uint8(15), LANES)) if half == 0
-                         else T.shift_right(line, T.Broadcast(T.uint8(4), LANES)))
+            return T.Cast("float32x16", line)
+        if half == 0:
+            return T.Cast("float32x16", T.bitwise_and(line, T.Broadcast(T.uint8(15), LANES)))
+        return T.Cast("float32x16", T.shift_right(line, T.Broadcast(T.uint8(4), LANES)))
+
+    def params_at(params, row, column):
+        return T.Cast("float32x16", params[row // group, T.Ramp(column, 1, LANES)])
+
+    def weights_at(weights, row, byte, column, half):
+        # The 16 float32 weights: d q (int8), d q + m (int4) or d (q - 8) (symmetric).
+        codes, scale = codes_at(weights, row, byte, half), params_at(weights[1], row, column)
+        if bits == 8:
+            return codes * scale
         if has_mins:
-            return nibbles * scale + T.Cast("float32x16", weights[2][g, T.Ramp(column, 1, LANES)])
-        return (nibbles - T.Broadcast(T.float32(8), LANES)) * scale
+            return codes * scale + params_at(weights[2], row, column)
+        return (codes - T.Broadcast(T.float32(8), LANES)) * scale
+
+    def stepped(partial_sum, weights, gated, step_sum, rows_at, byte, column, half, r, tile_rows, same):
+        # partial + sum_j gate(x)[r, k_j] W[k_j, :] on 16 columns, over the step's rows k_j.
+        # For rows of one group (most steps: consecutive active inputs), the scale and
+        # minimum are applied once to all: d sum_j g_j q_j + m sum_j g_j, with step_sum[r]
+        # = sum_j g_j (times 8 for symmetric int4, whose zero point it removes).
+        g = [T.Broadcast(gated[j * tile_rows + r], LANES) for j in range(ROWS_PER_STEP)]
+        if not same:
+            total = partial_sum
+            for j in range(ROWS_PER_STEP):
+                total = total + g[j] * weights_at(weights, rows_at[j], byte, column, half)
+            return total
+        codes = g[0] * codes_at(weights, rows_at[0], byte, half)
+        for j in range(1, ROWS_PER_STEP):
+            codes = codes + g[j] * codes_at(weights, rows_at[j], byte, half)
+        scale = params_at(weights[1], rows_at[0], column)
+        if bits == 8:
+            return partial_sum + scale * codes
+        if has_mins:
+            return partial_sum + scale * codes + params_at(weights[2], rows_at[0], column) * T.Broadcast(step_sum[r], LANES)
+        return partial_sum + scale * (codes - T.Broadcast(step_sum[r], LANES))
 
     @T.macro
-    def add_columns(partial, weights, gated, p, rows_at, byte, column, half, m0, tile_rows):
+    def add_columns(partial, weights, gated, step_sum, p, rows_at, byte, column, half, m0, tile_rows, same):
         for r in T.unroll(tile_rows):
-            partial[p, m0 + r, T.Ramp(column, 1, LANES)] = (
-                partial[p, m0 + r, T.Ramp(column, 1, LANES)]
-                + T.Broadcast(gated[r], LANES) * weights_at(weights, rows_at[0], byte, column, half)
-                + T.Broadcast(gated[tile_rows + r], LANES) * weights_at(weights, rows_at[1], byte, column, half)
+            partial[p, m0 + r, T.Ramp(column, 1, LANES)] = stepped(
+                partial[p, m0 + r, T.Ramp(column, 1, LANES)], weights, gated, step_sum, rows_at, byte, column, half, r,
+                tile_rows, same,
             )
 
     @T.macro
-    def add_byte_vector(partial, weights, gated, p, rows_at, v, m0, tile_rows, high):
-        # Byte vector v of both rows: columns 16 v.. (int8), or 32 v.. and 32 v + 16..
+    def add_byte_vector(partial, weights, gated, step_sum, p, rows_at, v, m0, tile_rows, high, same):
+        # Byte vector v of the step's rows: columns 16 v.. (int8), or 32 v.. and 32 v + 16..
         if bits == 8:
-            add_columns(partial, weights, gated, p, rows_at, v * LANES, v * LANES, 0, m0, tile_rows)
+            add_columns(partial, weights, gated, step_sum, p, rows_at, v * LANES, v * LANES, 0, m0, tile_rows, same)
         else:
-            add_columns(partial, weights, gated, p, rows_at, v * LANES, 2 * v * LANES, 0, m0, tile_rows)
+            add_columns(partial, weights, gated, step_sum, p, rows_at, v * LANES, 2 * v * LANES, 0, m0, tile_rows, same)
             if high:
-                add_columns(
-                    partial, weights, gated, p, rows_at, v * LANES, 2 * v * LANES + LANES, 1, m0, tile_rows
-                )
+                add_columns(partial, weights, gated, step_sum, p, rows_at, v * LANES, 2 * v * LANES + LANES, 1, m0,
+                            tile_rows, same)
 
     @T.macro
-    def add_line(partial, weights, gated, p, rows_at, line, m0, tile_rows):
+    def add_line(partial, weights, gated, step_sum, p, rows_at, line, m0, tile_rows, same):
         for u in T.unroll(per_line):
-            add_byte_vector(partial, weights, gated, p, rows_at, line * per_line + u, m0, tile_rows, True)
+            add_byte_vector(partial, weights, gated, step_sum, p, rows_at, line * per_line + u, m0, tile_rows, True,
+                            same)
 
     @T.macro
-    def add_rows(partial, weights, gated, p, rows_at, m0, tile_rows):
-        # Two rows at once, as the fp32 gated kernel: two streams in flight and one
-        # read-modify-write of the partial sum per two rows.
+    def prefetch_params(weights, row, line):
+        # The lines of row's group's scales (and minimums) under code line `line`.
+        for t in T.unroll(param_lines):
+            T.evaluate(prefetch(T.address_of(weights[1][row // group, line * line_columns + t * (LINE_BYTES // 2)])))
+            if has_mins:
+                T.evaluate(prefetch(T.address_of(weights[2][row // group, line * line_columns + t * (LINE_BYTES // 2)])))
+
+    @T.macro
+    def add_rows(partial, weights, gated, step_sum, p, rows_at, m0, tile_rows, same):
+        # ROWS_PER_STEP rows at once: as many streams in flight, and one read-modify-write
+        # of the partial sum (and one scaling) for all of them. The last lines of the step
+        # prefetch the start of the next step's rows.
         for line in range(in_row):
-            T.evaluate(prefetch(T.address_of(weights[0][rows_at[0], (line + ahead) * LINE_BYTES])))
-            T.evaluate(prefetch(T.address_of(weights[0][rows_at[1], (line + ahead) * LINE_BYTES])))
-            add_line(partial, weights, gated, p, rows_at, line, m0, tile_rows)
+            for j in T.unroll(ROWS_PER_STEP):
+                T.evaluate(prefetch(T.address_of(weights[0][rows_at[j], (line + ahead) * LINE_BYTES])))
+            prefetch_params(weights, rows_at[ROWS_PER_STEP - 1], line + ahead)
+            add_line(partial, weights, gated, step_sum, p, rows_at, line, m0, tile_rows, same)
         for line in range(in_row, full_lines):
-            T.evaluate(prefetch(T.address_of(weights[0][rows_at[2], (line - in_row) * LINE_BYTES])))
-            T.evaluate(prefetch(T.address_of(weights[0][rows_at[3], (line - in_row) * LINE_BYTES])))
-            add_line(partial, weights, gated, p, rows_at, line, m0, tile_rows)
+            for j in T.unroll(ROWS_PER_STEP):
+                T.evaluate(prefetch(T.address_of(weights[0][rows_at[ROWS_PER_STEP + j], (line - in_row) * LINE_BYTES])))
+            prefetch_params(weights, rows_at[2 * ROWS_PER_STEP - 1], line - in_row)
+            add_line(partial, weights, gated, step_sum, p, rows_at, line, m0, tile_rows, same)
         for u in T.unroll(tail_vectors):
-            add_byte_vector(partial, weights, gated, p, rows_at, full_lines * per_line + u, m0, tile_rows,
-                            last_high or u < tail_vectors - 1)
+            add_byte_vector(partial, weights, gated, step_sum, p, rows_at, full_lines * per_line + u, m0, tile_rows,
+                            last_high or u < tail_vectors - 1, same)
 
     @T.macro
-    def row_tile(x, threshold, weights, partial, p, rows_at, single, m0, tile_rows):
-        # gated[0:tile_rows] and gated[tile_rows:] are the gated inputs of the two rows; a
-        # lone last row is paired with itself at a zero input.
-        gated = T.alloc_buffer((2 * tile_rows,), "float32")
-        gate_tile(gated, 0, x, threshold, rows_at[0], m0, tile_rows)
-        gate_tile(gated, tile_rows, x, threshold, rows_at[1], m0, tile_rows)
-        if single:
-            for r in range(tile_rows):
-                gated[tile_rows + r] = T.float32(0)
-        add_rows(partial, weights, gated, p, rows_at, m0, tile_rows)
+    def row_tile(x, threshold, weights, partial, p, rows_at, valid, m0, tile_rows):
+        # gated[j * tile_rows + r] = gate(x)[m0 + r, k_j]; the rows of a short last step
+        # (j >= valid) repeat its last row at a zero input.
+        gated = T.alloc_buffer((ROWS_PER_STEP * tile_rows,), "float32")
+        for j in range(ROWS_PER_STEP):
+            gate_tile(gated, j * tile_rows, x, threshold, rows_at[j], m0, tile_rows)
+            if j >= valid:
+                for r in range(tile_rows):
+                    gated[j * tile_rows + r] = T.float32(0)
+        step_sum = T.alloc_buffer((tile_rows,), "float32")
+        for r in range(tile_rows):
+            step_sum[r] = T.float32(0)
+            for j in range(ROWS_PER_STEP):
+                step_sum[r] = step_sum[r] + gated[j * tile_rows + r]
+            step_sum[r] = step_sum[r] * T.float32(1 if has_mins else 8)
+        if rows_at[0] // group == rows_at[ROWS_PER_STEP - 1] // group:
+            add_rows(partial, weights, gated, step_sum, p, rows_at, m0, tile_rows, True)
+        else:
+            add_rows(partial, weights, gated, step_sum, p, rows_at, m0, tile_rows, False)
 
-    matmul = split_k(m, k, n, per_channel, k_parts, pairs_of_rows(m, row_tile))
+    rows, full_tiles, tail_rows = row_tiles(m, SPARSE_ROW_TILE)
+
+    @T.macro
+    def walk(x, threshold, weights, active, partial, p, first, end):
+        # The slice active[first:end], ROWS_PER_STEP rows at a time (pairs_of_rows of the
+        # fp32 gated kernel, widened); rows_at holds this step's rows and the next's,
+        # clamped to the slice, copied to the stack as there.
+        for q in range((end - first + ROWS_PER_STEP - 1) // ROWS_PER_STEP):
+            rows_at = T.alloc_buffer((2 * ROWS_PER_STEP,), "int32")
+            for i in range(2 * ROWS_PER_STEP):
+                rows_at[i] = active[T.min(first + ROWS_PER_STEP * q + i, end - 1)]
+            for t in range(full_tiles):
+                row_tile(x, threshold, weights, partial, p, rows_at, end - first - ROWS_PER_STEP * q, t * rows, rows)
+            if tail_rows > 0:
+                row_tile(x, threshold, weights, partial, p, rows_at, end - first - ROWS_PER_STEP * q,
+                         full_tiles * rows, tail_rows)
+
+    matmul = split_k(m, k, n, per_channel, k_parts, walk)
     threshold_size = k if per_channel else 1
     code_shape = (k, row_bytes)
     param_shape = (groups, padded_n)

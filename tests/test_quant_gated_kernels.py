@@ -25,8 +25,9 @@ from test_quant_kernels import dequantize_linear_nodes
 KINDS = (("int8", 8, True), ("int4", 4, False), ("int4-sym", 4, True))
 #: (M, K, N): M = 1, 3 and 8; K not a multiple of the group of 32 (the last group short);
 #: N not a multiple of 16 (and, for 21 and 200 columns, of 32: an int4 row's last byte
-#: vector half padding), with rows shorter and longer than the kernel's prefetch distance.
-SHAPES = ((1, 70, 40), (3, 100, 21), (8, 150, 200), (1, 64, 3000))
+#: vector half padding), with rows shorter and (8300 columns) longer than the kernel's
+#: prefetch distance of 4 KB.
+SHAPES = ((1, 40, 8300), (3, 100, 21), (8, 70, 200))
 #: Fractions of inactive inputs: None for a threshold of 0 (relu-like: |x| > 0 everywhere,
 #: none skipped), 1.0 for a threshold above every |x| (all skipped), 0.5 for a random half.
 ACTIVITY = (None, 0.5, 1.0)
@@ -43,14 +44,21 @@ def _quantize(weight, bits, symmetric):
 
 
 @functools.lru_cache(maxsize=None)
+def _func(m, k, n, bits, symmetric, per_channel):
+    """Built once per kernel (the TVMScript takes seconds to parse): the threshold is an
+    input, so every activity reuses it."""
+    if bits == 8:
+        return qg.gated_int8_matmul_func(m, k, n, per_channel=per_channel)
+    return qg.gated_int4_matmul_func(m, k, n, symmetric=symmetric, per_channel=per_channel)
+
+
+@functools.lru_cache(maxsize=None)
 def _kernel(m, k, n, bits, symmetric, per_channel):
-    """Compiled once per kernel: the threshold is an input, so every activity reuses it."""
     import tvm
 
     from targets.cpu.host import host_target
 
-    func = (qg.gated_int8_matmul_func(m, k, n, per_channel=per_channel) if bits == 8
-            else qg.gated_int4_matmul_func(m, k, n, symmetric=symmetric, per_channel=per_channel))
+    func = _func(m, k, n, bits, symmetric, per_channel)
     symbol = str(func.attrs["global_symbol"])
     return tvm.compile(tvm.IRModule({symbol: func}), target=host_target()).mod[symbol]
 
@@ -133,11 +141,11 @@ def test_kernel_matches_onnxruntime(m, k, n, label, bits, symmetric, inactive):
     assert (np.abs(got - expected) <= FP32_ORDER * _magnitude(gated, packed)).all(), np.abs(got - expected).max()
 
 
-@pytest.mark.parametrize("label,bits,symmetric", KINDS)
-def test_one_threshold_for_all_inputs(label, bits, symmetric):
-    """``per_channel=False``: the threshold is ``[1]``, broadcast by ONNX's ``Greater``."""
+def test_one_threshold_for_all_inputs():
+    """``per_channel=False``: the threshold is ``[1]``, broadcast by ONNX's ``Greater`` (on
+    int4 with minimums; the gate does not depend on the dtype)."""
     m, k, n = 3, 100, 21
-    rng, x, packed = _case(m, k, n, bits, symmetric, seed=5)
+    rng, x, packed = _case(m, k, n, 4, False, seed=5)
     threshold = _threshold(x, 0.5, False, rng)
     (expected,) = onnxruntime_reference(_model(packed, m, 1), {"x": x, "threshold": threshold})
     got = _run(x, threshold, packed, per_channel=False)
@@ -184,11 +192,9 @@ def test_symbols_read_back():
     """Each kernel names itself with ``kernel_symbol``, and ``parse_kernel_symbol`` gives the
     facts back (None for another kernel's name)."""
     for bits, symmetric, per_channel in ((8, True, True), (4, False, False), (4, True, True)):
-        func = (qg.gated_int8_matmul_func(3, 70, 21, per_channel=per_channel) if bits == 8
-                else qg.gated_int4_matmul_func(3, 70, 21, symmetric=symmetric, per_channel=per_channel))
-        name = str(func.attrs["global_symbol"])
-        assert name == qg.kernel_symbol(bits, symmetric, 3, 70, 21, 32, per_channel)
-        assert qg.parse_kernel_symbol(name) == {"bits": bits, "symmetric": symmetric, "m": 3, "k": 70, "n": 21,
+        name = str(_func(3, 100, 21, bits, symmetric, per_channel).attrs["global_symbol"])
+        assert name == qg.kernel_symbol(bits, symmetric, 3, 100, 21, 32, per_channel)
+        assert qg.parse_kernel_symbol(name) == {"bits": bits, "symmetric": symmetric, "m": 3, "k": 100, "n": 21,
                                                 "group": 32, "per_channel": per_channel}
     assert qg.parse_kernel_symbol("gated_matmul_m1_k4_n4_channel") is None
 

@@ -34,21 +34,85 @@ skipped, which bounds the speedup over the dense kernel of the same dtype at an 
 fraction ``f`` to ``(c + p) / ((1 - f) c + p)``, ``c`` and ``p`` the code and parameter
 bytes per weight (at 50 %: 1.89x for int8, 1.67x for int4, 1.80x for symmetric int4).
 
-Why whole rows. A first version cut the columns into blocks of 64 (int8) or 128 (int4)
-and stored each block's rows contiguously (one 64-byte line per input and block), with
-the tasks parallel over blocks: its skipped lines sat between read ones in one ascending
-stream, which the hardware prefetchers fetch whole, so at 50 % inactive it read about
-as much as the dense kernel and was no faster (0.56 against 0.45 ms on 2048x5632 int8).
-Runs of 128 bytes at a stride of ``N`` (rows per block, blocks side by side) reached
-1.1-1.3x. A skipped row of ``N`` bytes is skipped in DRAM as well.
+Loops: the split-K skeleton of the fp32 gated kernel (``targets.cpu.skeletons.split_k``):
+the active inputs are listed, ``k_parts`` parallel tasks take equal slices of the list
+and add ``gate(x)[:, k] * W[k, :]`` into their own partial ``y``, ``ROWS_PER_STEP`` (4)
+rows of codes at a time, and the partials are summed. Four consecutive active inputs are
+mostly in one group, so a step widens the four rows' codes, sums ``sum_j g_j q_j`` and
+scales once: ``partial += d * sum_j g_j q_j + m * sum_j g_j`` (with ``m`` zero for int8
+and ``-8 d`` for symmetric int4); a step across groups scales each row by its own group.
+Each step's rows are prefetched ``PREFETCH_BYTES`` ahead, the last lines of a step
+prefetch the start of the next step's rows wherever the skipped inputs put them, and the
+scales (and minimums) of the step's group are prefetched alongside (once 0.09 against
+0.13 ms without, at 90 % inactive on 2048x5632 int8; a second try under load was within
+the noise). An input is skipped only when inactive in all ``M``
+rows; the whole ``[M, N]`` tile of partial sums stays in L1 at decode.
 
-Loops: the split-K skeleton of the fp32 gated kernel (``targets.cpu.skeletons.split_k``
-with ``pairs_of_rows``): the active inputs are listed, ``k_parts`` parallel tasks take
-equal slices of the list and add ``gate(x)[:, k] * W[k, :]`` for two rows of codes at a
-time into their own partial ``y``, dequantizing each row's codes with its group's scales
-(read from L1: a group's scale row serves all its active inputs), and the partials are
-summed. Each row is prefetched ``PREFETCH_BYTES`` ahead, and its last lines prefetch the
-start of the next pair's rows, wherever the skipped inputs put them.
+Why whole rows. A first version cut the columns into blocks of 64 (int8) or 128 (int4),
+each block's rows contiguous (one 64-byte line per input and block), parallel over
+blocks: its skipped lines sat between read ones in one ascending stream, which the
+hardware prefetchers fetch whole, so at 50 % inactive it was no faster than at 0 %
+(0.56 against 0.56 ms, dense 0.45, on 2048x5632 int8). Rows of 128 bytes per block at a
+stride of ``N`` reached 1.1-1.3x the dense kernel; whole rows (a skipped row of ``N``
+bytes is skipped in DRAM too) the table below.
+
+Measured (``python benchmarks/quant_gated_gemv.py``, two runs; AMD EPYC Zen 5, LLVM
+``znver5``, 2 cores, L2 1 MB per core, L3 32 MB, ``TVM_NUM_THREADS=2``, M = 1, weights
+from DRAM, medians of 7 and 9 rounds in one process, the benchmark at nice -10). Load
+average 1.0-1.9, and in both runs another process took one full core throughout
+(``others`` 1.01), so the kernels ran on about 1.x cores: compute-bound kernels look
+worse than on an idle machine, and only the ratios within one shape mean anything.
+"x dense" is the speedup over the dense kernel of the same dtype (``quant_kernels``,
+its default path: int8 ``fma``, int4 ``vnni``), "ideal" that kernel's bytes over the
+bytes the gated call needs (active codes and every scale), "x fp32g" the speedup over
+the fp32 gated kernel at the same fraction::
+
+    2048x5632 (dense: fp32 1.54 / 1.69 ms, int8 0.465 / 0.446, int4 0.308 / 0.317,
+               int4 sym 0.283 / 0.283)
+    kernel       inactive  ms (run 1 / 2)   x dense      ideal  GB/s  x fp32g
+    int8 gated      0 %    0.594 / 0.593    0.78 / 0.75  1.00   20.7  2.8-3.5
+                   25 %    0.507 / 0.500    0.92 / 0.89  1.31   18.6  2.6-3.2
+                   40 %    0.423 / 0.435    1.10 / 1.02  1.60   17.8  2.9-3.1
+                   50 %    0.355 / 0.385    1.31 / 1.16  1.89   17.5  2.8-2.9
+                   70 %    0.253 / 0.269    1.84 / 1.66  2.93   16.0  2.7
+    int4 gated      0 %    0.514 / 0.517    0.60 / 0.61  1.00   14.0  3.3-4.0
+                   50 %    0.339 / 0.334    0.91 / 0.95  1.67   12.8  2.9-3.4
+                   70 %    0.249 / 0.257    1.24 / 1.24  2.27   12.6  2.8
+    int4 sym gated  0 %    0.412 / 0.413    0.69 / 0.68  1.00   15.7  4.1-5.0
+                   50 %    0.282 / 0.281    1.00 / 1.01  1.80   12.8  3.5-4.0
+                   70 %    0.209 / 0.205    1.35 / 1.38  2.65   11.9  3.3-3.5
+    fp32 gated     50 %    0.996 / 1.124    1.54 / 1.51  2.00   21.9
+
+    576x1536 / 1536x576, run 1 (dense int8 0.037 / 0.037 ms, int4 0.028 / 0.029)
+    int8 gated     50 %    0.032 / 0.042    1.17 / 0.88  1.89
+                   70 %    0.026 / 0.031    1.45 / 1.19  2.93
+    int4 gated     50 %    0.030 / 0.042    0.93 / 0.69  1.67
+    int4 sym gated 50 %    0.028 / 0.040    0.88 / 0.66  1.80
+
+(``benchmarks/quant_gated_gemv.py`` prints every fraction of every shape.)
+
+What the figures say, honestly:
+
+- The goal (>= 1.6x the dense kernel of the same dtype at 50 % inactive on 2048x5632) is
+  not met: int8 1.16-1.31x (it reaches 1.66-1.84x at 70 %), int4 0.91-0.95x and symmetric
+  int4 1.0x (1.24x / 1.35x at 70 %). Against the fp32 gated kernel at the same
+  activation sparsity the gated int8 kernel is 2.6-3.5x faster and int4 2.8-5x.
+- They are bound by their arithmetic, not by bytes: the rate of weights each multiplies
+  is about the same at every fraction (16-17 G weights/s for both dtypes in these runs,
+  so the int4 kernels' GB/s is half the int8 ones'), while the dense kernels multiply
+  faster (int4 on ``vnni``: 64 multiply-adds per instruction; int8 ``fma`` on 64-lane
+  lines). Each active weight costs a widening, a conversion to float32 and an FMA per
+  row (the scale, minimum and the partial sum's load and store shared by four rows).
+  From L2 one core ran them at 28-31 G weights/s, so on two idle cores the kernels would
+  sit closer to their bytes; that was not measurable here.
+- What would close the gap is the integer path of ``quant_kernels`` (``x`` rounded to
+  int8 per group, ``vpdpbusd``), which needs four inputs interleaved per 32-bit lane: a
+  skipped input would then have to be skipped four at a time, or the active rows'
+  bytes interleaved on the fly. Not done here.
+- The small shapes (SmolLM2's 576x1536 and 1536x576) are slower still: 1536x576's rows
+  are 576 bytes of int8 (288 of int4), too short for the per-row prefetch to run ahead,
+  and the call's fixed costs (the serial list of active inputs, two parallel launches,
+  the partial sums) are a larger share of a 30-40 us call.
 """
 
 from __future__ import annotations

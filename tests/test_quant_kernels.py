@@ -53,14 +53,20 @@ def _func(m, k, n, bits, symmetric, path):
 
 def _dequantize_linear_nodes(quantized) -> tuple[list, list]:
     """The nodes and initializers of ``W`` [K, N] float32 as standard ONNX."""
-    codes, scales, mins = qk.unpack(quantized)
+    return dequantize_linear_nodes(qk.unpack(quantized), quantized.bits, quantized.symmetric, quantized.group)
+
+
+def dequantize_linear_nodes(unpacked, bits: int, symmetric: bool, group: int) -> tuple[list, list]:
+    """The nodes and initializers computing ``W`` [K, N] float32 (output ``W``) from the
+    codes, scales and minimums ``unpack`` gives, as standard ONNX."""
+    codes, scales, mins = unpacked
     k, n = codes.shape
-    code_type = TensorProto.INT8 if quantized.bits == 8 else (TensorProto.INT4 if quantized.symmetric else TensorProto.UINT4)
+    code_type = TensorProto.INT8 if bits == 8 else (TensorProto.INT4 if symmetric else TensorProto.UINT4)
     inits = [
         helper.make_tensor("codes", code_type, [k, n], codes.astype(np.int64).ravel().tolist()),
         numpy_helper.from_array(scales, "scales"),
     ]
-    block = {"axis": 0, "block_size": quantized.group}
+    block = {"axis": 0, "block_size": group}
     if mins is None:
         return [helper.make_node("DequantizeLinear", ["codes", "scales"], ["W"], **block)], inits
     inits += [helper.make_tensor("ones", TensorProto.UINT4, [k, n], [1] * (k * n)), numpy_helper.from_array(mins, "mins")]

@@ -7,11 +7,12 @@ group and column, and the codes ``q``:
 
     int8    (llama.cpp's Q8_0): W[k, j] = d[g, j] * q[k, j],            q in -127..127
     int4    (Q4_1):             W[k, j] = d[g, j] * q[k, j] + m[g, j],  q in 0..15
-    int4sym (Q4_0's format):    W[k, j] = d[g, j] * q[k, j],            q in -7..7
+    int4sym (Q4_0):             W[k, j] = d[g, j] * q[k, j],            q in -8..7
 
 Scales and minimums are float16 values (held here as float32 that float16 represents
 exactly), so the kernels that store them as float16 compute with exactly these numbers.
-Round to nearest: every weight is within half a step of its value. Pruned zeros stay
+Round to nearest: every weight is within half a step of its value (int4sym, as llama.cpp's
+Q4_0, clamps the far end of its grid: within one step there). Pruned zeros stay
 exact zeros in ``int8`` and ``int4sym`` (zero is a code of a symmetric grid); the
 asymmetric ``int4`` grid runs from the group's minimum and holds zero only by chance.
 
@@ -38,7 +39,7 @@ WEIGHT_DTYPES = {
     "fp32": "float32 values (no quantization)",
     "int8": "int8 codes, one float16 scale per group (llama.cpp's Q8_0)",
     "int4": "4-bit codes, a float16 scale and minimum per group (llama.cpp's Q4_1)",
-    "int4sym": "4-bit codes -7..7, one float16 scale per group (llama.cpp's Q4_0 format)",
+    "int4sym": "4-bit codes -8..7, one float16 scale per group (llama.cpp's Q4_0)",
 }
 #: Inputs per group, the llama.cpp block.
 GROUP = 32
@@ -128,7 +129,8 @@ def quantize_grouped(blocks: np.ndarray, real: np.ndarray, dtype: str) -> tuple[
     int8: ``d`` the smallest float16 at or above ``max |w| / 127``, ``q = round(w / d)``.
     int4sym: the same with 7. int4: ``m`` the largest float16 at or below the group's
     minimum, ``d`` the smallest at or above ``(max - m) / 15``, ``q = round((w - m) / d)``.
-    A step is never rounded down, so ``|q|`` stays in range and ``|w - w'| <= d / 2``.
+    A step is never rounded down, so ``|q|`` stays in range and ``|w - w'| <= |d| / 2``,
+    except int4sym's clamped weights (within one step).
     """
     if dtype == "int4":
         # Over the real entries only: zero padding would widen a group's range.
@@ -140,13 +142,22 @@ def quantize_grouped(blocks: np.ndarray, real: np.ndarray, dtype: str) -> tuple[
         scales = fp16_rounded((highest - mins.astype(np.float64)) / 15, np.inf)
         offset = blocks - mins.astype(np.float64)[:, None, :]
         limits = (0, 15)
-    else:
+    elif dtype == "int8":
         mins, offset = None, blocks
-        top = 127 if dtype == "int8" else 7
-        scales = fp16_rounded(np.abs(blocks).max(axis=1) / top, np.inf)
-        limits = (-top, top)
+        scales = fp16_rounded(np.abs(blocks).max(axis=1) / 127, np.inf)
+        limits = (-127, 127)
+    else:
+        # llama.cpp's Q4_0 rule: the group's largest magnitude w* (with its sign) is code
+        # -8, d = w* / -8, so all 16 codes are used; a weight of the other sign beyond 7 d
+        # is clamped (at most one step off).
+        mins, offset = None, blocks
+        index = np.abs(blocks).argmax(axis=1)
+        extreme = np.take_along_axis(blocks, index[:, None, :], axis=1)[:, 0, :]
+        magnitude = fp16_rounded(np.abs(extreme) / 8, np.inf)
+        scales = np.where(extreme > 0, -magnitude, magnitude)
+        limits = (-8, 7)
     step = scales.astype(np.float64)[:, None, :]
-    codes = np.rint(np.divide(offset, step, out=np.zeros_like(offset), where=step > 0))
+    codes = np.rint(np.divide(offset, step, out=np.zeros_like(offset), where=step != 0))
     codes = np.clip(codes, *limits).astype(np.uint8 if dtype == "int4" else np.int8)
     return codes, scales, mins
 

@@ -183,7 +183,11 @@ def test_quantization_error_is_at_most_half_a_step(k, n, scale, offset, kind, se
     weight = (np.random.default_rng(seed).standard_normal((k, n)) * scale + offset * scale).astype(np.float32)
     quantized = _quantize(weight, bits, symmetric)
     error = np.abs(_dequantize(quantized).astype(np.float64) - weight)
-    assert (error <= _steps(quantized) / 2 + 2.0**-23 * np.abs(weight)).all()
+    steps = np.abs(_steps(quantized))
+    if bits == 4 and symmetric:
+        # llama.cpp's Q4_0 rule clamps the far end of the grid (code +7): one step there
+        steps = np.where(qk.unpack(quantized)[0] == 7, 2 * steps, steps)
+    assert (error <= steps / 2 + 2.0**-23 * np.abs(weight)).all()
 
 
 def _on_grid(rng, k, n, bits, symmetric):
@@ -194,7 +198,7 @@ def _on_grid(rng, k, n, bits, symmetric):
     if bits == 8:
         low, high = -127, 127
     else:
-        low, high = (-7, 7) if symmetric else (0, 15)
+        low, high = (-8, 7) if symmetric else (0, 15)
     codes = rng.integers(low, high + 1, (k, n))
     for g in range(groups):  # each group's first two rows take the extremes
         codes[g * qk.GROUP, :] = low

@@ -280,10 +280,10 @@ def quantize_int8(weight: np.ndarray, group: int = GROUP) -> QuantizedWeight:
 
 def quantize_int4(weight: np.ndarray, group: int = GROUP, symmetric: bool = False) -> QuantizedWeight:
     """Quantizes ``W`` [K, N] to int4 per group of ``group`` inputs, two codes per byte:
-    asymmetric (llama.cpp's Q4_1), ``w ~ d q + m``, or symmetric (Q4_0's format), ``w ~
-    d (q - 8)`` (``formats.quant.quantize_grouped``; llama.cpp's own Q4_0 rounding takes
-    ``d = max / -8`` and clamps the opposite extreme to +7, and the kernel reads codes
-    from either rule), in the layout ``int4_matmul_func`` reads.
+    asymmetric (llama.cpp's Q4_1), ``w ~ d q + m``, or symmetric (llama.cpp's Q4_0 rule:
+    ``d = w* / -8`` for the group's largest-magnitude weight ``w*``, the opposite extreme
+    clamped to +7), ``w ~ d (q - 8)`` (``formats.quant.quantize_grouped``), in the layout
+    ``int4_matmul_func`` reads.
 
     Raises:
         ValueError: as ``quantize_int8``.

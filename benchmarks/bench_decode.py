@@ -1,10 +1,11 @@
 """``sparsecc bench decode``: SmolLM2-135M decode tokens per second, batch 1.
 
-Eight variants, measured in one process and one run:
+Nine variants, measured in one process and one run:
 
 - transformers eager (what a user runs by default; its own KV cache),
 - onnxruntime on our dense decode graph (the same loop as ours: prefill graph, then the
-  decode step with the cache in numpy arrays),
+  decode step with the cache in numpy arrays), and on those graphs quantized by its own
+  4-bit tool (``matmul_nbits_graphs``),
 - ours dense,
 - ours with 50 % unstructured magnitude pruning and 40 % activation sparsity,
 - ours with 70 % 16x1-block magnitude pruning and 50 % activation sparsity
@@ -164,6 +165,28 @@ def _ideal_bytes(onnx_path: Path, activation_sparsity: float | None, vocab_size:
     return dense, variant
 
 
+def matmul_nbits_graphs(work: Path, dense_onnx: Path, spec: dict, progress: Progress) -> tuple[Path, dict]:
+    """The dense decode and prefill graphs quantized by onnxruntime's own 4-bit tool
+    (``MatMulNBitsQuantizer``, blocks of 32, symmetric, as ``docs`` of onnxruntime show it),
+    written once into ``work``: (decode path, its spec). onnxruntime quantizes the
+    ``MatMul`` nodes with initializer weights; the tied output projection reads its
+    weight through a Transpose and stays float32 there."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from compiler.onnx_io import load_model, save_model
+
+    decode_path = work / "dense-nbits.onnx"
+    nbits_spec = {**spec, "prefill_model": "dense-nbits.prefill.onnx"}
+    for source, target in ((dense_onnx, decode_path), (dense_onnx.with_name(spec["prefill_model"]),
+                                                       work / nbits_spec["prefill_model"])):
+        if not target.exists():
+            with progress.step(f"quantizing {source.name} with onnxruntime's MatMulNBitsQuantizer (int4, blocks of 32)"):
+                quantizer = MatMulNBitsQuantizer(load_model(source), block_size=32, is_symmetric=True, bits=4)
+                quantizer.process()
+                save_model(quantizer.model.model, target)
+    return decode_path, nbits_spec
+
+
 class OnnxRuntimeDecoder:
     """Our decode loop on onnxruntime: the dense prefill and decode graphs, cache in numpy."""
 
@@ -290,8 +313,10 @@ def run_decode_bench(workdir: str, rounds: int, new_tokens: int, json_path: str 
     eager.config.use_cache = True
     prompt = load_tokenizer("smollm2-135m")(PROMPT)["input_ids"]
 
+    nbits = OnnxRuntimeDecoder(*matmul_nbits_graphs(work, dense_onnx, spec, progress))
     runs = {"transformers eager": lambda: _transformers_generate(eager, prompt, new_tokens),
-            "onnxruntime dense": lambda: onnxruntime.generate(prompt, new_tokens)}
+            "onnxruntime dense": lambda: onnxruntime.generate(prompt, new_tokens),
+            "onnxruntime int4 (its MatMulNBits)": lambda: nbits.generate(prompt, new_tokens)}
     runs.update({name: (lambda m=model: generate_compiled(m, prompt, new_tokens)) for name, model in models.items()})
     peer_runs, peer_note = decode_peer_runs(new_tokens - 1, os.cpu_count() or 1)
     if peer_note:

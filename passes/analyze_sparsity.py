@@ -18,6 +18,7 @@ import onnx
 
 from passes import fold_pruning_masks as fold
 from passes.base import Graph, attribute, node_label
+from passes.quantized_weights import matmul_nbits_weight, quantized_weight
 from passes.sparse_formats import block_structure, choose_format
 
 
@@ -161,8 +162,6 @@ def analyze_sparsity(model: onnx.ModelProto) -> SparsityReport:
 def _quantized(node: onnx.NodeProto, graph: Graph):
     """The ``formats.quant`` weight of a MatMul reading a quantized weight
     (``passes.quantize_weights``), or None."""
-    from passes.quantize_weights import matmul_nbits_weight, quantized_weight
-
     if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
         found = matmul_nbits_weight(node, graph)
     elif node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and len(node.input) == 2:

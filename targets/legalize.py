@@ -34,7 +34,7 @@ from passes.analyze_sparsity import constant_weight
 from targets.attention import fuse_decode_attention
 from passes import sparse_ops
 from passes.base import Graph, attribute, gemm_refusal, node_label, remove_unused_initializers
-from passes.quantize_weights import Dequantized, matmul_nbits_weight, quantized_weight
+from passes.quantized_weights import Dequantized, matmul_nbits_weight, quantized_weight
 from runtime.errors import SparseccError
 
 # The most rows of x a sparse or gated kernel takes (decode, small batches).

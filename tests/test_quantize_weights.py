@@ -22,7 +22,8 @@ from compiler.driver import CompileOptions, compile_model
 from conftest import onnxruntime_reference
 from formats import quant
 from passes.base import Graph
-from passes.quantize_weights import Dequantized, matmul_nbits_weight, quantize_weights, quantized_weight
+from passes.quantize_weights import quantize_weights
+from passes.quantized_weights import Dequantized, matmul_nbits_weight, quantized_weight
 from runtime.errors import SparseccError
 from targets.cpu import quant_kernels as qk
 

@@ -256,6 +256,8 @@ def write_artifact(path: str | os.PathLike, manifest: Manifest, staged: Path) ->
     }
     final = Manifest(**{**manifest.__dict__, "files": files})
     write_manifest(staged, final.to_dict())
+    # mkdtemp made the staging folder 0700; the artifact follows the umask like any output.
+    os.chmod(staged, 0o777 & ~_umask())
     check_replaceable(path)
     if not path.exists():
         os.replace(staged, path)
@@ -266,6 +268,21 @@ def write_artifact(path: str | os.PathLike, manifest: Manifest, staged: Path) ->
         os.replace(path, aside)
         os.replace(staged, path)
         shutil.rmtree(aside)
+
+
+def _umask() -> int:
+    """This process's umask (read from /proc where it can be, as setting it to read it
+    back would change it for other threads for a moment)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def check_replaceable(path: Path) -> None:

@@ -1,18 +1,54 @@
-"""Loading and saving ONNX models with clear errors and no half-written files."""
+"""Loading and saving ONNX models with clear errors and no half-written or mismatched files.
+
+A model is saved as a pair: the graph ``NAME.onnx`` and its weights ``NAME.onnx.data``.
+Both are written under fresh hidden names beside the target, then renamed into place,
+the data file first and the graph last, so the graph that names a data file never
+appears before it. A kill between the two renames can still leave an old graph beside
+new data; the graph records its data file's sha256 (``sparsecc.data_sha256``), and
+``load_model`` refuses a pair whose hashes disagree instead of reading wrong weights.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
-import shutil
-import tempfile
+import secrets
 from pathlib import Path
 
 import onnx
+from onnx.external_data_helper import set_external_data, uses_external_data
 
-from runtime.errors import SparseccError
+from runtime.errors import SparseccError, cannot_write
 
-# Tensors above this many bytes go to the external data file beside the model.
+# Tensors of at least this many bytes go to the external data file beside the model.
 EXTERNAL_DATA_THRESHOLD = 1024
+# The graph's metadata key holding the sha256 of the data file it was written with.
+DATA_SHA256_KEY = "sparsecc.data_sha256"
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_pair(model: onnx.ModelProto, path: Path) -> None:
+    """Refuses a graph whose external data file is not the one it was saved with."""
+    recorded = next((prop.value for prop in model.metadata_props if prop.key == DATA_SHA256_KEY), None)
+    locations = {entry.value for tensor in _tensors(model.graph) if uses_external_data(tensor)
+                 for entry in tensor.external_data if entry.key == "location"}
+    if recorded is None or len(locations) != 1:
+        return  # not written by sparsecc (or without external data): nothing recorded to check
+    data = path.parent / next(iter(locations))
+    try:
+        actual = _sha256_file(data)
+    except OSError:
+        return  # the loader names the missing or unreadable file
+    if actual != recorded:
+        raise SparseccError(f"{path} and {data.name} do not belong together (the data file is not the one this graph "
+                            "was saved with, e.g. after an interrupted overwrite); export or save the model again.")
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -28,6 +64,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise SparseccError(f"{path} is not an ONNX model ({type(exc).__name__}).") from None
     if not model.graph.node and not model.graph.output:
         raise SparseccError(f"{path} is not an ONNX model (it has no graph).")
+    _check_pair(model, path)
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
     except Exception as exc:
@@ -35,30 +72,82 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Saves ``model`` to ``path`` (weights in ``path.data``), atomically.
+def _tensors(graph: onnx.GraphProto):
+    """Every initializer of ``graph`` and of the subgraphs in its nodes' attributes."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _tensors(subgraph)
 
-    Everything is written in a temporary folder beside the target and moved into place
-    only when complete, so an interrupted save leaves no partial model behind.
+
+def _create_partial(path: Path) -> tuple[Path, int]:
+    """A new hidden file beside ``path``, created exclusively (mode 0666 less the umask)."""
+    while True:
+        partial = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
+        try:
+            return partial, os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Saves ``model`` to ``path`` with its large tensors in ``path.data`` (see the module
+    docstring for the order of the writes); ``model`` itself is left as it was.
+
+    Raises:
+        SparseccError: when the files cannot be written (full disk, read-only folder, a
+            file where the folder should be); nothing is left half-written then.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data_name = path.name + ".data"
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    external = [tensor for tensor in _tensors(model.graph)
+                if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_DATA_THRESHOLD]
+    properties = [(prop.key, prop.value) for prop in model.metadata_props]
+    for target in (path, path.with_name(data_name)):
+        if target.is_symlink():
+            raise SparseccError(f"{target} is a symbolic link; give the file itself as -o (nothing was written).")
+        if target.is_dir():
+            raise SparseccError(f"{target} is a folder; give -o a file name such as model.onnx (nothing was written).")
+    partials: list[Path] = []
+    raw = [tensor.raw_data for tensor in external]
     try:
-        onnx.save_model(
-            model,
-            str(staging / path.name),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data_name,
-            size_threshold=EXTERNAL_DATA_THRESHOLD,
-        )
-        # onnx.save_model moved the weights out of `model`; bring them back so the
-        # caller's object stays usable.
-        onnx.load_external_data_for_model(model, str(staging))
-        if (staging / data_name).exists():
-            os.replace(staging / data_name, path.parent / data_name)
-        os.replace(staging / path.name, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if external:
+            data_partial, fd = _create_partial(path)
+            partials.append(data_partial)
+            digest, offset = hashlib.sha256(), 0
+            with os.fdopen(fd, "wb") as handle:
+                for tensor, data in zip(external, raw):
+                    handle.write(data)
+                    digest.update(data)
+                    set_external_data(tensor, data_name, offset, len(data))
+                    tensor.data_location = onnx.TensorProto.EXTERNAL
+                    tensor.ClearField("raw_data")
+                    offset += len(data)
+        # A hash carried over from the file this model was loaded from is not this one's.
+        del model.metadata_props[:]
+        for key, value in properties:
+            if key != DATA_SHA256_KEY:
+                model.metadata_props.add(key=key, value=value)
+        if external:
+            model.metadata_props.add(key=DATA_SHA256_KEY, value=digest.hexdigest())
+        graph_partial, fd = _create_partial(path)
+        partials.append(graph_partial)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(model.SerializeToString())
+        if external:
+            os.replace(data_partial, path.with_name(data_name))
+        os.replace(graph_partial, path)
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        for tensor, data in zip(external, raw):
+            tensor.raw_data = data
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+        del model.metadata_props[:]
+        for key, value in properties:
+            model.metadata_props.add(key=key, value=value)
+        for partial in partials:
+            partial.unlink(missing_ok=True)

@@ -238,7 +238,7 @@ def run(artifact, inputs, output):
     from compiler import driver
 
     arrays = driver.load_inputs(inputs)
-    outputs = driver.run(artifact, arrays)
+    outputs = driver.run(artifact, arrays, output)
     names = driver.save_outputs(outputs, output)
     for name, value in outputs.items():
         saved_as = f" (saved as {names[name]!r})" if names[name] != name else ""
@@ -380,6 +380,12 @@ def main(argv=None) -> None:
         _fail(str(exc))
     except click.exceptions.Abort:
         _fail("interrupted.")
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:  # a bad option value, a missing option: a mistake like any other
+        where = exc.ctx.command_path if exc.ctx else "sparsecc"
+        _fail(f"{exc.format_message().rstrip('.')}; see '{where} --help'.")
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from compiler.output_file import check_output_file
 from compiler.torch_export import export_torch
 from runtime.errors import SparseccError
 
@@ -270,6 +271,7 @@ def export(options: ExportOptions, progress: Callable[[str], None] = print) -> d
 
     if options.batch < 1 or options.seq_len < 1:
         raise SparseccError("--batch and --seq-len must be at least 1.")
+    check_output_file(options.output)  # before the work, not after it
     if options.prune_output_projection and options.prune_magnitude <= 0:
         raise SparseccError("--prune-output-projection prunes to the --prune-magnitude level; give --prune-magnitude too.")
     model = load_torch_model(options.source, options.seed, progress)

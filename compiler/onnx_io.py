@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 from pathlib import Path
 
 import onnx
 from onnx.external_data_helper import set_external_data, uses_external_data
 
+from compiler.output_file import check_output_file, create_partial
 from runtime.errors import SparseccError, cannot_write
 
 # Tensors of at least this many bytes go to the external data file beside the model.
@@ -81,16 +81,6 @@ def _tensors(graph: onnx.GraphProto):
                 yield from _tensors(subgraph)
 
 
-def _create_partial(path: Path) -> tuple[Path, int]:
-    """A new hidden file beside ``path``, created exclusively (mode 0666 less the umask)."""
-    while True:
-        partial = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
-        try:
-            return partial, os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-
-
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     """Saves ``model`` to ``path`` with its large tensors in ``path.data`` (see the module
     docstring for the order of the writes); ``model`` itself is left as it was.
@@ -104,17 +94,13 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     external = [tensor for tensor in _tensors(model.graph)
                 if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_DATA_THRESHOLD]
     properties = [(prop.key, prop.value) for prop in model.metadata_props]
-    for target in (path, path.with_name(data_name)):
-        if target.is_symlink():
-            raise SparseccError(f"{target} is a symbolic link; give the file itself as -o (nothing was written).")
-        if target.is_dir():
-            raise SparseccError(f"{target} is a folder; give -o a file name such as model.onnx (nothing was written).")
+    check_output_file(path)
+    check_output_file(path.with_name(data_name))
     partials: list[Path] = []
     raw = [tensor.raw_data for tensor in external]
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         if external:
-            data_partial, fd = _create_partial(path)
+            data_partial, fd = create_partial(path)
             partials.append(data_partial)
             digest, offset = hashlib.sha256(), 0
             with os.fdopen(fd, "wb") as handle:
@@ -132,7 +118,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
                 model.metadata_props.add(key=key, value=value)
         if external:
             model.metadata_props.add(key=DATA_SHA256_KEY, value=digest.hexdigest())
-        graph_partial, fd = _create_partial(path)
+        graph_partial, fd = create_partial(path)
         partials.append(graph_partial)
         with os.fdopen(fd, "wb") as handle:
             handle.write(model.SerializeToString())

@@ -11,6 +11,13 @@ class SparseccError(Exception):
     """A user-facing error: its message is one sentence that says what to fix."""
 
 
+# The errors of a write that the system refused, as opposed to a bug.
+WRITE_ERRNOS = frozenset(
+    getattr(__import__("errno"), name) for name in
+    ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "ENOTDIR", "EEXIST", "EISDIR", "ENAMETOOLONG", "EFBIG")
+)
+
+
 def cannot_write(path, error: OSError) -> SparseccError:
     """The one sentence for an output that the system refused to write (a full disk, a
     read-only folder, no permission, a file where a folder should be)."""

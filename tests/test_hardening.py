@@ -90,3 +90,122 @@ def test_a_graph_beside_data_it_was_not_saved_with_is_refused(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"], "no partial files left"
     save_model(small_model(1), path)
     np.testing.assert_array_equal(_weight(load_model(path)), _weight(small_model(1)))
+
+
+# --- 2. -o that cannot be written, and writes the system refuses ----------------------
+
+@pytest.fixture
+def artifact_link(compiled, tmp_path):
+    link = tmp_path / "link.sccx"
+    link.symlink_to(compiled("tiny-llama"))
+    return link
+
+
+def _verb(verb: str, compiled, exported, tmp_path, output: str) -> list[str]:
+    np.save(tmp_path / "ids.npy", np.zeros((1, 16), np.int64))
+    return {
+        "compile": ["compile", str(exported("tiny-llama")), "-o", output],
+        "run": ["run", str(compiled("tiny-llama")), "--input", f"input_ids={tmp_path / 'ids.npy'}", "-o", output],
+        "export": ["export", "tiny-llama", "--seq-len", "4", "-o", output],
+        "profile": ["profile", str(compiled("tiny-llama")), "--json", output],
+    }[verb]
+
+
+@pytest.mark.parametrize("verb", ["compile", "run", "export", "profile"])
+@pytest.mark.parametrize("kind, fragment", [("through a file", "notes.txt is a file, not a folder"),
+                                            ("a link to an artifact", "link.sccx")])
+def test_an_output_path_that_cannot_be_written(capsys, compiled, exported, tmp_path, artifact_link, verb, kind, fragment):
+    (tmp_path / "notes.txt").write_text("mine")
+    output = str(tmp_path / "notes.txt" / "x") if kind == "through a file" else str(artifact_link)
+    code, _, err = sparsecc(capsys, *_verb(verb, compiled, exported, tmp_path, output))
+    assert_one_sentence_error(code, err, fragment)
+    assert code == 1
+    assert (tmp_path / "notes.txt").read_text() == "mine" and artifact_link.is_symlink()
+    assert (artifact_link / "manifest.json").exists(), "the linked artifact is untouched"
+
+
+def test_compile_onto_an_existing_file(capsys, exported, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    code, _, err = sparsecc(capsys, "compile", str(exported("tiny-llama")), "-o", str(tmp_path / "notes.txt"))
+    assert_one_sentence_error(code, err, "exists and is not a folder")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+class _FullDisk:
+    """A file whose writes fail as on a full (or read-only) disk."""
+
+    def __init__(self, handle, error: int):
+        self.handle, self.error = handle, error
+
+    def write(self, data):
+        raise OSError(self.error, os.strerror(self.error))
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+
+def _refuse_writes(monkeypatch, error: int) -> None:
+    fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda *args, **kwargs: _FullDisk(fdopen(*args, **kwargs), error))
+
+
+def _hidden(folder) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("error, reason", [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "the file system is read-only")])
+def test_a_refused_write_of_run_output_or_onnx_leaves_nothing(capsys, compiled, tmp_path, monkeypatch, error, reason):
+    np.save(tmp_path / "ids.npy", np.zeros((1, 16), np.int64))
+    save_model(small_model(0), tmp_path / "old.onnx")
+    _refuse_writes(monkeypatch, error)
+    code, _, err = sparsecc(capsys, "run", str(compiled("tiny-llama")), "--input", f"input_ids={tmp_path / 'ids.npy'}",
+                            "-o", str(tmp_path / "out.npz"))
+    assert_one_sentence_error(code, err, f"cannot write {tmp_path / 'out.npz'}: {reason}")
+    with pytest.raises(SparseccError, match=reason):
+        save_model(small_model(1), tmp_path / "old.onnx")
+    monkeypatch.undo()
+    assert not (tmp_path / "out.npz").exists() and not _hidden(tmp_path), "no partial files"
+    np.testing.assert_array_equal(_weight(load_model(tmp_path / "old.onnx")), _weight(small_model(0)))
+
+
+def test_a_full_disk_during_compile_keeps_the_old_artifact(capsys, compiled, tmp_path, monkeypatch):
+    import shutil
+
+    import runtime.artifact
+
+    artifact = tmp_path / "keep.sccx"
+    shutil.copytree(compiled("tiny-llama"), artifact)
+    before = (artifact / "manifest.json").read_text()
+    save_model(small_model(), tmp_path / "small.onnx")
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runtime.artifact, "write_manifest", full)
+    code, _, err = sparsecc(capsys, "compile", str(tmp_path / "small.onnx"), "-o", str(artifact))
+    assert_one_sentence_error(code, err, "the disk is full")
+    assert (artifact / "manifest.json").read_text() == before
+    assert not _hidden(tmp_path), "no staging folder left"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_folder(capsys, exported, tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    save_model(small_model(), tmp_path / "small.onnx")
+    folder.chmod(0o555)
+    try:
+        code, _, err = sparsecc(capsys, "compile", str(tmp_path / "small.onnx"), "-o", str(folder / "x.sccx"))
+        assert_one_sentence_error(code, err, "permission denied")
+        code, _, err = sparsecc(capsys, "sparsify", str(exported("tiny-llama")), "--weights", "magnitude:0.5",
+                                "-o", str(folder / "s.onnx"))
+        assert_one_sentence_error(code, err, "permission denied")
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o755)

@@ -9,6 +9,7 @@ here, below both, so neither imports the other's module for them.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,8 +70,14 @@ def gating_for(options: CompileOptions, input_shapes: dict[str, list[int]], prog
             raise SparseccError(f"{options.thresholds}: no such file.") from None
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise SparseccError(f"{options.thresholds} is not a JSON file of {{tensor name: threshold}}.") from None
-        if not isinstance(thresholds, dict) or not all(isinstance(v, (int, float)) for v in thresholds.values()):
+        if not isinstance(thresholds, dict):
             raise SparseccError(f"{options.thresholds} must map tensor names to numbers.")
+        for name, value in thresholds.items():
+            # JSON's true is an int to Python, and json reads NaN and Infinity: a NaN
+            # threshold would zero every activation (|x| > nan is always false).
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise SparseccError(f"{options.thresholds}: the threshold of {name!r} is {json.dumps(value)}, not a "
+                                    "finite number of at least 0.")
         return Gating(thresholds={str(k): float(v) for k, v in thresholds.items()})
     if options.activation_sparsity is None:
         if options.calib:

@@ -271,6 +271,8 @@ def export(options: ExportOptions, progress: Callable[[str], None] = print) -> d
 
     if options.batch < 1 or options.seq_len < 1:
         raise SparseccError("--batch and --seq-len must be at least 1.")
+    if not 0.0 <= options.prune_magnitude < 1.0:  # nan too, which would skip the pruning below
+        raise SparseccError(f"--prune-magnitude must be in [0, 1), not {options.prune_magnitude}.")
     check_output_file(options.output)  # before the work, not after it
     if options.prune_output_projection and options.prune_magnitude <= 0:
         raise SparseccError("--prune-output-projection prunes to the --prune-magnitude level; give --prune-magnitude too.")

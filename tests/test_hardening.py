@@ -209,3 +209,78 @@ def test_a_read_only_folder(capsys, exported, tmp_path):
         assert list(folder.iterdir()) == []
     finally:
         folder.chmod(0o755)
+
+
+# --- 3. numeric options out of range, and --thresholds ---------------------------------
+
+@pytest.mark.parametrize("args, fragment", [
+    (["compile", "m.onnx", "-o", "x.sccx", "--calib-tokens", "0"], "'--calib-tokens': 0 is not in the range x>=1"),
+    (["compile", "m.onnx", "-o", "x.sccx", "--calib-tokens", "-5"], "'--calib-tokens': -5 is not in the range"),
+    (["compile", "m.onnx", "-o", "x.sccx", "--activation-sparsity", "nan"], "'--activation-sparsity': nan is not a finite"),
+    (["compile", "m.onnx", "-o", "x.sccx", "-t", "neuro:seneca", "--chips", "100000000"], "'--chips': 100000000 is not in"),
+    (["export", "tiny-llama", "-o", "x.onnx", "--prune-magnitude", "nan"], "'--prune-magnitude': nan is not a finite"),
+    (["export", "tiny-llama", "-o", "x.onnx", "--prune-magnitude", "1"], "'--prune-magnitude': 1.0 is not in the range 0.0<=x<1.0"),
+    (["export", "tiny-llama", "-o", "x.onnx", "--batch", "0"], "'--batch': 0 is not in the range x>=1"),
+    (["export", "tiny-llama", "-o", "x.onnx", "--seed", "-1"], "'--seed': -1 is not in the range"),
+    (["export", "tiny-llama", "-o", "x.onnx", "--decode", "--max-context", "1"], "'--max-context': 1 is not in"),
+    (["sparsify", "m.onnx", "-o", "x.onnx", "--calib-tokens", "0"], "'--calib-tokens': 0 is not in"),
+    (["eval", "m.onnx", "--corpus", "pydoc", "--tokens", "-1"], "'--tokens': -1 is not in"),
+    (["check", "m.onnx", "--against", "m.onnx", "--atol", "nan"], "'--atol': nan is not a finite"),
+    (["generate", "a.sccx", "--prompt", "hi", "--seed", "-1"], "'--seed': -1 is not in the range"),
+    (["generate", "a.sccx", "--prompt", "hi", "--temperature", "inf"], "'--temperature': inf is not a finite"),
+    (["generate", "a.sccx", "--prompt", "hi", "--top-k", "-2"], "'--top-k': -2 is not in"),
+    (["demo", "--prune", "-0.5"], "'--prune': -0.5 is not in"),
+    (["bench", "decode", "--rounds", "0"], "'--rounds': 0 is not in"),
+    (["compile", "m.onnx", "--bogus"], "No such option '--bogus'"),
+])
+def test_an_option_out_of_range_is_one_sentence(capsys, tmp_path, monkeypatch, args, fragment):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = sparsecc(capsys, *args)
+    assert_one_sentence_error(code, err, fragment)
+    assert code == 1 and list(tmp_path.iterdir()) == []
+
+
+def two_layer_model() -> onnx.ModelProto:
+    """y = (x W1) W2: x is a gateable linear input, h = x W1 another."""
+    rng = np.random.default_rng(3)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("MatMul", ["h", "W2"], ["y"])], "two",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8])],
+        [onnx.numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32), "W1"),
+         onnx.numpy_helper.from_array(rng.standard_normal((32, 8)).astype(np.float32), "W2")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ('{"x": NaN}', "the threshold of 'x' is NaN"),
+    ('{"x": Infinity}', "the threshold of 'x' is Infinity"),
+    ('{"x": true}', "the threshold of 'x' is true"),
+    ('{"x": -1}', "the threshold of 'x' is -1"),
+    ('{"x": 0.5, "nope": 0.1}', "--thresholds names 'nope', not the input of a linear layer"),
+    ('[0.5]', "must map tensor names to numbers"),
+])
+def test_bad_thresholds_are_refused(capsys, tmp_path, content, fragment):
+    save_model(two_layer_model(), tmp_path / "two.onnx")
+    (tmp_path / "t.json").write_text(content)
+    code, _, err = sparsecc(capsys, "compile", str(tmp_path / "two.onnx"), "-o", str(tmp_path / "two.sccx"),
+                            "--thresholds", str(tmp_path / "t.json"))
+    assert_one_sentence_error(code, err, fragment)
+    assert not (tmp_path / "two.sccx").exists()
+
+
+def test_given_thresholds_gate_as_written(tmp_path):
+    """The positive case: a gate on x zeros |x| <= 0.5 before the first layer (fp32
+    matmuls of 16 and 32 terms: 1e-5 is well above their rounding)."""
+    import runtime
+    from compiler.driver import CompileOptions, compile_model
+
+    model = two_layer_model()
+    save_model(model, tmp_path / "two.onnx")
+    (tmp_path / "t.json").write_text('{"x": 0.5}')
+    compile_model(CompileOptions(str(tmp_path / "two.onnx"), str(tmp_path / "two.sccx"), thresholds=str(tmp_path / "t.json")))
+    x = np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)
+    w1, w2 = (onnx.numpy_helper.to_array(init) for init in model.graph.initializer)
+    expected = (np.where(np.abs(x) > 0.5, x, 0) @ w1) @ w2
+    np.testing.assert_allclose(runtime.load(tmp_path / "two.sccx").run({"x": x})["y"], expected, atol=1e-5, rtol=0)

@@ -21,6 +21,7 @@ from compiler.pipeline import Gating, run_onnx_phases
 from compiler.progress import Progress
 from runtime.artifact import TensorSpec
 from runtime.errors import SparseccError
+from runtime.memory import check_fits
 
 # The ONNX element types a compiled model can take as inputs.
 ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
@@ -124,6 +125,9 @@ def input_signature(model: onnx.ModelProto, overrides: dict[str, list[int]]) -> 
                     f"--shape {value.name}={','.join(str(d) if isinstance(d, int) else 'N' for d in dims)}."
                 )
             shape = dims
+        if any(size < 1 for size in shape):
+            raise SparseccError(f"input {value.name!r} has shape {list(shape)}; every dimension must be at least 1.")
+        check_fits(math.prod(shape) * np.dtype(dtype).itemsize, f"input {value.name!r} of shape {list(shape)}")
         specs.append(TensorSpec(value.name, tuple(shape), dtype))
     return specs
 

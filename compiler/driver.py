@@ -36,7 +36,13 @@ def parse_shape(text: str) -> tuple[str, list[int]]:
         shape = []
     if not sep or not name or not shape or any(d < 1 for d in shape):
         raise SparseccError(f"--shape {text!r} is not of the form NAME=D0,D1,... with positive sizes.")
+    if any(d > MAX_DIMENSION for d in shape):
+        raise SparseccError(f"--shape {text!r} has a dimension above {MAX_DIMENSION} (2^31 - 1), the most TVM can index.")
     return name, shape
+
+
+# TVM indexes a dimension with int32.
+MAX_DIMENSION = 2**31 - 1
 
 
 def compile_model(options: CompileOptions, progress: Progress = SILENT) -> dict:

@@ -27,6 +27,7 @@ from typing import Callable
 from compiler.output_file import check_output_file
 from compiler.torch_export import export_torch
 from runtime.errors import SparseccError
+from runtime.memory import check_fits
 
 SMOLLM2 = "smollm2-135m"
 TINY_CONFIGS = ("tiny-llama", "tiny-gpt2", "tiny-opt")
@@ -280,6 +281,9 @@ def export(options: ExportOptions, progress: Callable[[str], None] = print) -> d
     max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if max_positions and options.seq_len > max_positions:
         raise SparseccError(f"--seq-len {options.seq_len} exceeds the model's {max_positions} positions.")
+    if not options.decode:  # the graph's logits, [batch, seq-len, vocabulary] in fp32, must fit where it runs
+        check_fits(options.batch * options.seq_len * model.config.vocab_size * 4,
+                   f"--batch {options.batch} --seq-len {options.seq_len}: the exported graph's logits")
     pruned = prune_magnitude(model, options.prune_magnitude) if options.prune_magnitude > 0 else 0
     if options.prune_output_projection:
         prune_output_projection(model, options.prune_magnitude)

@@ -11,6 +11,7 @@ new data; the graph records its data file's sha256 (``sparsecc.data_sha256``), a
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from onnx.external_data_helper import set_external_data, uses_external_data
 
 from compiler.output_file import check_output_file, create_partial
 from runtime.errors import SparseccError, cannot_write
+from runtime.memory import check_fits
 
 # Tensors of at least this many bytes go to the external data file beside the model.
 EXTERNAL_DATA_THRESHOLD = 1024
@@ -64,12 +66,70 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise SparseccError(f"{path} is not an ONNX model ({type(exc).__name__}).") from None
     if not model.graph.node and not model.graph.output:
         raise SparseccError(f"{path} is not an ONNX model (it has no graph).")
+    check_model(model, path)
     _check_pair(model, path)
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
     except Exception as exc:
         raise SparseccError(f"{path}: its external weight data cannot be read ({exc}).") from None
+    _check_initializer_sizes(model, path)
     return model
+
+
+def check_model(model: onnx.ModelProto, path: Path) -> None:
+    """Refuses, in one sentence, what onnx's full check refuses (with strict shape and
+    type inference: duplicate tensor names, type mismatches, invalid dtypes, data of
+    the wrong size), an opset newer than this onnx knows, and any tensor whose inferred
+    static shape would not fit in the machine's memory. ``model`` is the graph without
+    its external data, so the check reads no weights."""
+    newest = onnx.defs.onnx_opset_version()
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > newest:
+            raise SparseccError(f"{path} uses ONNX opset {opset.version}; the newest this onnx knows is {newest}.")
+    try:
+        # Our ai.sparsecc functions import the opset they were written for, which may be
+        # older than the model's; onnxruntime runs them, so that mismatch is no error.
+        onnx.checker.check_model(str(path), full_check=True, skip_opset_compatibility_check=True)
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
+        detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise SparseccError(f"{path} is not a valid ONNX model: {detail[:300].rstrip('.')}.") from None
+    weights = {node.input[1] for node in model.graph.node if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1}
+    for tensor in model.graph.initializer:
+        if tensor.name in weights and 0 in tensor.dims:
+            raise SparseccError(f"{path}: the linear weight {tensor.name!r} has shape {list(tensor.dims)}, with no elements.")
+    graph = inferred.graph
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        tensor_type = value.type.tensor_type
+        dims = [dim.dim_value if dim.HasField("dim_value") else None for dim in tensor_type.shape.dim]
+        if None in dims or not tensor_type.HasField("shape"):
+            continue  # symbolic: sized when it is given (--shape) and checked then
+        check_fits(_nbytes(dims, tensor_type.elem_type), f"{path}: tensor {value.name!r} of shape {dims}")
+
+
+def _nbytes(dims, elem_type: int) -> int:
+    """Bytes of a tensor as raw data: 4-bit types pack two elements a byte."""
+    count = math.prod(dims)
+    if elem_type in PACKED_4BIT:
+        return (count + 1) // 2
+    try:
+        return count * onnx.helper.tensor_dtype_to_np_dtype(elem_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return count
+
+
+PACKED_4BIT = {getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, name)}
+
+
+def _check_initializer_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """Refuses an initializer whose bytes disagree with its dims (the checker sees only
+    the embedded ones; an external tensor's bytes are read from its ``length``)."""
+    for tensor in _tensors(model.graph):
+        if tensor.HasField("raw_data") and tensor.data_type != onnx.TensorProto.STRING:
+            expected = _nbytes(tensor.dims, tensor.data_type)
+            if len(tensor.raw_data) != expected:
+                raise SparseccError(f"{path}: initializer {tensor.name!r} of shape {list(tensor.dims)} holds "
+                                    f"{len(tensor.raw_data)} bytes, not {expected}.")
 
 
 def _tensors(graph: onnx.GraphProto):

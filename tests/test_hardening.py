@@ -284,3 +284,196 @@ def test_given_thresholds_gate_as_written(tmp_path):
     w1, w2 = (onnx.numpy_helper.to_array(init) for init in model.graph.initializer)
     expected = (np.where(np.abs(x) > 0.5, x, 0) @ w1) @ w2
     np.testing.assert_allclose(runtime.load(tmp_path / "two.sccx").run({"x": x})["y"], expected, atol=1e-5, rtol=0)
+
+
+# --- 4. ONNX the checker refuses, and sizes that do not fit ----------------------------
+
+def _graph_model(nodes, inputs, outputs, initializers, opset: int = 18) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+
+
+def _float(name, shape):
+    return helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
+
+
+def _matmul_model(**changes) -> onnx.ModelProto:
+    model = small_model()
+    for key, value in changes.items():
+        if key == "weight_dims":
+            del model.graph.initializer[0].dims[:]
+            model.graph.initializer[0].dims.extend(value)
+        elif key == "input_dims":
+            model.graph.input[0].CopyFrom(_float("x", value))
+            model.graph.output[0].CopyFrom(_float("y", [value[0], 32]))
+        elif key == "weight_dtype":
+            model.graph.initializer[0].data_type = value
+        elif key == "opset":
+            model.opset_import[0].version = value
+    return model
+
+
+def _invalid_models():
+    weight = onnx.numpy_helper.from_array(np.ones((16, 32), np.float32), "W")
+    empty = onnx.TensorProto(name="W", data_type=onnx.TensorProto.FLOAT, dims=[16, 0])
+    return {
+        "a name written twice": (_graph_model(
+            [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("Relu", ["x"], ["y"])],
+            [_float("x", [1, 16])], [_float("y", [1, 32])], [weight]), "single static assignment"),
+        "a type mismatch": (_matmul_model(weight_dtype=onnx.TensorProto.INT64), "is not a valid ONNX model"),
+        "an invalid dtype": (_matmul_model(weight_dtype=99), "is not a valid ONNX model"),
+        "dims that disagree with the data": (_matmul_model(weight_dims=[2**31, 2**31]), "is not a valid ONNX model"),
+        "a zero dimension": (_graph_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [_float("x", [1, 16])],
+                                          [_float("y", [1, 0])], [empty]), "has shape [16, 0], with no elements"),
+        "opset 99": (_matmul_model(opset=99), "uses ONNX opset 99; the newest this onnx knows is"),
+        "a huge input": (_matmul_model(input_dims=[2**40, 16]), "tensor 'x' of shape [1099511627776, 16] would take 64.0 TiB"),
+        "an Expand to 2^45": (_graph_model(
+            [helper.make_node("Expand", ["x", "s"], ["y"])], [_float("x", [1])], [_float("y", ["n"])],
+            [onnx.numpy_helper.from_array(np.array([2**45], np.int64), "s")]), "tensor 'y' of shape [35184372088832]"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_invalid_models()))
+def test_an_invalid_or_oversized_onnx_model_is_refused(capsys, tmp_path, case):
+    model, fragment = _invalid_models()[case]
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, path)
+    for verb in (["inspect", str(path)], ["compile", str(path), "-o", str(tmp_path / "bad.sccx")],
+                 ["check", str(path), "--against", str(path)]):
+        code, _, err = sparsecc(capsys, *verb)
+        assert_one_sentence_error(code, err, fragment)
+    assert not (tmp_path / "bad.sccx").exists()
+
+
+def test_external_data_of_the_wrong_size_is_refused(tmp_path):
+    """An external tensor's bytes are read by its recorded length; dims that disagree
+    (here [16, 16] for 16 x 32 floats, read by an Identity, which infers no conflict) used
+    to fail later in numpy's reshape."""
+    weight = onnx.numpy_helper.from_array(np.ones((16, 32), np.float32), "W")
+    model = _graph_model([helper.make_node("Identity", ["W"], ["y"])], [], [_float("y", [16, 16])], [weight])
+    save_model(model, tmp_path / "m.onnx")
+    graph = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+    graph.graph.initializer[0].dims[1] = 16
+    (tmp_path / "m.onnx").write_bytes(graph.SerializeToString())
+    with pytest.raises(SparseccError, match=r"initializer 'W' of shape \[16, 16\] holds 2048 bytes, not 1024"):
+        load_model(tmp_path / "m.onnx")
+
+
+def test_sizes_given_on_the_command_line_are_checked(capsys, tmp_path, monkeypatch):
+    code, _, err = sparsecc(capsys, "export", "tiny-llama", "-o", str(tmp_path / "x.onnx"), "--batch", "100000000")
+    assert_one_sentence_error(code, err, "--batch 100000000 --seq-len 32: the exported graph's logits would take")
+    model = _matmul_model(input_dims=["n", 16])
+    onnx.save(model, tmp_path / "dyn.onnx")
+    code, _, err = sparsecc(capsys, "compile", str(tmp_path / "dyn.onnx"), "-o", str(tmp_path / "x.sccx"),
+                            "--shape", f"x={2**40},16")
+    assert_one_sentence_error(code, err, "has a dimension above 2147483647")
+    code, _, err = sparsecc(capsys, "compile", str(tmp_path / "dyn.onnx"), "-o", str(tmp_path / "x.sccx"),
+                            "--shape", f"x={2**31 - 1},{2**31 - 1}")
+    assert_one_sentence_error(code, err, "does not fit the model's shape")
+    import runtime.memory
+
+    monkeypatch.setattr(runtime.memory, "machine_memory_bytes", lambda: 1 << 20)  # a machine of 1 MiB
+    code, _, err = sparsecc(capsys, "compile", str(tmp_path / "dyn.onnx"), "-o", str(tmp_path / "x.sccx"),
+                            "--shape", "x=100000,16")
+    assert_one_sentence_error(code, err, "input 'x' of shape [100000, 16] would take 6.1 MiB, more than this machine's 1.0 MiB")
+    assert list(tmp_path.iterdir()) == [tmp_path / "dyn.onnx"]
+
+
+# --- 5. calibration data, decode metadata, eval's recorded source ---------------------
+
+def _calibrate(capsys, tmp_path, npz):
+    save_model(two_layer_model(), tmp_path / "two.onnx")
+    return sparsecc(capsys, "compile", str(tmp_path / "two.onnx"), "-o", str(tmp_path / "two.sccx"),
+                    "--activation-sparsity", "0.5", "--calib", str(npz))
+
+
+def test_calibration_npz_with_object_arrays_is_refused(capsys, tmp_path):
+    np.savez(tmp_path / "calib.npz", x=np.array([{"a": 1}, None], dtype=object))
+    code, _, err = _calibrate(capsys, tmp_path, tmp_path / "calib.npz")
+    assert_one_sentence_error(code, err, "array 'x' cannot be read (Object arrays cannot be loaded")
+    assert not (tmp_path / "two.sccx").exists()
+
+
+def test_calibration_data_onnxruntime_cannot_run_is_one_sentence(capsys, tmp_path):
+    np.savez(tmp_path / "calib.npz", x=np.zeros((3, 1, 16), np.int64))  # the model takes float
+    code, _, err = _calibrate(capsys, tmp_path, tmp_path / "calib.npz")
+    assert_one_sentence_error(code, err, "onnxruntime cannot run the model on the calibration data")
+
+
+def test_a_model_onnxruntime_cannot_load_for_calibration_is_one_sentence():
+    from passes.insert_activation_gates import probe_session
+
+    model = two_layer_model()
+    model.ir_version = 99
+    with pytest.raises(SparseccError, match="onnxruntime cannot load the model to calibrate it"):
+        probe_session(model, ["h"])
+
+
+@pytest.fixture
+def decode_copy(decoder, tmp_path):
+    """A copy of the session's decode export; ``edit(key=value)`` rewrites the decode
+    graph's metadata, ``edit(raw=text)`` writes it as given."""
+    import json
+
+    from compiler.decode_export import DECODE_KEY
+
+    onnx_path, _ = decoder
+    for graph in (onnx_path, onnx_path.with_name("tiny.prefill.onnx")):
+        save_model(load_model(graph), tmp_path / graph.name)
+    decode = load_model(tmp_path / "tiny.onnx")
+
+    def edit(raw=None, **changes):
+        prop = next(prop for prop in decode.metadata_props if prop.key == DECODE_KEY)
+        prop.value = raw if raw is not None else json.dumps({**json.loads(prop.value), **changes})
+        save_model(decode, tmp_path / "tiny.onnx")
+        return tmp_path / "tiny.onnx"
+
+    return edit
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    ({"raw": "{not json"}, "sparsecc.decode metadata is not a JSON object"),
+    ({"raw": "[1, 2]"}, "sparsecc.decode metadata is not a JSON object"),
+    ({"layers": "two"}, 'gives layers = "two", not a positive whole number'),
+    ({"layers": 3}, "does not carry the same decode metadata"),
+    ({"max_context": 1_000_000}, "does not carry the same decode metadata"),
+    ({"prefill_len": 100}, "prefill_len 100 exceeds its max_context 64"),
+    ({"prefill_model": "tiny.onnx"}, "does not carry the same decode metadata"),
+    ({"eos_token_ids": [10**9]}, "eos_token_ids are not token ids below its vocab_size"),
+])
+def test_inconsistent_decode_metadata_is_refused_at_compile_time(capsys, decode_copy, tmp_path, edit, fragment):
+    path = decode_copy(**edit)
+    code, _, err = sparsecc(capsys, "compile", str(path), "-o", str(tmp_path / "tiny.sccx"))
+    assert_one_sentence_error(code, err, fragment)
+    assert not (tmp_path / "tiny.sccx").exists()
+
+
+def test_metadata_and_graphs_that_disagree_are_refused(decode_copy, tmp_path):
+    """Both graphs' metadata edited alike, so only the graphs' shapes contradict it."""
+    import json
+
+    from compiler.decode_build import check_decoding
+    from compiler.decode_export import DECODE_KEY, decoding_metadata
+
+    decode, prefill = load_model(decode_copy()), load_model(tmp_path / "tiny.prefill.onnx")
+    spec = {**decoding_metadata(decode), "layers": 3}
+    for graph, role in ((decode, "decode"), (prefill, "prefill")):
+        next(p for p in graph.metadata_props if p.key == DECODE_KEY).value = json.dumps({**spec, "role": role})
+    with pytest.raises(SparseccError, match="the decode graph's inputs or logits do not have the shapes"):
+        check_decoding({**spec, "role": "decode"}, decode, prefill, "tiny.onnx")
+
+
+def test_eval_on_an_artifact_whose_source_is_not_onnx(capsys, compiled, tmp_path):
+    import json
+    import shutil
+
+    from runtime.artifact import CONTENT_SHA256, MANIFEST, write_manifest
+
+    artifact = tmp_path / "a.sccx"
+    shutil.copytree(compiled("tiny-llama"), artifact)
+    (tmp_path / "source.onnx").write_bytes(b"\x00\xffnot a protobuf" * 10)
+    data = json.loads((artifact / MANIFEST).read_text())
+    data["summary"]["source"] = str(tmp_path / "source.onnx")
+    write_manifest(artifact, {key: value for key, value in data.items() if key != CONTENT_SHA256})
+    code, _, err = sparsecc(capsys, "eval", str(artifact), "--corpus", "pydoc")
+    assert_one_sentence_error(code, err, "which is no longer an ONNX model")

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from runtime.errors import SparseccError
+from runtime.manifest_schema import check_manifest
 
 FORMAT = "sparsecc-artifact"
 # 2: the manifest holds the sha256 of its own content (CONTENT_SHA256), and input_ranges.
@@ -185,6 +186,7 @@ def read_manifest(path: str | os.PathLike, verify: bool = True) -> Manifest:
         raise SparseccError(
             f"{path} uses artifact format {version}, older than the {FORMAT_VERSION} this sparsecc reads; compile it again."
         )
+    check_manifest(data, path)
     if data.get(CONTENT_SHA256) != content_sha256(data):
         raise SparseccError(f"{path} is corrupt: its {MANIFEST} was changed after it was written (its content does "
                             "not match its sha256); compile it again.")
@@ -197,6 +199,7 @@ def read_manifest(path: str | os.PathLike, verify: bool = True) -> Manifest:
         for name, expected in manifest.files.items():
             if sha256_file(path / name) != expected:
                 raise SparseccError(f"{path} is corrupt: {name} does not match its sha256 in the manifest.")
+    check_weight_regions(path, manifest)
     return manifest
 
 
@@ -242,6 +245,16 @@ def check_named_files(path: Path, manifest: Manifest) -> None:
             raise SparseccError(f"{path} is refused: {name} cannot be read ({exc.__class__.__name__}).") from None
         if not stat.S_ISREG(mode):
             raise SparseccError(f"{path} is refused: {name} is not a regular file.")
+
+
+def check_weight_regions(path: Path, manifest: Manifest) -> None:
+    """Refuses weights (of any graph) that lie past the end of the weights file."""
+    size = os.stat(path / manifest.weights_file).st_size
+    entries = [(w.name, w.offset, w.nbytes) for w in manifest.weights]
+    entries += [(w["name"], w["offset"], w["nbytes"]) for spec in manifest.graphs.values() for w in spec["weights"]]
+    for name, offset, nbytes in entries:
+        if offset + nbytes > size:
+            raise SparseccError(f"{path} is corrupt: weight {name} lies past the end of {manifest.weights_file}.")
 
 
 def write_artifact(path: str | os.PathLike, manifest: Manifest, staged: Path) -> None:

@@ -6,6 +6,7 @@ and artifacts from ``conftest.py``.
 """
 
 import errno
+import re
 import os
 import stat
 
@@ -477,3 +478,126 @@ def test_eval_on_an_artifact_whose_source_is_not_onnx(capsys, compiled, tmp_path
     write_manifest(artifact, {key: value for key, value in data.items() if key != CONTENT_SHA256})
     code, _, err = sparsecc(capsys, "eval", str(artifact), "--corpus", "pydoc")
     assert_one_sentence_error(code, err, "which is no longer an ONNX model")
+
+
+# --- 6. the manifest's schema, checked before anything is loaded ----------------------
+
+def _nested(depth: int) -> dict:
+    value: dict = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+def _set(path: str, value):
+    """An edit of the manifest at a dotted path (``weights.0.offset``)."""
+    def edit(data):
+        *parents, last = path.split(".")
+        for part in parents:
+            data = data[int(part)] if isinstance(data, list) else data[part]
+        if isinstance(data, list):
+            data[int(last)] = value
+        else:
+            data[last] = value
+    return edit
+
+
+def _drop(path: str):
+    def edit(data):
+        *parents, last = path.split(".")
+        for part in parents:
+            data = data[part]
+        del data[last]
+    return edit
+
+
+def _neuro_without_chip(data):
+    data["target"]["name"] = "neuro"
+
+
+MANIFEST_CASES = {
+    "files as a list": (_set("files", ["weights.bin"]), "files must be an object of file name: sha256"),
+    "isa as a number": (_set("target.isa", 7), "target.isa must be a list of instruction-set names, not 7"),
+    "an unknown weight dtype": (_set("weights.0.dtype", "float99"), "weights[0].dtype must be one of"),
+    "an offset as text": (_set("weights.0.offset", "12"), "weights[0].offset must be a whole number >= 0, not '12'"),
+    "a negative offset": (_set("weights.0.offset", -64), "weights[0].offset must be a whole number >= 0"),
+    "a negative shape": (_set("weights.0.shape", [-1, 4]), "weights[0].shape must be a list of whole numbers >= 0"),
+    "nbytes that disagree": (_set("weights.0.nbytes", 3), "weights[0].nbytes must be"),
+    "a weight past the file's end": (_set("weights.0.offset", 1 << 40), "lies past the end of weights.bin"),
+    "a huge input": (_set("inputs.0.shape", [2**40, 2**20]), "would take"),
+    "no inputs": (_drop("inputs"), "inputs is missing (it must be a list)"),
+    "a bad input range": (_set("input_ranges", {"input_ids": [5, 2]}), "input_ranges.input_ids must be [low, high]"),
+    "deep nesting": (_set("summary", _nested(200)), "nests deeper than 20 levels"),
+    "a neuro artifact without its chip": (_neuro_without_chip, "target.chip is missing (it must be the chip model"),
+    "decoding of the wrong type": (_set("decoding", {"layers": "two"}), "decoding.prefill_len is missing"),
+    "a library as a number": (_set("library", 5), "library must be text, not 5"),
+}
+
+
+@pytest.mark.parametrize("case", list(MANIFEST_CASES))
+def test_a_manifest_with_a_wrong_field_is_refused_in_one_sentence(capsys, compiled, tmp_path, case):
+    import json
+    import shutil
+
+    import runtime
+    from runtime.artifact import CONTENT_SHA256, MANIFEST, write_manifest
+
+    edit, fragment = MANIFEST_CASES[case]
+    artifact = tmp_path / "a.sccx"
+    shutil.copytree(compiled("tiny-llama"), artifact)
+    data = json.loads((artifact / MANIFEST).read_text())
+    del data[CONTENT_SHA256]
+    edit(data)
+    write_manifest(artifact, data)  # with its content's sha256 redone, as a crafted one would be
+    with pytest.raises(SparseccError, match=re.escape(fragment)):
+        runtime.load(artifact)
+    np.save(tmp_path / "ids.npy", np.zeros((1, 16), np.int64))
+    code, _, err = sparsecc(capsys, "run", str(artifact), "--input", f"input_ids={tmp_path / 'ids.npy'}",
+                            "-o", str(tmp_path / "o.npz"))
+    assert_one_sentence_error(code, err, fragment)
+
+
+@pytest.mark.parametrize("replacement", ["a folder", "a link to /dev/zero"])
+def test_a_weights_file_that_is_not_a_regular_file_is_refused(compiled, tmp_path, replacement):
+    import shutil
+
+    import runtime
+
+    artifact = tmp_path / "a.sccx"
+    shutil.copytree(compiled("tiny-llama"), artifact)
+    (artifact / "weights.bin").unlink()
+    if replacement == "a folder":
+        (artifact / "weights.bin").mkdir()
+    else:
+        (artifact / "weights.bin").symlink_to("/dev/zero")
+    with pytest.raises(SparseccError, match="not a regular file|symbolic link leading out"):
+        runtime.load(artifact)
+
+
+def test_inputs_the_library_was_not_compiled_for_are_refused(compiled, tmp_path):
+    """An input shape edited in the manifest (its hash redone): TVM's own parameter check
+    refuses it before any kernel runs, and that is one sentence."""
+    import json
+    import shutil
+
+    import runtime
+    from runtime.artifact import CONTENT_SHA256, MANIFEST, write_manifest
+
+    artifact = tmp_path / "a.sccx"
+    shutil.copytree(compiled("tiny-llama"), artifact)
+    data = json.loads((artifact / MANIFEST).read_text())
+    del data[CONTENT_SHA256]
+    data["inputs"][0]["shape"] = [1, 8]
+    write_manifest(artifact, data)
+    with pytest.raises(SparseccError, match="not the ones its library was compiled for"):
+        runtime.load(artifact).run({"input_ids": np.zeros((1, 8), np.int64)})
+
+
+def test_the_runtime_still_imports_nothing_of_the_compiler():
+    import subprocess
+    import sys
+
+    code = ("import sys, runtime, runtime.manifest_schema, runtime.memory; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'compiler', 'passes', 'targets'}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -94,6 +94,9 @@ def check_model(model: onnx.ModelProto, path: Path) -> None:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
         detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise SparseccError(f"{path} is not a valid ONNX model: {detail[:300].rstrip('.')}.") from None
+    for value in (*model.graph.input, *model.graph.output):
+        if value.type.tensor_type.elem_type == onnx.TensorProto.UNDEFINED:  # the checker lets it pass; onnxruntime not
+            raise SparseccError(f"{path} is not a valid ONNX model: its input or output {value.name!r} has no element type.")
     weights = {node.input[1] for node in model.graph.node if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1}
     for tensor in model.graph.initializer:
         if tensor.name in weights and 0 in tensor.dims:

@@ -253,11 +253,11 @@ class CompiledModel:
         with self.lock:
             try:
                 result = self._vm["main"](*args, *self._weights)
-            except RuntimeError as exc:
-                # The library checks each parameter's shape and dtype against what it was
-                # compiled for; a manifest describing others (edited, with its hash redone)
-                # fails there, before any kernel runs.
-                if "loc=param" not in str(exc):
+            except (RuntimeError, ValueError, TypeError) as exc:
+                # The library checks its parameters' count, shapes and dtypes against what
+                # it was compiled for; a manifest describing others (edited, with its hash
+                # redone) fails there, before any kernel runs.
+                if "loc=param" not in str(exc) and "arguments were provided" not in str(exc):
                     raise
                 detail = str(exc).splitlines()[0][:160]
                 raise SparseccError(f"{self.path} is corrupt: its manifest's inputs or weights are not the ones its library "

@@ -81,7 +81,7 @@ def _tensor(data, where: str, weight: bool = False) -> None:
         raise ManifestError(where, "an object", data)
     _get(data, "name", f"{where}.", is_text, "text")
     shape = _get(data, "shape", f"{where}.", _list_of(is_count), "a list of whole numbers >= 0")
-    dtype = _get(data, "dtype", f"{where}.", lambda d: d in DTYPES, f"one of {', '.join(DTYPES)}")
+    dtype = _get(data, "dtype", f"{where}.", lambda d: isinstance(d, str) and d in DTYPES, f"one of {', '.join(DTYPES)}")
     nbytes = math.prod(shape) * DTYPES[dtype]
     check_fits(nbytes, f"the manifest's {where} of shape {shape}")
     if weight:
@@ -99,6 +99,10 @@ def _tensors(data: dict, key: str, where: str, weight: bool = False, required: b
 
 def _target(target: dict, weight_names: set) -> None:
     name = _get(target, "name", "target.", is_text, "text")
+
+    def named(value) -> bool:
+        return isinstance(value, str) and value in weight_names
+
     for key in ("mcpu", "arch", "llvm_target", "host_machine"):
         _get(target, key, "target.", is_text, "text", required=False)
     _get(target, "isa", "target.", _list_of(is_text), "a list of instruction-set names", required=False)
@@ -109,7 +113,7 @@ def _target(target: dict, weight_names: set) -> None:
     _get(target, "chip", "target.", lambda c: isinstance(c, dict) and isinstance(c.get("name"), str),
          "the chip model the artifact was mapped on (an object with a name)")
     _get(target, "event_library", "target.", is_text, "text")
-    _get(target, "program_weights", "target.", _list_of(lambda n: n in weight_names), "a list of its weights' names")
+    _get(target, "program_weights", "target.", _list_of(named), "a list of its weights' names")
     layers = _get(target, "layers", "target.", _list_of(is_dict), "a list of layer objects")
     for index, layer in enumerate(layers):
         where = f"target.layers[{index}]."
@@ -117,9 +121,9 @@ def _target(target: dict, weight_names: set) -> None:
         _get(layer, "shape", where, lambda s: _list_of(is_positive)(s) and len(s) == 2, "[K, N]")
         _get(layer, "step", where, is_count, "a whole number >= 0")
         _get(layer, "tables", where, lambda t: isinstance(t, dict) and all(
-            t.get(part) in weight_names for part in ("row_ptr", "cols", "vals", "core_cols")),
+            named(t.get(part)) for part in ("row_ptr", "cols", "vals", "core_cols")),
             "an object naming its row_ptr, cols, vals and core_cols weights")
-        _get(layer, "threshold", where, lambda t: t in (None, "") or t in weight_names, "a weight's name, \"\" or null",
+        _get(layer, "threshold", where, lambda t: t is None or t == "" or named(t), "a weight's name, \"\" or null",
              required=False)
         _get(layer, "source_cores", where, _list_of(is_count), "a list of core numbers")
         _get(layer, "placement", where, lambda p: isinstance(p, dict) and _list_of(is_count)(p.get("cores"))
@@ -154,8 +158,9 @@ def check_manifest(data: object, path) -> None:
         _get(data, "files", "", lambda f: isinstance(f, dict) and all(
             isinstance(v, str) and SHA256.fullmatch(v) for v in f.values()), "an object of file name: sha256")
         _get(data, "summary", "", is_dict, "an object", required=False)
-        for spec in ("inputs", "outputs"):
-            _tensors(data, spec, "")
+        _tensors(data, "inputs", "")
+        if not _tensors(data, "outputs", ""):
+            raise ManifestError("outputs", "a list of at least one output", [])
         weights = _tensors(data, "weights", "", weight=True)
         ranges = _get(data, "input_ranges", "", is_dict, "an object", required=False, default={})
         for name, bounds in ranges.items():

@@ -326,6 +326,10 @@ def _invalid_models():
         "dims that disagree with the data": (_matmul_model(weight_dims=[2**31, 2**31]), "is not a valid ONNX model"),
         "a zero dimension": (_graph_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [_float("x", [1, 16])],
                                           [_float("y", [1, 0])], [empty]), "has shape [16, 0], with no elements"),
+        "an output without element type": (_graph_model([helper.make_node("MatMul", ["x", "W"], ["y"])],
+                                                       [_float("x", [1, 16])],
+                                                       [helper.make_tensor_value_info("y", onnx.TensorProto.UNDEFINED, [1, 32])],
+                                                       [weight]), "its input or output 'y' has no element type"),
         "opset 99": (_matmul_model(opset=99), "uses ONNX opset 99; the newest this onnx knows is"),
         "a huge input": (_matmul_model(input_dims=[2**40, 16]), "tensor 'x' of shape [1099511627776, 16] would take 64.0 TiB"),
         "an Expand to 2^45": (_graph_model(

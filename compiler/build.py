@@ -9,6 +9,7 @@ here, below both, so neither imports the other's module for them.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from compiler.pipeline import Gating, Quantization, run_onnx_phases
 from compiler.progress import Progress
 from runtime.artifact import TensorSpec
 from runtime.errors import SparseccError
+from runtime.memory import check_fits
 
 # The ONNX element types a compiled model can take as inputs.
 ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
@@ -77,8 +79,14 @@ def gating_for(options: CompileOptions, input_shapes: dict[str, list[int]], prog
             raise SparseccError(f"{options.thresholds}: no such file.") from None
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise SparseccError(f"{options.thresholds} is not a JSON file of {{tensor name: threshold}}.") from None
-        if not isinstance(thresholds, dict) or not all(isinstance(v, (int, float)) for v in thresholds.values()):
+        if not isinstance(thresholds, dict):
             raise SparseccError(f"{options.thresholds} must map tensor names to numbers.")
+        for name, value in thresholds.items():
+            # JSON's true is an int to Python, and json reads NaN and Infinity: a NaN
+            # threshold would zero every activation (|x| > nan is always false).
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise SparseccError(f"{options.thresholds}: the threshold of {name!r} is {json.dumps(value)}, not a "
+                                    "finite number of at least 0.")
         return Gating(thresholds={str(k): float(v) for k, v in thresholds.items()})
     if options.activation_sparsity is None:
         if options.calib:
@@ -125,6 +133,9 @@ def input_signature(model: onnx.ModelProto, overrides: dict[str, list[int]]) -> 
                     f"--shape {value.name}={','.join(str(d) if isinstance(d, int) else 'N' for d in dims)}."
                 )
             shape = dims
+        if any(size < 1 for size in shape):
+            raise SparseccError(f"input {value.name!r} has shape {list(shape)}; every dimension must be at least 1.")
+        check_fits(math.prod(shape) * np.dtype(dtype).itemsize, f"input {value.name!r} of shape {list(shape)}")
         specs.append(TensorSpec(value.name, tuple(shape), dtype))
     return specs
 

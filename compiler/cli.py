@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import traceback
@@ -15,6 +16,27 @@ from compiler import __version__
 from formats.quant import WEIGHT_DTYPES
 from runtime.errors import SparseccError
 from sparsify.methods import method_help
+from targets import MAX_CHIPS
+
+
+class FiniteRange(click.FloatRange):
+    """click's ``FloatRange`` that also refuses nan (which passes every comparison) and
+    the infinities."""
+
+    name = "finite float range"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value} is not a finite number.", param, ctx)
+        return number
+
+
+# Bounds of the options: a fraction of zeros, a count of at least one, a seed numpy and
+# torch both take.
+FRACTION = FiniteRange(0.0, 1.0, max_open=True)
+COUNT = click.IntRange(min=1)
+SEED = click.IntRange(0, 2**32 - 1)
 
 
 def _fail(message: str) -> None:
@@ -50,17 +72,17 @@ def cli():
 @cli.command()
 @click.argument("source")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="ONNX file to write (weights go to OUTPUT.data).")
-@click.option("--prune-magnitude", default=0.0, type=float, show_default=True, metavar="LEVEL",
+@click.option("--prune-magnitude", default=0.0, type=FRACTION, show_default=True, metavar="LEVEL",
               help="Zero this fraction of every linear weight by magnitude (torch.nn.utils.prune) before export.")
-@click.option("--batch", default=1, type=int, show_default=True, help="Batch size of the exported graph.")
-@click.option("--seq-len", default=32, type=int, show_default=True, help="Sequence length of the exported graph.")
+@click.option("--batch", default=1, type=COUNT, show_default=True, help="Batch size of the exported graph.")
+@click.option("--seq-len", default=32, type=COUNT, show_default=True, help="Sequence length of the exported graph.")
 @click.option("--dynamic", is_flag=True, help="Export batch and sequence as symbolic dimensions (give sizes at compile time with --shape).")
-@click.option("--seed", default=0, type=int, show_default=True, help="Seed for the random-weight tiny-* models.")
+@click.option("--seed", default=0, type=SEED, show_default=True, help="Seed for the random-weight tiny-* models.")
 @click.option("--decode", is_flag=True,
               help="Export the one-token decode step with a KV cache (to OUTPUT) and the prefill step (to STEM.prefill.onnx); "
                    "compile OUTPUT to get both in one artifact for 'sparsecc generate'.")
-@click.option("--max-context", default=256, type=int, show_default=True, help="With --decode: the cache size, prompt plus generated tokens.")
-@click.option("--prefill-len", default=8, type=int, show_default=True, help="With --decode: prompt tokens per prefill call.")
+@click.option("--max-context", default=256, type=click.IntRange(min=2), show_default=True, help="With --decode: the cache size, prompt plus generated tokens.")
+@click.option("--prefill-len", default=8, type=COUNT, show_default=True, help="With --decode: prompt tokens per prefill call.")
 @click.option("--prune-output-projection", is_flag=True,
               help="With --prune-magnitude: prune the output projection (lm_head) to the same level too; it is left dense "
                    "otherwise. An embedding table tied to it is the same weight and is pruned with it (the compiled "
@@ -145,12 +167,13 @@ def _dtype_overrides(texts) -> dict[str, str]:
               help="Size of an input with symbolic dimensions; repeat for several inputs.")
 @click.option("--dump-dir", type=click.Path(file_okay=False), help="Write the model after every phase here.")
 @click.option("--explain", is_flag=True, help="Print every decision the passes and the target made, with its reason.")
-@click.option("--activation-sparsity", type=float, metavar="S",
+@click.option("--activation-sparsity", type=FRACTION, metavar="S",
               help="Gate every linear input with a magnitude threshold calibrated to zero this fraction (e.g. 0.5).")
 @click.option("--calib", metavar="CORPUS", help="Calibration data for the gates: 'pydoc', a text file, or an .npz of input arrays.")
-@click.option("--calib-tokens", default=2048, show_default=True, type=int, help="Tokens of text to calibrate on.")
+@click.option("--calib-tokens", default=2048, show_default=True, type=COUNT, help="Tokens of text to calibrate on.")
 @click.option("--thresholds", type=click.Path(dir_okay=False), help="JSON file {tensor name: threshold} giving the gates directly.")
-@click.option("--chips", default=1, show_default=True, type=int, help="Chips joined into one mesh (a near-square grid of chips) for a neuro:<chip> target.")
+@click.option("--chips", default=1, show_default=True, type=click.IntRange(1, MAX_CHIPS),
+              help=f"Chips joined into one mesh (a near-square grid of chips) for a neuro:<chip> target, at most {MAX_CHIPS}.")
 @click.option("--weight-dtype", default="fp32", show_default=True, type=click.Choice(list(WEIGHT_DTYPES)),
               help="Weight values of the linear layers: " + "; ".join(f"{k}: {v}" for k, v in WEIGHT_DTYPES.items()) + ".")
 @click.option("--weight-dtype-for", "weight_dtype_for", multiple=True, metavar="NAME=DTYPE",
@@ -189,8 +212,8 @@ def compile_command(model, target, output, shapes, dump_dir, explain, activation
                    "graph it was calibrated on): its weights' zeros, ReLUs, activation gates and dynk's expert routers. "
                    "On a --decode export, both the decode and the prefill graph get it.")
 @click.option("--calib", metavar="CORPUS", help="Calibration data: 'pydoc', a text file, or an .npz of input arrays.")
-@click.option("--calib-tokens", default=2048, show_default=True, type=int, help="Tokens of text to calibrate on.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for the sampled calibration rows.")
+@click.option("--calib-tokens", default=2048, show_default=True, type=COUNT, help="Tokens of text to calibrate on.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed for the sampled calibration rows.")
 @click.option("--prune-output-projection", is_flag=True,
               help="With --weights magnitude:L or wanda:L: prune the output projection (lm_head) the same way; it is "
                    "left dense otherwise (wanda scores it by the final hidden states' norms). An embedding table tied "
@@ -240,7 +263,7 @@ def sparsify(model, output, weights, activations, mask, like, calib, calib_token
 @cli.command(name="eval")
 @click.argument("model", type=click.Path())
 @click.option("--corpus", required=True, metavar="FILE|pydoc", help="Text to measure perplexity on.")
-@click.option("--tokens", default=4096, show_default=True, type=int, help="Tokens of text to use (whole windows of the model's length).")
+@click.option("--tokens", default=4096, show_default=True, type=COUNT, help="Tokens of text to use (whole windows of the model's length).")
 @click.option("--score", "scored", type=click.Choice(["all", "second-half"]), default="all", show_default=True,
               help="Score every token of each window, or only its second half, as llama.cpp's llama-perplexity does "
                    "(its figure for a GGUF of the model is then comparable).")
@@ -268,7 +291,7 @@ def run(artifact, inputs, output):
     from compiler import driver
 
     arrays = driver.load_inputs(inputs)
-    outputs = driver.run(artifact, arrays)
+    outputs = driver.run(artifact, arrays, output)
     names = driver.save_outputs(outputs, output)
     for name, value in outputs.items():
         saved_as = f" (saved as {names[name]!r})" if names[name] != name else ""
@@ -280,7 +303,7 @@ def run(artifact, inputs, output):
 @click.argument("sparse", type=click.Path())
 @click.option("--against", "dense", required=True, type=click.Path(), help="The original (dense or masked) ONNX model.")
 @click.option("--input", "inputs", multiple=True, metavar="NAME=FILE.npy", help="Inputs to use (default: random inputs of the model's shapes).")
-@click.option("--atol", type=float, help="Fail (exit 1) when any output differs by more than this.")
+@click.option("--atol", type=FiniteRange(min=0.0), help="Fail (exit 1) when any output differs by more than this.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def check(sparse, dense, inputs, atol, as_json):
     """Compare SPARSE.onnx (which may use ai.sparsecc ops) with the original in onnxruntime."""
@@ -323,10 +346,10 @@ def profile(artifact, hardware, inputs, json_path, report_dir, plot_dir):
 @cli.command()
 @click.argument("artifact", type=click.Path())
 @click.option("--prompt", required=True, help="Text to continue.")
-@click.option("--max-new-tokens", default=64, show_default=True, type=int, help="Most tokens to generate.")
-@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 is greedy; above 0 samples.")
-@click.option("--top-k", default=0, show_default=True, type=int, help="Sample only among the K most likely tokens (0: all).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for sampling.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=COUNT, help="Most tokens to generate.")
+@click.option("--temperature", default=0.0, show_default=True, type=FiniteRange(min=0.0), help="0 is greedy; above 0 samples.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="Sample only among the K most likely tokens (0: all).")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed for sampling.")
 def generate(artifact, prompt, max_new_tokens, temperature, top_k, seed):
     """Generate text with a decoder ARTIFACT (from 'sparsecc export --decode'), streaming it
     as it is made, then print prefill and decode tokens per second."""
@@ -376,8 +399,8 @@ def bench_kernels(quick, json_path, plot_path, target):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the results as JSON here.")
 @click.option("--workdir", default="bench-decode", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the exported models and artifacts (reused by later runs).")
-@click.option("--rounds", default=7, show_default=True, type=int, help="Timed rounds; the median is reported.")
-@click.option("--tokens", default=32, show_default=True, type=int, help="Tokens generated per round.")
+@click.option("--rounds", default=7, show_default=True, type=COUNT, help="Timed rounds; the median is reported.")
+@click.option("--tokens", default=32, show_default=True, type=COUNT, help="Tokens generated per round.")
 def bench_decode(json_path, workdir, rounds, tokens):
     """SmolLM2-135M decode tokens per second: transformers, onnxruntime and ours dense and
     sparse, batch 1, fp32, in one run; and llama.cpp on SmolLM2's F16, Q8_0, Q4_1 and Q4_0
@@ -392,8 +415,8 @@ def bench_decode(json_path, workdir, rounds, tokens):
 @cli.command()
 @click.option("--workdir", default="sparsecc-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the exported model and the artifact.")
-@click.option("--prune", default=0.5, show_default=True, type=float, help="Magnitude pruning level.")
-@click.option("--seq-len", default=64, show_default=True, type=int, help="Tokens of text to run.")
+@click.option("--prune", default=0.5, show_default=True, type=FRACTION, help="Magnitude pruning level.")
+@click.option("--seq-len", default=64, show_default=True, type=COUNT, help="Tokens of text to run.")
 @click.option("--model", default="smollm2-135m", show_default=True, help="Model to use (see 'sparsecc export').")
 def demo(workdir, prune, seq_len, model):
     """Prune SmolLM2-135M, compile it for this CPU, run it on real text and check it
@@ -411,6 +434,12 @@ def main(argv=None) -> None:
         _fail(str(exc))
     except click.exceptions.Abort:
         _fail("interrupted.")
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:  # a bad option value, a missing option: a mistake like any other
+        where = exc.ctx.command_path if exc.ctx else "sparsecc"
+        _fail(f"{exc.format_message().rstrip('.')}; see '{where} --help'.")
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -14,6 +14,7 @@ graph is the decode step; ``graphs["prefill"]`` describes the other library and
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -24,7 +25,7 @@ import onnx
 
 from compiler import __version__
 from compiler.build import artifact_bytes, build_graph, dense_weight_bytes, gating_for, input_signature, weight_size
-from compiler.decode_export import KEY_LAYOUT, decoding_metadata
+from compiler.decode_export import KEY_LAYOUT, cache_names, decoding_metadata
 from compiler.onnx_io import load_model
 from compiler.progress import Progress
 from passes.guard_gather_indices import intersect_ranges
@@ -178,6 +179,44 @@ def tokenizer_source(model_path: Path, spec: dict) -> Path | None:
     return path
 
 
+def check_decoding(spec: dict, decode: onnx.ModelProto, prefill: onnx.ModelProto, path: str) -> None:
+    """Refuses decode metadata that the two graphs do not bear out, at compile time rather
+    than at the first ``generate``: its numbers must be whole and in range, the prefill
+    graph must carry the same description, and the graphs' inputs and logits must have
+    the shapes it gives (``compiler.decode_export``'s layout)."""
+    counts = ("layers", "kv_heads", "head_dim", "vocab_size", "prefill_len", "max_context")
+    for key in counts:
+        value = spec.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SparseccError(f"{path}: its decode metadata gives {key} = {json.dumps(value)}, not a positive whole "
+                                "number; export it again.")
+    if not spec["prefill_len"] <= spec["max_context"]:
+        raise SparseccError(f"{path}: its decode metadata's prefill_len {spec['prefill_len']} exceeds its max_context "
+                            f"{spec['max_context']}; export it again.")
+    eos = spec.get("eos_token_ids")
+    if not isinstance(eos, list) or not all(type(t) is int and 0 <= t < spec["vocab_size"] for t in eos):
+        raise SparseccError(f"{path}: its decode metadata's eos_token_ids are not token ids below its vocab_size; "
+                            "export it again.")
+    prefill_spec = decoding_metadata(prefill, role="prefill")
+    if prefill_spec is None or {**prefill_spec, "role": "decode"} != spec:
+        raise SparseccError(f"{path}: its prefill step {spec['prefill_model']} does not carry the same decode metadata "
+                            "(they come from different exports); export them again.")
+    layers, heads, head_dim, context = spec["layers"], spec["kv_heads"], spec["head_dim"], spec["max_context"]
+    for graph, tokens in ((decode, 1), (prefill, spec["prefill_len"])):
+        expected = {"input_ids": [1, tokens], "position": [1]}
+        for name in cache_names(layers):
+            expected[name] = [1, heads, head_dim, context] if "key" in name else [1, heads, context, head_dim]
+        initializers = {init.name for init in graph.graph.initializer}
+        found = {value.name: [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+                 for value in graph.graph.input if value.name not in initializers}
+        logits = next((value for value in graph.graph.output if value.name == "logits"), None)
+        vocab = logits.type.tensor_type.shape.dim[-1].dim_value if logits and logits.type.tensor_type.shape.dim else None
+        if found != expected or vocab != spec["vocab_size"]:
+            step = "decode" if tokens == 1 else "prefill"
+            raise SparseccError(f"{path}: the {step} graph's inputs or logits do not have the shapes its decode metadata "
+                                f"gives ({layers} layers, cache of {context}, vocabulary {spec['vocab_size']}); export it again.")
+
+
 def compile_decoder(options, model: onnx.ModelProto, target, progress: Progress) -> dict:
     """Compiles a decode graph and its prefill graph into one artifact; returns a summary."""
     if target.name == "cuda":
@@ -194,6 +233,7 @@ def compile_decoder(options, model: onnx.ModelProto, target, progress: Progress)
         raise SparseccError(f"{options.model} is a decode step, but its prefill step {prefill_path} is missing; export it again.")
     with progress.step(f"loading {prefill_path}"):
         prefill = load_model(prefill_path)
+    check_decoding(spec, model, prefill, options.model)
     prefill_gating, decode_gating = _gating(options, prefill, spec, progress)
     dump_root = Path(options.dump_dir) if options.dump_dir else None
     explanations: list[str] = []

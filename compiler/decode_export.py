@@ -171,10 +171,19 @@ def export_decoder(model, output: str, max_context: int, prefill_len: int, metad
     return spec
 
 
-def decoding_metadata(model) -> dict | None:
-    """The decoding description of a decode graph written by ``export_decoder``, else None."""
+def decoding_metadata(model, role: str = "decode") -> dict | None:
+    """The decoding description of a ``role`` graph written by ``export_decoder``, else None.
+
+    Raises:
+        SparseccError: when the metadata is not a JSON object (hand-edited or crafted).
+    """
     for prop in model.metadata_props:
         if prop.key == DECODE_KEY:
-            spec = json.loads(prop.value)
-            return spec if spec.get("role") == "decode" else None
+            try:
+                spec = json.loads(prop.value)
+            except (ValueError, RecursionError):
+                spec = None
+            if not isinstance(spec, dict):
+                raise SparseccError(f"the model's {DECODE_KEY} metadata is not a JSON object; export it again.")
+            return spec if spec.get("role") == role else None
     return None

@@ -7,6 +7,7 @@ returns a summary dict; the CLI only parses options and prints. User mistakes ra
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -21,8 +22,9 @@ from compiler.build import (CompileOptions, artifact_bytes, build_graph, dense_w
                             weight_size)
 from compiler.onnx_io import load_model
 from compiler.progress import SILENT, Progress
-from runtime.artifact import Manifest, WeightSpec, read_manifest, staging_dir, write_artifact
-from runtime.errors import SparseccError
+from compiler.output_file import atomic_output, check_output_file, check_parent_folders
+from runtime.artifact import Manifest, WeightSpec, check_replaceable, read_manifest, staging_dir, write_artifact
+from runtime.errors import WRITE_ERRNOS, SparseccError, cannot_write
 
 
 def parse_shape(text: str) -> tuple[str, list[int]]:
@@ -34,7 +36,13 @@ def parse_shape(text: str) -> tuple[str, list[int]]:
         shape = []
     if not sep or not name or not shape or any(d < 1 for d in shape):
         raise SparseccError(f"--shape {text!r} is not of the form NAME=D0,D1,... with positive sizes.")
+    if any(d > MAX_DIMENSION for d in shape):
+        raise SparseccError(f"--shape {text!r} has a dimension above {MAX_DIMENSION} (2^31 - 1), the most TVM can index.")
     return name, shape
+
+
+# TVM indexes a dimension with int32.
+MAX_DIMENSION = 2**31 - 1
 
 
 def compile_model(options: CompileOptions, progress: Progress = SILENT) -> dict:
@@ -43,7 +51,27 @@ def compile_model(options: CompileOptions, progress: Progress = SILENT) -> dict:
     A decode step exported with ``sparsecc export --decode`` is compiled together with
     its prefill step into one artifact (``compiler.decode_build``). Nothing is written at
     ``options.output`` unless the whole build succeeds.
+
+    Raises:
+        SparseccError: for any user mistake, an ``-o`` that may not be replaced (checked
+            before any work), and a write the system refuses (a full disk, a read-only
+            folder), which leaves the old artifact, if any, in place.
     """
+    check_parent_folders(Path(options.output))
+    check_replaceable(Path(options.output))
+    try:
+        return _compile(options, progress)
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        raise cannot_write(options.output, exc) from None
+    except RuntimeError as exc:  # TVM's C compiler call reports a full disk in its output
+        if "No space left on device" not in str(exc):
+            raise
+        raise cannot_write(options.output, OSError(errno.ENOSPC, "No space left on device")) from None
+
+
+def _compile(options: CompileOptions, progress: Progress) -> dict:
     from compiler.decode_export import decoding_metadata
     from targets import get_target
 
@@ -202,24 +230,20 @@ def save_outputs(outputs: dict[str, np.ndarray], path: str) -> dict[str, str]:
     import zipfile
 
     names = npz_names(list(outputs))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.partial.npz")
-    try:
-        with zipfile.ZipFile(temporary, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-            for name, array in outputs.items():
-                with archive.open(f"{names[name]}.npy", "w", force_zip64=True) as entry:
-                    np.lib.format.write_array(entry, np.asanyarray(array), allow_pickle=False)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_output(path) as handle, zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in outputs.items():
+            with archive.open(f"{names[name]}.npy", "w", force_zip64=True) as entry:
+                np.lib.format.write_array(entry, np.asanyarray(array), allow_pickle=False)
     return names
 
 
-def run(artifact: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Runs an artifact on arrays (the Python API is ``runtime.load(path).run``)."""
+def run(artifact: str, inputs: dict[str, np.ndarray], output: str | None = None) -> dict[str, np.ndarray]:
+    """Runs an artifact on arrays (the Python API is ``runtime.load(path).run``); an
+    ``output`` file to be written later is checked first, before the run."""
     import runtime
 
+    if output is not None:
+        check_output_file(output)
     return runtime.load(artifact).run(inputs)
 
 

@@ -47,10 +47,14 @@ def _engine(path: str):
 
         manifest = read_manifest(path)
         source = manifest.summary.get("source")
-        if not source or not Path(source).is_file():
+        if not isinstance(source, str) or not source or not Path(source).is_file():
             raise SparseccError(f"{path} was compiled from {source or 'an unrecorded file'}, which is gone; "
                                 f"eval needs it for the tokenizer.")
-        meta = onnx.load(source, load_external_data=False)
+        try:  # only its metadata (which tokenizer) is needed
+            meta = onnx.load(source, load_external_data=False)
+        except Exception as exc:  # protobuf's DecodeError and friends for a file that is not ONNX
+            raise SparseccError(f"{path} was compiled from {source}, which is no longer an ONNX model "
+                                f"({type(exc).__name__}); eval needs it for the tokenizer.") from None
         compiled = runtime.load(path)
         names = [spec.name for spec in manifest.inputs]
         if names != ["input_ids"]:

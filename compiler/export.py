@@ -24,8 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from compiler.output_file import check_output_file
 from compiler.torch_export import export_torch
 from runtime.errors import SparseccError
+from runtime.memory import check_fits
 
 SMOLLM2 = "smollm2-135m"
 TINY_CONFIGS = ("tiny-llama", "tiny-gpt2", "tiny-opt")
@@ -270,12 +272,18 @@ def export(options: ExportOptions, progress: Callable[[str], None] = print) -> d
 
     if options.batch < 1 or options.seq_len < 1:
         raise SparseccError("--batch and --seq-len must be at least 1.")
+    if not 0.0 <= options.prune_magnitude < 1.0:  # nan too, which would skip the pruning below
+        raise SparseccError(f"--prune-magnitude must be in [0, 1), not {options.prune_magnitude}.")
+    check_output_file(options.output)  # before the work, not after it
     if options.prune_output_projection and options.prune_magnitude <= 0:
         raise SparseccError("--prune-output-projection prunes to the --prune-magnitude level; give --prune-magnitude too.")
     model = load_torch_model(options.source, options.seed, progress)
     max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if max_positions and options.seq_len > max_positions:
         raise SparseccError(f"--seq-len {options.seq_len} exceeds the model's {max_positions} positions.")
+    if not options.decode:  # the graph's logits, [batch, seq-len, vocabulary] in fp32, must fit where it runs
+        check_fits(options.batch * options.seq_len * model.config.vocab_size * 4,
+                   f"--batch {options.batch} --seq-len {options.seq_len}: the exported graph's logits")
     pruned = prune_magnitude(model, options.prune_magnitude) if options.prune_magnitude > 0 else 0
     if options.prune_output_projection:
         prune_output_projection(model, options.prune_magnitude)

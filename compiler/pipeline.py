@@ -24,9 +24,10 @@ from passes.drop_dead_neurons import drop_dead_neurons
 from passes.fold_pruning_masks import fold_pruning_masks
 from passes.fuse_gated_matmul import fuse_gated_matmul
 from passes.guard_gather_indices import guard_gather_indices, index_ranges
-from passes.insert_activation_gates import insert_activation_gates
+from passes.insert_activation_gates import gated_inputs, insert_activation_gates
 from passes.quantize_weights import quantize_weights
 from passes.simplify_shapes import simplify_shapes
+from runtime.errors import SparseccError
 
 # The target's phase; its dump holds the target's private ops, which onnxruntime cannot run.
 LEGALIZE = "legalize"
@@ -86,6 +87,12 @@ def _legalize_phase(target) -> Callable[[onnx.ModelProto], Legalized]:
 def _gate_phase(gating: Gating) -> Callable[[onnx.ModelProto], PassResult]:
     def run(model: onnx.ModelProto) -> PassResult:
         if gating.thresholds is not None:
+            gateable = gated_inputs(model)
+            unknown = sorted(set(gating.thresholds) - set(gateable))
+            if unknown:
+                raise SparseccError(f"--thresholds names {', '.join(map(repr, unknown[:3]))}"
+                                    f"{f' and {len(unknown) - 3} more' if len(unknown) > 3 else ''}, not the input of a "
+                                    f"linear layer with a constant weight (those are, e.g., {', '.join(sorted(gateable)[:3])}).")
             return insert_activation_gates(model, gating.thresholds)
         thresholds, measured = gating.calibrate(model)
         return insert_activation_gates(model, thresholds, measured)

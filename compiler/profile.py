@@ -11,8 +11,8 @@ from __future__ import annotations
 import importlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
+from compiler.output_file import atomic_output, check_output_file
 from runtime.artifact import read_manifest
 from runtime.errors import SparseccError
 
@@ -45,6 +45,8 @@ def profile_artifact(options: ProfileOptions, progress) -> tuple[dict, list[str]
     Returns the report and the lines to print for a person (the target module's
     ``describe(report)``).
     """
+    if options.json_path:
+        check_output_file(options.json_path)
     manifest = read_manifest(options.artifact)
     target = str(manifest.target.get("name"))
     try:
@@ -53,8 +55,6 @@ def profile_artifact(options: ProfileOptions, progress) -> tuple[dict, list[str]
         raise SparseccError(f"profiling is not built yet for {target!r} artifacts (see the README's feature table).") from None
     report = module.profile(manifest, options, progress)
     if options.json_path:
-        path = Path(options.json_path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(path)
+        with atomic_output(options.json_path) as handle:
+            handle.write((json.dumps(report, indent=2) + "\n").encode())
     return report, module.describe(report)

@@ -26,6 +26,7 @@ from onnx import helper, numpy_helper
 from passes import sparse_ops
 from passes.analyze_sparsity import linear_weight
 from passes.base import Graph, PassResult
+from runtime.errors import SparseccError
 
 LINEAR_OPS = ("MatMul", "Gemm", "SparseMatMul")
 
@@ -57,7 +58,28 @@ def probe_session(model: onnx.ModelProto, tensors: list[str]):
             probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    try:
+        return ProbeSession(ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"]))
+    except Exception as exc:  # onnxruntime's own exception types (Fail, InvalidGraph, ...)
+        raise SparseccError(f"onnxruntime cannot load the model to calibrate it ({_first_line(exc)}).") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)[:200]
+
+
+class ProbeSession:
+    """An onnxruntime session whose failures on the calibration data (inputs of another
+    dtype or shape, a kernel onnxruntime lacks) are one sentence, not its exception."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def run(self, names, feed):
+        try:
+            return self.session.run(names, feed)
+        except Exception as exc:
+            raise SparseccError(f"onnxruntime cannot run the model on the calibration data ({_first_line(exc)}).") from None
 
 
 def insert_activation_gates(model: onnx.ModelProto, thresholds: dict[str, float],

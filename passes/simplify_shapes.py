@@ -20,6 +20,7 @@ import onnx
 
 from passes import sparse_ops
 from passes.base import PassResult
+from runtime.errors import SparseccError
 
 
 def simplify_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> PassResult:
@@ -33,7 +34,15 @@ def simplify_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) 
     overloads = {node.output[0]: node.overload for node in model.graph.node if node.overload}
     # onnxslim prints a summary table to stdout; the driver reports progress itself.
     with contextlib.redirect_stdout(io.StringIO()):
-        slimmed = onnxslim.slim(model, input_shapes=spec, no_shape_infer=False)
+        try:
+            slimmed = onnxslim.slim(model, input_shapes=spec, no_shape_infer=False)
+        except Exception as exc:  # onnxslim's own failures on a graph it cannot rebuild
+            slimmed, reason = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        else:
+            reason = "it returned no model"
+    if slimmed is None:
+        raise SparseccError(f"the model's shapes cannot be simplified by onnxslim ({reason}); the graph is probably "
+                            "malformed (onnxruntime may say more).")
     for node in slimmed.graph.node:
         if node.output and node.output[0] in overloads:
             node.overload = overloads[node.output[0]]

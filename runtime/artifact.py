@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from runtime.errors import SparseccError
+from runtime.manifest_schema import check_manifest
 
 FORMAT = "sparsecc-artifact"
 # 2: the manifest holds the sha256 of its own content (CONTENT_SHA256), and input_ranges.
@@ -185,6 +186,7 @@ def read_manifest(path: str | os.PathLike, verify: bool = True) -> Manifest:
         raise SparseccError(
             f"{path} uses artifact format {version}, older than the {FORMAT_VERSION} this sparsecc reads; compile it again."
         )
+    check_manifest(data, path)
     if data.get(CONTENT_SHA256) != content_sha256(data):
         raise SparseccError(f"{path} is corrupt: its {MANIFEST} was changed after it was written (its content does "
                             "not match its sha256); compile it again.")
@@ -197,6 +199,7 @@ def read_manifest(path: str | os.PathLike, verify: bool = True) -> Manifest:
         for name, expected in manifest.files.items():
             if sha256_file(path / name) != expected:
                 raise SparseccError(f"{path} is corrupt: {name} does not match its sha256 in the manifest.")
+    check_weight_regions(path, manifest)
     return manifest
 
 
@@ -244,6 +247,16 @@ def check_named_files(path: Path, manifest: Manifest) -> None:
             raise SparseccError(f"{path} is refused: {name} is not a regular file.")
 
 
+def check_weight_regions(path: Path, manifest: Manifest) -> None:
+    """Refuses weights (of any graph) that lie past the end of the weights file."""
+    size = os.stat(path / manifest.weights_file).st_size
+    entries = [(w.name, w.offset, w.nbytes) for w in manifest.weights]
+    entries += [(w["name"], w["offset"], w["nbytes"]) for spec in manifest.graphs.values() for w in spec["weights"]]
+    for name, offset, nbytes in entries:
+        if offset + nbytes > size:
+            raise SparseccError(f"{path} is corrupt: weight {name} lies past the end of {manifest.weights_file}.")
+
+
 def write_artifact(path: str | os.PathLike, manifest: Manifest, staged: Path) -> None:
     """Finishes an artifact staged in ``staged``: hashes its files, writes the manifest and
     puts the folder at ``path``. An older artifact there is swapped out in one step
@@ -256,6 +269,8 @@ def write_artifact(path: str | os.PathLike, manifest: Manifest, staged: Path) ->
     }
     final = Manifest(**{**manifest.__dict__, "files": files})
     write_manifest(staged, final.to_dict())
+    # mkdtemp made the staging folder 0700; the artifact follows the umask like any output.
+    os.chmod(staged, 0o777 & ~_umask())
     check_replaceable(path)
     if not path.exists():
         os.replace(staged, path)
@@ -266,6 +281,21 @@ def write_artifact(path: str | os.PathLike, manifest: Manifest, staged: Path) ->
         os.replace(path, aside)
         os.replace(staged, path)
         shutil.rmtree(aside)
+
+
+def _umask() -> int:
+    """This process's umask (read from /proc where it can be, as setting it to read it
+    back would change it for other threads for a moment)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def check_replaceable(path: Path) -> None:

@@ -183,6 +183,8 @@ class DecoderModel(CompiledModel):
             raise SparseccError(f"--temperature must be 0 (greedy) or positive, not {temperature}.")
         if top_k < 0:
             raise SparseccError(f"--top-k must be 0 (all tokens) or positive, not {top_k}.")
+        if seed < 0:
+            raise SparseccError(f"--seed must be 0 or positive, not {seed}.")
         # The padded last prefill chunk must fit in the cache too.
         padded = -(-len(prompt) // self.prefill_len) * self.prefill_len
         if len(prompt) + max_new_tokens > self.max_context or padded > self.max_context:

@@ -251,7 +251,17 @@ class CompiledModel:
         """Calls the library on TVM tensors (inputs, then weights appended); returns the
         outputs as TVM tensors. Inputs are not checked: ``run`` is the checked entry."""
         with self.lock:
-            result = self._vm["main"](*args, *self._weights)
+            try:
+                result = self._vm["main"](*args, *self._weights)
+            except (RuntimeError, ValueError, TypeError) as exc:
+                # The library checks its parameters' count, shapes and dtypes against what
+                # it was compiled for; a manifest describing others (edited, with its hash
+                # redone) fails there, before any kernel runs.
+                if "loc=param" not in str(exc) and "arguments were provided" not in str(exc):
+                    raise
+                detail = str(exc).splitlines()[0][:160]
+                raise SparseccError(f"{self.path} is corrupt: its manifest's inputs or weights are not the ones its library "
+                                    f"was compiled for ({detail}); compile it again.") from None
         return list(result) if len(self.manifest.outputs) > 1 else [result]
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

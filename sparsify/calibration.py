@@ -107,7 +107,11 @@ def calibration_feeds(model: onnx.ModelProto, corpus: str, input_shapes: dict[st
             raise SparseccError(f"{corpus} has no array named {missing[0]!r} (it has {', '.join(data.files) or 'none'}).")
         batches = []
         for name, _, _ in specs:
-            array, shape = data[name], input_shapes[name]
+            try:
+                array = data[name]
+            except Exception as exc:  # object arrays (pickles, refused), a damaged entry
+                raise SparseccError(f"{corpus}: array {name!r} cannot be read ({str(exc).splitlines()[0][:120]}).") from None
+            shape = input_shapes[name]
             if list(array.shape) == shape:
                 array = array[None]
             elif list(array.shape[1:]) != shape:

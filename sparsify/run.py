@@ -25,6 +25,7 @@ import time
 import onnx
 
 from compiler.onnx_io import load_model, save_model
+from compiler.output_file import check_output_file
 from compiler.progress import SILENT, Progress
 from runtime.errors import SparseccError
 from sparsify.graph import linear_layers, output_projection, weight_sparsity
@@ -75,6 +76,7 @@ def sparsify(options: SparsifyOptions, progress: Progress = SILENT) -> dict:
         choices = " or ".join(f"{name}:L" for name, info in METHODS.items() if info.output_projection)
         raise SparseccError(f"--prune-output-projection prunes with --weights {choices}; give one of them "
                             "(the other weight methods remove MLP neurons, which the output projection does not have).")
+    check_output_file(options.output)  # before the work, not after it
     if options.like:
         return sparsify_like(options, progress)
     weights = parse_method(options.weights, "weights") if options.weights else None

@@ -19,6 +19,11 @@ TARGETS = {
 }
 
 
+# The most chips a neuro:<chip> target joins: a 64 x 64 mesh, the largest the cost model
+# is meant for (more would only cost memory).
+MAX_CHIPS = 4096
+
+
 def target_names() -> list[str]:
     return ["cpu", "cuda[:sm_80|sm_87|sm_90]", "neuro:<chip>"]
 

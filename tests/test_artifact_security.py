@@ -465,3 +465,13 @@ def test_an_old_artifact_a_killed_run_renamed_aside_is_put_back(compiled, tmp_pa
     clear_stale_staging(path)
     runtime.load(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["back.sccx"]
+
+
+def test_an_artifact_folder_follows_the_umask(compiled):
+    """Like any other tool's output: not 0700 because it was staged in a private folder."""
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(compiled("tiny-llama", 0.0).stat().st_mode) == 0o777 & ~umask

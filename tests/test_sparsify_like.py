@@ -199,9 +199,11 @@ def test_a_router_that_reads_another_tensor_is_refused(copied, decode_export, tm
     source, _, _ = copied
     tampered = load_model(source)
     first, second = find_expert_routers(tampered)
-    router_matmul = next(node for node in tampered.graph.node if node.op_type == "MatMul" and node.input[0] == first.hidden
+    router_matmul = next(node for node in tampered.graph.node if node.op_type == "MatMul" and node.input[0] == second.hidden
                          and node.input[1].endswith("_router_weight"))
-    router_matmul.input[0] = second.hidden  # the other MLP's input, of the same width
+    # The other MLP's input, of the same width; the earlier one's, so that the graph stays
+    # a valid (acyclic) ONNX graph, which load_model checks.
+    router_matmul.input[0] = first.hidden
     save_model(tampered, tmp_path / "tampered.onnx")
     code, _, err = sparsecc(capsys, "sparsify", str(decode_export), "-o", str(tmp_path / "x.onnx"),
                             "--like", str(tmp_path / "tampered.onnx"))

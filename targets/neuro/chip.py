@@ -10,7 +10,7 @@ simulator and the profiler read the chip from there, never from this package.
 from __future__ import annotations
 
 from runtime.errors import SparseccError
-from targets import hardware
+from targets import MAX_CHIPS, hardware
 
 # Every key a neuromorphic chip model must give: dotted name -> (type, lowest value).
 KEYS: dict[str, tuple[type | tuple[type, ...], float]] = {
@@ -71,8 +71,8 @@ def load_chip(name_or_path: str, chips: int = 1) -> dict:
         SparseccError: for an unknown or malformed model, a missing, non-positive or
             unsourced number, or a bad chip count.
     """
-    if not isinstance(chips, int) or chips < 1:
-        raise SparseccError(f"--chips must be a positive whole number, not {chips!r}.")
+    if not isinstance(chips, int) or not 1 <= chips <= MAX_CHIPS:
+        raise SparseccError(f"--chips must be a whole number from 1 to {MAX_CHIPS}, not {chips!r}.")
     spec = hardware.load(name_or_path, "neuromorphic")
     hardware.require(spec, {key: kind for key, (kind, _) in KEYS.items()})
     flat = {"name": spec["name"], "description": spec.get("description", ""), "file": spec["path"], "chips": chips}

@@ -89,7 +89,10 @@ def draw(points: list[dict], output: str, caption: str = "") -> None:
     axes.set_ylabel("perplexity (log scale; better is down)")
     axes.set_title("SmolLM2-135M: quality against decode speed")
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(loc="upper right")
+    axes.legend(loc="center left")
+    # Room on the right for the fastest points' labels.
+    fastest = max(p["tokens_per_s"] for p in points)
+    axes.set_xlim(right=fastest * 1.35)
     if caption:
         figure.text(0.01, 0.01, caption, fontsize=7, va="bottom", wrap=True)
         figure.subplots_adjust(bottom=0.18)
